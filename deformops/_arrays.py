@@ -1,0 +1,140 @@
+"""Array dispatch: which backend runs a call, and argument checks shared by every op.
+
+NumPy arrays run on the CPU backend. Any other object with ``__dlpack__`` is taken zero-copy:
+CPU memory through ``np.from_dlpack``, CUDA memory through ``cupy.from_dlpack``. Nothing here
+imports Numba, CuPy or a framework at module level.
+"""
+
+import numpy as np
+
+# DLPack device types (dlpack.h)
+_DL_CPU, _DL_CUDA, _DL_CUDA_HOST, _DL_CUDA_MANAGED = 1, 2, 3, 13
+
+CPU_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+LAYOUTS = ("NCHW", "NHWC")
+
+
+def _is_cupy(obj):
+    return type(obj).__module__.split(".")[0] == "cupy"
+
+
+def as_array(obj, name):
+    """Return ``(array, device)`` for one argument; ``device`` is "cpu" or "cuda".
+
+    Raises ``TypeError`` naming ``name`` for objects that are neither NumPy/CuPy arrays nor
+    DLPack exporters.
+    """
+    if isinstance(obj, np.ndarray):
+        return obj, "cpu"
+    if _is_cupy(obj):
+        return obj, "cuda"
+    if hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__"):
+        device_type = int(obj.__dlpack_device__()[0])
+        if device_type in (_DL_CPU, _DL_CUDA_HOST):
+            return np.from_dlpack(obj), "cpu"
+        if device_type in (_DL_CUDA, _DL_CUDA_MANAGED):
+            import cupy
+
+            return cupy.from_dlpack(obj), "cuda"
+        raise TypeError(f"{name} lives on DLPack device type {device_type}; only CPU and CUDA are supported")
+    raise TypeError(
+        f"{name} must be a NumPy or CuPy array or an object with __dlpack__, got {type(obj).__name__}"
+    )
+
+
+def as_arrays(**named):
+    """Convert every non-None argument with :func:`as_array`; return ``(dict, device)``.
+
+    Raises ``TypeError`` when NumPy and CuPy (CPU and GPU) arrays are mixed, ``ValueError`` when
+    GPU arrays live on different devices.
+    """
+    arrays, devices = {}, {}
+    for name, obj in named.items():
+        if obj is None:
+            arrays[name] = None
+            continue
+        arrays[name], devices[name] = as_array(obj, name)
+    kinds = set(devices.values())
+    if len(kinds) > 1:
+        where = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise TypeError(f"all arrays of one call must be on the same device type; got {where}")
+    device = kinds.pop() if kinds else "cpu"
+    if device == "cuda":
+        ids = {n: a.device.id for n, a in arrays.items() if a is not None}
+        if len(set(ids.values())) > 1:
+            raise ValueError(f"all arrays of one call must be on the same GPU; got devices {ids}")
+    return arrays, device
+
+
+def cpu_backend(device):
+    """Return the backend package for ``device``; the CUDA backend is not available yet."""
+    if device == "cuda":
+        raise NotImplementedError(
+            "CuPy/CUDA arrays are not supported yet: the CUDA backend of deformops is not implemented; "
+            "pass NumPy arrays (or CPU tensors) instead"
+        )
+    from .backends import cpu
+
+    return cpu
+
+
+def check_dtypes(arrays, allowed=CPU_DTYPES):
+    """Every non-None array must have one shared dtype, from ``allowed`` (``TypeError``)."""
+    first = None
+    for name, a in arrays.items():
+        if a is None:
+            continue
+        if a.dtype not in allowed:
+            names = ", ".join(str(d) for d in allowed)
+            raise TypeError(f"{name} must have dtype {names}; got {a.dtype}")
+        if first is None:
+            first = (name, a.dtype)
+        elif a.dtype != first[1]:
+            raise TypeError(
+                f"{name} has dtype {a.dtype} but {first[0]} has dtype {first[1]}; "
+                "all floating inputs of one call must share a dtype (no silent promotion)"
+            )
+    return first[1]
+
+
+def check_ndim(a, name, ndim, shape_doc):
+    if a.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {shape_doc}; got shape {tuple(a.shape)}")
+
+
+def check_layout(layout):
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be 'NCHW' or 'NHWC', got {layout!r}")
+    return layout
+
+
+def check_cval(cval):
+    try:
+        return float(cval)
+    except (TypeError, ValueError):
+        raise TypeError(f"cval must be a real number, got {type(cval).__name__}") from None
+
+
+def check_needs(needs_input_grad, count):
+    try:
+        needs = tuple(bool(v) for v in needs_input_grad)
+    except TypeError:
+        raise TypeError(f"needs_input_grad must be a sequence of {count} booleans") from None
+    if len(needs) != count:
+        raise ValueError(f"needs_input_grad must have {count} entries, got {len(needs)}")
+    return needs
+
+
+def to_kernel_order(a, channels_last):
+    """A C-contiguous view (or copy) of a 4-D NCHW-indexed array in the kernel's memory order.
+
+    ``channels_last=True`` returns the array as (N, H, W, C) memory. A view with the wanted
+    memory order is never copied.
+    """
+    m = a.transpose(0, 2, 3, 1) if channels_last else a
+    return np.ascontiguousarray(m)
+
+
+def is_channels_last(a):
+    """True when a 4-D NCHW-indexed array is C-contiguous in (N, H, W, C) order and not in NCHW."""
+    return (not a.flags.c_contiguous) and a.transpose(0, 2, 3, 1).flags.c_contiguous

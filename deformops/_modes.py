@@ -1,0 +1,46 @@
+"""Boundary modes and interpolation orders, named as in ``scipy.ndimage``.
+
+The integer codes are what the kernels receive; they are private.
+"""
+
+CONSTANT = 0
+GRID_CONSTANT = 1
+NEAREST = 2
+REFLECT = 3  # scipy's 'reflect' == 'grid-mirror' (half-sample symmetric)
+MIRROR = 4  # whole-sample symmetric
+WRAP = 5  # scipy's 'wrap': period n - 1, the end points overlap
+GRID_WRAP = 6  # period n
+
+MODES = {
+    "constant": CONSTANT,
+    "grid-constant": GRID_CONSTANT,
+    "nearest": NEAREST,
+    "reflect": REFLECT,
+    "grid-mirror": REFLECT,
+    "mirror": MIRROR,
+    "wrap": WRAP,
+    "grid-wrap": GRID_WRAP,
+}
+
+ORDERS = (0, 1)
+
+
+def mode_code(mode):
+    """Return the kernel code of a scipy mode name; ``ValueError`` for an unknown one."""
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
+    return MODES[mode]
+
+
+def check_order(order):
+    """Validate an interpolation order: 0 (nearest) or 1 (bilinear)."""
+    if isinstance(order, bool) or not isinstance(order, (int,)) and not hasattr(order, "__index__"):
+        raise TypeError(f"order must be an integer, got {type(order).__name__}")
+    order = int(order)
+    if order < 0 or order > 5:
+        raise ValueError(f"order must be 0 or 1, got {order}")
+    if order > 1:
+        raise NotImplementedError(
+            f"order={order} (spline interpolation) is not implemented; deformops supports order 0 and 1"
+        )
+    return order

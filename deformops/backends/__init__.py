@@ -1,0 +1,1 @@
+"""Compute backends: ``cpu`` (Numba) and, later, ``cuda`` (CuPy). Imported on first use only."""

@@ -1,0 +1,336 @@
+"""Numba CPU kernels for ``sample`` / ``deform_sample`` and their gradients.
+
+Every kernel takes C-contiguous arrays in one of two memory orders and is compiled lazily, once
+per (kernel, dtype), with read-only input types (so read-only arrays need no copy):
+
+- ``nchw``: x (N, C, H, W), coords (N, 2G, Ho, Wo), out (N, C, Ho, Wo);
+- ``nhwc``: x (N, H, W, C), coords (N, Ho, Wo, 2G), out (N, Ho, Wo, C).
+
+Parallel loops run over independent outputs, so no two threads write one element and results are
+bit-identical from run to run and for any number of threads:
+
+- forward and coordinate gradient: one task per (image, group, chunk of output points); the taps
+  of the chunk are computed once and reused for every channel of the group;
+- input gradient: a first loop stores the taps of a block of images in a table, a second loop
+  scatters with one task per input plane (NCHW) or per block of channels (NHWC).
+
+With ``relative=True`` the coordinates are offsets from the output grid (``deform_sample``):
+the sample point of output (i, j) is ``(i + dy, j + dx)``.
+"""
+
+import functools
+
+import numpy as np
+from numba import njit, prange, types
+
+from ._taps import CHUNK, point_slopes, point_taps
+
+# Tap indices are stored unsigned (np.uintp): Numba then skips the negative-index wraparound
+# check on every gather and scatter.
+# NHWC input gradient: channels per scatter task (one 64-byte line of float32).
+CHANNEL_BLOCK = 16
+# Tap-table budget of the input gradient, in (image, group, point) entries: 48 bytes each.
+TABLE_POINTS = 1 << 18
+
+
+@njit(cache=True)
+def _blend1(xf, of, c, idx, wt, bias, p0, m):
+    """of[c, p0 + j] = bias[j] + sum_k wt[k, j] * xf[c, idx[k, j]] for j < m."""
+    src = xf[c]
+    dst = of[c]
+    for j in range(m):
+        dst[p0 + j] = (bias[j] + wt[0, j] * src[idx[0, j]] + wt[1, j] * src[idx[1, j]]
+                       + wt[2, j] * src[idx[2, j]] + wt[3, j] * src[idx[3, j]])
+
+
+@njit(cache=True)
+def _blend4(xf, of, c, idx, wt, bias, p0, m):
+    """:func:`_blend1` for channels c .. c+3 at once (one load of the taps per point)."""
+    s0, s1, s2, s3 = xf[c], xf[c + 1], xf[c + 2], xf[c + 3]
+    d0, d1, d2, d3 = of[c], of[c + 1], of[c + 2], of[c + 3]
+    for j in range(m):
+        i0, i1, i2, i3 = idx[0, j], idx[1, j], idx[2, j], idx[3, j]
+        w0, w1, w2, w3 = wt[0, j], wt[1, j], wt[2, j], wt[3, j]
+        b = bias[j]
+        d0[p0 + j] = b + w0 * s0[i0] + w1 * s0[i1] + w2 * s0[i2] + w3 * s0[i3]
+        d1[p0 + j] = b + w0 * s1[i0] + w1 * s1[i1] + w2 * s1[i2] + w3 * s1[i3]
+        d2[p0 + j] = b + w0 * s2[i0] + w1 * s2[i1] + w2 * s2[i2] + w3 * s2[i3]
+        d3[p0 + j] = b + w0 * s3[i0] + w1 * s3[i1] + w2 * s3[i2] + w3 * s3[i3]
+
+
+def _sample_forward_nchw(x, coords, out, order, mode, cval, relative):
+    N, C, H, W = x.shape
+    G = coords.shape[1] // 2
+    Ho, Wo = coords.shape[2], coords.shape[3]
+    P = Ho * Wo
+    cpg = C // G
+    xf = x.reshape(N * C, H * W)
+    cf = coords.reshape(N, 2 * G, P)
+    of = out.reshape(N * C, P)
+    nchunks = (P + CHUNK - 1) // CHUNK
+    for task in prange(N * G * nchunks):
+        n = task // (G * nchunks)
+        g = (task // nchunks) % G
+        p0 = (task % nchunks) * CHUNK
+        m = min(CHUNK, P - p0)
+        idx = np.empty((4, CHUNK), np.uintp)
+        wt = np.empty((4, CHUNK), x.dtype)
+        bias = np.empty(CHUNK, x.dtype)
+        for j in range(m):
+            p = p0 + j
+            y = np.float64(cf[n, 2 * g, p])
+            xx = np.float64(cf[n, 2 * g + 1, p])
+            if relative:
+                y += p // Wo
+                xx += p % Wo
+            point_taps(y, xx, H, W, mode, order, cval, j, idx, wt, bias)
+        c = n * C + g * cpg
+        c_end = c + cpg
+        while c + 4 <= c_end:  # four channels share each load of the taps
+            _blend4(xf, of, c, idx, wt, bias, p0, m)
+            c += 4
+        while c < c_end:
+            _blend1(xf, of, c, idx, wt, bias, p0, m)
+            c += 1
+
+
+def _sample_forward_nhwc(x, coords, out, order, mode, cval, relative):
+    N, H, W, C = x.shape
+    Ho, Wo = coords.shape[1], coords.shape[2]
+    G = coords.shape[3] // 2
+    P = Ho * Wo
+    cpg = C // G
+    xf = x.reshape(N, H * W, C)
+    cf = coords.reshape(N, P, 2 * G)
+    of = out.reshape(N, P, C)
+    nchunks = (P + CHUNK - 1) // CHUNK
+    for task in prange(N * nchunks):
+        n = task // nchunks
+        p0 = (task % nchunks) * CHUNK
+        m = min(CHUNK, P - p0)
+        idx = np.empty((4, 1), np.uintp)
+        wt = np.empty((4, 1), x.dtype)
+        bias = np.empty(1, x.dtype)
+        for p in range(p0, p0 + m):
+            for g in range(G):
+                y = np.float64(cf[n, p, 2 * g])
+                xx = np.float64(cf[n, p, 2 * g + 1])
+                if relative:
+                    y += p // Wo
+                    xx += p % Wo
+                point_taps(y, xx, H, W, mode, order, cval, 0, idx, wt, bias)
+                b = bias[0]
+                w0, w1, w2, w3 = wt[0, 0], wt[1, 0], wt[2, 0], wt[3, 0]
+                r0, r1, r2, r3 = xf[n, idx[0, 0]], xf[n, idx[1, 0]], xf[n, idx[2, 0]], xf[n, idx[3, 0]]
+                dst = of[n, p]
+                for c in range(g * cpg, (g + 1) * cpg):
+                    dst[c] = b + w0 * r0[c] + w1 * r1[c] + w2 * r2[c] + w3 * r3[c]
+
+
+def _sample_backward_nchw(grad_out, x, coords, grad_x, grad_coords, order, mode, cval, relative,
+                          need_x, need_coords):
+    N, C, H, W = x.shape
+    G = coords.shape[1] // 2
+    Ho, Wo = coords.shape[2], coords.shape[3]
+    P = Ho * Wo
+    cpg = C // G
+    xf = x.reshape(N * C, H * W)
+    cf = coords.reshape(N, 2 * G, P)
+    gof = grad_out.reshape(N * C, P)
+    # grad_x / grad_coords are (0, 0, 0, 0) placeholders when not needed
+    gxf = grad_x.reshape(grad_x.shape[0] * grad_x.shape[1], grad_x.shape[2] * grad_x.shape[3])
+    gcf = grad_coords.reshape(grad_coords.shape[0], grad_coords.shape[1],
+                              grad_coords.shape[2] * grad_coords.shape[3])
+    nchunks = (P + CHUNK - 1) // CHUNK
+    # Taps of every (image, group, point), kept for the scatter when grad_x is needed.
+    tp = P if need_x else 0
+    tidx = np.empty((N, G, 4, tp), np.uintp)
+    twt = np.empty((N, G, 4, tp), x.dtype)
+    for task in prange(N * G * nchunks):
+        n = task // (G * nchunks)
+        g = (task // nchunks) % G
+        p0 = (task % nchunks) * CHUNK
+        m = min(CHUNK, P - p0)
+        idx = np.empty((4, CHUNK), np.uintp)
+        wt = np.empty((4, CHUNK), x.dtype)
+        bias = np.empty(CHUNK, x.dtype)
+        ay = np.empty((4, CHUNK), x.dtype)
+        ax = np.empty((4, CHUNK), x.dtype)
+        cst = np.empty((2, CHUNK), x.dtype)
+        for j in range(m):
+            p = p0 + j
+            y = np.float64(cf[n, 2 * g, p])
+            xx = np.float64(cf[n, 2 * g + 1, p])
+            if relative:
+                y += p // Wo
+                xx += p % Wo
+            taps = point_taps(y, xx, H, W, mode, order, cval, j, idx, wt, bias)
+            if need_coords:
+                point_slopes(taps, W, cval, j, ay, ax, cst)
+            if need_x:
+                for k in range(4):
+                    tidx[n, g, k, p] = idx[k, j]
+                    twt[n, g, k, p] = wt[k, j]
+        if need_coords:
+            acc_y = np.zeros(CHUNK, x.dtype)
+            acc_x = np.zeros(CHUNK, x.dtype)
+            for c in range(g * cpg, (g + 1) * cpg):
+                src = xf[n * C + c]
+                go = gof[n * C + c]
+                for j in range(m):
+                    v0 = src[idx[0, j]]
+                    v1 = src[idx[1, j]]
+                    v2 = src[idx[2, j]]
+                    v3 = src[idx[3, j]]
+                    gv = go[p0 + j]
+                    acc_y[j] += gv * (cst[0, j] + ay[0, j] * v0 + ay[1, j] * v1 + ay[2, j] * v2 + ay[3, j] * v3)
+                    acc_x[j] += gv * (cst[1, j] + ax[0, j] * v0 + ax[1, j] * v1 + ax[2, j] * v2 + ax[3, j] * v3)
+            for j in range(m):
+                gcf[n, 2 * g, p0 + j] = acc_y[j]
+                gcf[n, 2 * g + 1, p0 + j] = acc_x[j]
+    if need_x:
+        for plane in prange(N * C):
+            n = plane // C
+            g = (plane % C) // cpg
+            dst = gxf[plane]
+            dst[:] = 0.0
+            go = gof[plane]
+            ti = tidx[n, g]
+            tw = twt[n, g]
+            for p in range(P):
+                gv = go[p]
+                dst[ti[0, p]] += tw[0, p] * gv
+                dst[ti[1, p]] += tw[1, p] * gv
+                dst[ti[2, p]] += tw[2, p] * gv
+                dst[ti[3, p]] += tw[3, p] * gv
+
+
+def _sample_backward_nhwc(grad_out, x, coords, grad_x, grad_coords, order, mode, cval, relative,
+                          need_x, need_coords):
+    N, H, W, C = x.shape
+    Ho, Wo = coords.shape[1], coords.shape[2]
+    G = coords.shape[3] // 2
+    P = Ho * Wo
+    cpg = C // G
+    xf = x.reshape(N, H * W, C)
+    cf = coords.reshape(N, P, 2 * G)
+    gof = grad_out.reshape(N, P, C)
+    # grad_x / grad_coords are (0, 0, 0, 0) placeholders when not needed
+    gxf = grad_x.reshape(grad_x.shape[0], grad_x.shape[1] * grad_x.shape[2], grad_x.shape[3])
+    gcf = grad_coords.reshape(grad_coords.shape[0], grad_coords.shape[1] * grad_coords.shape[2],
+                              grad_coords.shape[3])
+    nchunks = (P + CHUNK - 1) // CHUNK
+    tp = P if need_x else 0
+    tidx = np.empty((N, tp, G, 4), np.uintp)
+    twt = np.empty((N, tp, G, 4), x.dtype)
+    for task in prange(N * nchunks):
+        n = task // nchunks
+        p0 = (task % nchunks) * CHUNK
+        m = min(CHUNK, P - p0)
+        idx = np.empty((4, 1), np.uintp)
+        wt = np.empty((4, 1), x.dtype)
+        bias = np.empty(1, x.dtype)
+        ay = np.empty((4, 1), x.dtype)
+        ax = np.empty((4, 1), x.dtype)
+        cst = np.empty((2, 1), x.dtype)
+        acc = np.empty(2, x.dtype)
+        for p in range(p0, p0 + m):
+            for g in range(G):
+                y = np.float64(cf[n, p, 2 * g])
+                xx = np.float64(cf[n, p, 2 * g + 1])
+                if relative:
+                    y += p // Wo
+                    xx += p % Wo
+                taps = point_taps(y, xx, H, W, mode, order, cval, 0, idx, wt, bias)
+                if need_x:
+                    for k in range(4):
+                        tidx[n, p, g, k] = idx[k, 0]
+                        twt[n, p, g, k] = wt[k, 0]
+                if need_coords:
+                    point_slopes(taps, W, cval, 0, ay, ax, cst)
+                    r0, r1, r2, r3 = xf[n, idx[0, 0]], xf[n, idx[1, 0]], xf[n, idx[2, 0]], xf[n, idx[3, 0]]
+                    go = gof[n, p]
+                    acc[0] = 0.0
+                    acc[1] = 0.0
+                    for c in range(g * cpg, (g + 1) * cpg):
+                        gv = go[c]
+                        acc[0] += gv * (cst[0, 0] + ay[0, 0] * r0[c] + ay[1, 0] * r1[c]
+                                        + ay[2, 0] * r2[c] + ay[3, 0] * r3[c])
+                        acc[1] += gv * (cst[1, 0] + ax[0, 0] * r0[c] + ax[1, 0] * r1[c]
+                                        + ax[2, 0] * r2[c] + ax[3, 0] * r3[c])
+                    gcf[n, p, 2 * g] = acc[0]
+                    gcf[n, p, 2 * g + 1] = acc[1]
+    if need_x:
+        nblocks = (cpg + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
+        for task in prange(N * G * nblocks):
+            n = task // (G * nblocks)
+            g = (task // nblocks) % G
+            c0 = g * cpg + (task % nblocks) * CHANNEL_BLOCK
+            c1 = min(c0 + CHANNEL_BLOCK, (g + 1) * cpg)
+            gxn = gxf[n]
+            for i in range(H * W):
+                for c in range(c0, c1):
+                    gxn[i, c] = 0.0
+            for p in range(P):
+                go = gof[n, p]
+                for k in range(4):
+                    dst = gxn[tidx[n, p, g, k]]
+                    w = twt[n, p, g, k]
+                    for c in range(c0, c1):
+                        dst[c] += w * go[c]
+
+
+def _array(dtype, ndim, readonly):
+    return types.Array(dtype, ndim, "C", readonly=readonly)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(name, dtype):
+    """Compile kernel ``name`` for ``dtype`` once (cached on disk by Numba)."""
+    t = types.float32 if dtype == np.float32 else types.float64
+    ro, rw = _array(t, 4, True), _array(t, 4, False)
+    scalars = (types.intp, types.intp, types.float64, types.boolean)
+    if name.startswith("forward"):
+        sig = types.void(ro, ro, rw, *scalars)
+    else:
+        sig = types.void(ro, ro, ro, rw, rw, *scalars, types.boolean, types.boolean)
+    pyfunc = {
+        "forward_nchw": _sample_forward_nchw,
+        "forward_nhwc": _sample_forward_nhwc,
+        "backward_nchw": _sample_backward_nchw,
+        "backward_nhwc": _sample_backward_nhwc,
+    }[name]
+    return njit(sig, parallel=True, cache=True)(pyfunc)
+
+
+def sample_forward(x, coords, out, order, mode, cval, relative, channels_last):
+    """Sample ``x`` at ``coords`` into ``out`` (arrays in the memory order the flag names)."""
+    if out.size == 0:
+        return
+    kernel = _kernel("forward_nhwc" if channels_last else "forward_nchw", x.dtype.type)
+    kernel(x, coords, out, order, mode, float(cval), bool(relative))
+
+
+def sample_backward(grad_out, x, coords, grad_x, grad_coords, order, mode, cval, relative,
+                    channels_last):
+    """Gradients of ``sample_forward``; ``grad_x`` / ``grad_coords`` may be None (not needed)."""
+    need_x, need_coords = grad_x is not None, grad_coords is not None
+    if grad_x is not None and grad_out.size == 0:
+        grad_x[...] = 0
+    if grad_coords is not None and grad_out.size == 0:
+        grad_coords[...] = 0
+    if grad_out.size == 0 or not (need_x or need_coords):
+        return
+    kernel = _kernel("backward_nhwc" if channels_last else "backward_nchw", x.dtype.type)
+    dummy = np.empty((0, 0, 0, 0), x.dtype)
+    g_axis = 3 if channels_last else 1
+    groups = coords.shape[g_axis] // 2
+    points = coords.shape[1] * coords.shape[2] if channels_last else coords.shape[2] * coords.shape[3]
+    # Images per call, so that the tap table of grad_x stays within TABLE_POINTS entries.
+    step = max(1, TABLE_POINTS // max(1, groups * points)) if need_x else x.shape[0]
+    for n0 in range(0, x.shape[0], step):
+        sl = slice(n0, n0 + step)
+        kernel(grad_out[sl], x[sl], coords[sl],
+               grad_x[sl] if need_x else dummy,
+               grad_coords[sl] if need_coords else dummy,
+               order, mode, float(cval), bool(relative), need_x, need_coords)

@@ -1,0 +1,110 @@
+"""``map_coordinates``: a drop-in for ``scipy.ndimage.map_coordinates`` on 2-D inputs, order 0/1."""
+
+import numpy as np
+
+from . import _arrays
+from ._modes import check_order, mode_code
+
+
+def _as_cpu_array(obj, name):
+    """Array-likes are accepted as scipy accepts them; DLPack exporters are taken zero-copy."""
+    if isinstance(obj, np.ndarray) or hasattr(obj, "__dlpack__") or _arrays._is_cupy(obj):
+        arr, device = _arrays.as_array(obj, name)
+        _arrays.cpu_backend(device)
+        return arr
+    try:
+        return np.asarray(obj)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{name} must be array-like: {err}") from None
+
+
+def _output_array(output, shape, input_dtype):
+    """Resolve scipy's ``output`` argument: None, a dtype, or an array to fill."""
+    if output is None:
+        out = np.empty(shape, input_dtype)
+    elif isinstance(output, np.ndarray):
+        if output.shape != shape:
+            raise ValueError(f"output must have shape {shape}; got {output.shape}")
+        out = output
+    else:
+        try:
+            dtype = np.dtype(output)
+        except TypeError:
+            raise TypeError(f"output must be None, a dtype or a NumPy array; got {output!r}") from None
+        out = np.empty(shape, dtype)
+    if out.dtype.kind not in "biuf":
+        raise TypeError(f"output dtype must be real (bool, integer or floating); got {out.dtype}")
+    return out
+
+
+def _store(values, out):
+    """Cast float results into ``out`` with scipy's rules for integer outputs."""
+    kind = out.dtype.kind
+    if kind in "iu":
+        info = np.iinfo(out.dtype)
+        if kind == "u":
+            values = np.where(values > 0, values + 0.5, 0.0)
+        else:
+            values = np.where(values > 0, values + 0.5, values - 0.5)
+        values = np.clip(values, info.min, info.max)
+    out[...] = values.astype(out.dtype, copy=False)
+
+
+def map_coordinates(input, coordinates, output=None, order=1, mode="constant", cval=0.0,
+                    prefilter=True):
+    """Sample a 2-D array at coordinates, as ``scipy.ndimage.map_coordinates`` does.
+
+    Parameters
+    ----------
+    input : array_like, (H, W)
+        Real input. float32 with float32 coordinates is computed in float32; everything else
+        in float64, as scipy does.
+    coordinates : array_like, (2, ...)
+        Row coordinates in ``coordinates[0]``, column coordinates in ``coordinates[1]``.
+    output : None, dtype or ndarray of shape ``coordinates.shape[1:]``
+        Where to store the result, as in scipy (integer outputs round half away from zero and
+        clip, as scipy does).
+    order : {0, 1}
+        Larger orders raise ``NotImplementedError``.
+    mode : str
+        'constant', 'grid-constant', 'nearest', 'reflect' (= 'grid-mirror'), 'mirror', 'wrap'
+        or 'grid-wrap'; scipy's quirks included ('constant' gives ``cval`` outside [0, n-1]
+        without interpolation, 'wrap' has period n-1, order 0 rounds half up).
+    cval : float
+        Fill value of the constant modes and of non-finite coordinates.
+    prefilter : bool
+        Accepted for compatibility; no spline prefilter applies to order <= 1.
+
+    Returns
+    -------
+    ndarray, shape ``coordinates.shape[1:]``
+        The ``output`` array (the one given, or a new one).
+    """
+    order, code, cval = check_order(order), mode_code(mode), _arrays.check_cval(cval)
+    image = _as_cpu_array(input, "input")
+    coords = _as_cpu_array(coordinates, "coordinates")
+    if image.ndim != 2:
+        raise ValueError(f"input must be 2-D (H, W); got shape {image.shape}")
+    if coords.ndim < 1 or coords.shape[0] != 2:
+        raise ValueError(f"coordinates must have shape (2, ...); got {coords.shape}")
+    for name, a in (("input", image), ("coordinates", coords)):
+        if a.dtype.kind not in "biuf":
+            raise TypeError(f"{name} must be real-valued; got dtype {a.dtype}")
+    shape = coords.shape[1:]
+    out = _output_array(output, shape, image.dtype)
+    points = int(np.prod(shape))
+    H, W = image.shape
+    if points == 0:
+        return out
+    if H == 0 or W == 0:
+        raise ValueError(f"input has an empty shape {image.shape}: there is nothing to sample")
+    both32 = image.dtype == np.float32 and coords.dtype == np.float32
+    dtype = np.float32 if both32 else np.float64
+    x_k = np.ascontiguousarray(image, dtype).reshape(1, 1, H, W)
+    coords_k = np.ascontiguousarray(coords, dtype).reshape(1, 2, 1, points)
+    direct = out.dtype == dtype and out.flags.c_contiguous
+    result = out.reshape(1, 1, 1, points) if direct else np.empty((1, 1, 1, points), dtype)
+    _arrays.cpu_backend("cpu").sample_forward(x_k, coords_k, result, order, code, cval, False, False)
+    if not direct:
+        _store(result.reshape(shape), out)
+    return out
