@@ -42,15 +42,16 @@ def as_array(obj, name):
     )
 
 
-def as_arrays(**named):
-    """Convert every non-None argument with :func:`as_array`; return ``(dict, device)``.
+def as_arrays(optional=(), **named):
+    """Convert every argument with :func:`as_array`; return ``(dict, device)``.
 
-    Raises ``TypeError`` when NumPy and CuPy (CPU and GPU) arrays are mixed, ``ValueError`` when
-    GPU arrays live on different devices.
+    Arguments named in ``optional`` may be None (and stay None). Raises ``TypeError`` when
+    NumPy and CuPy (CPU and GPU) arrays are mixed, ``ValueError`` when GPU arrays live on
+    different devices.
     """
     arrays, devices = {}, {}
     for name, obj in named.items():
-        if obj is None:
+        if obj is None and name in optional:
             arrays[name] = None
             continue
         arrays[name], devices[name] = as_array(obj, name)

@@ -47,17 +47,20 @@ _SEMANTICS = """
 """
 
 
-def _prepare(x, coords, layout, coords_name, relative, grad_out=None):
+def _prepare(x, coords, layout, coords_name, relative, backward=False, grad_out=None):
     """Validate, choose the kernel memory order, return what the backend needs."""
     layout = _arrays.check_layout(layout)
-    arrays, device = _arrays.as_arrays(**{"x": x, coords_name: coords, "grad_out": grad_out})
+    arrays, device = _arrays.as_arrays(
+        optional=() if backward else ("grad_out",),
+        **{"x": x, coords_name: coords, "grad_out": grad_out},
+    )
     x, coords, grad_out = arrays["x"], arrays[coords_name], arrays["grad_out"]
     backend = _arrays.cpu_backend(device)
     doc_x = "(N, C, H, W)" if layout == "NCHW" else "(N, H, W, C)"
     doc_c = "(N, 2G, Ho, Wo)" if layout == "NCHW" else "(N, Ho, Wo, 2G)"
     _arrays.check_ndim(x, "x", 4, doc_x)
     _arrays.check_ndim(coords, coords_name, 4, doc_c)
-    if grad_out is not None:
+    if backward:
         _arrays.check_ndim(grad_out, "grad_out", 4, doc_x.replace("H, W", "Ho, Wo"))
     _arrays.check_dtypes({"x": x, coords_name: coords, "grad_out": grad_out})
     if layout == "NHWC":  # from here on every array is indexed NCHW
@@ -120,7 +123,7 @@ def _backward(grad_out, x, coords, order, mode, cval, layout, needs_input_grad, 
     order, mode, cval = check_order(order), mode_code(mode), _arrays.check_cval(cval)
     need_x, need_coords = _arrays.check_needs(needs_input_grad, 2)
     backend, x_k, coords_k, go_k, cl, layout = _prepare(
-        x, coords, layout, coords_name, relative, grad_out=grad_out
+        x, coords, layout, coords_name, relative, backward=True, grad_out=grad_out
     )
     grad_x = np.empty_like(x_k) if need_x else None
     grad_coords = np.empty_like(coords_k) if need_coords else None

@@ -94,11 +94,9 @@ def map_coordinate(c, n, mode):
                 sign = -1.0
         elif mode == WRAP:
             c = (n - 1.0) - np.fmod(-c, n - 1.0)
-        else:  # GRID_WRAP
-            if c > -1.0:
-                c = c + n
-            else:
-                c = (n - 1.0) - np.fmod(-1.0 - c, float(n))
+        else:  # GRID_WRAP: c + n*k for the k that lands in [0, n), as scipy, but exact
+            c = np.fmod(c, float(n))
+            c = c + n if c < 0.0 else 0.0
     elif c > n - 1.0:
         if mode == CONSTANT:
             return c, 0.0, False
