@@ -4,7 +4,8 @@ A sample point (y, x) becomes four corner taps (00, 01, 10, 11) = (y_low, x_low)
 (y_high, x_low), (y_high, x_high), each with a flat index into the ``H * W`` plane and a weight.
 Taps that read ``cval`` (mode 'grid-constant' outside the image, or a point whose whole value is
 ``cval``) get index 0 and weight 0, and their contribution moves into a per-point constant, so that
-the channel loops that use the taps are branch-free.
+the channel loops that use the taps are branch-free. For order 0 the low corner carries weight 1
+and the others weight 0.
 
 The boundary handling reproduces ``scipy.ndimage.map_coordinates`` (``NI_GeometricTransform``):
 the coordinate is first mapped into the image by the mode (except for 'grid-constant' and
@@ -25,7 +26,7 @@ from ..._modes import CONSTANT, GRID_CONSTANT, GRID_WRAP, MIRROR, NEAREST, REFLE
 CHUNK = 256
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def map_tap(i, n, mode):
     """Map an integer tap index into ``[0, n)``; -1 means the tap reads ``cval``."""
     if 0 <= i < n:
@@ -48,7 +49,7 @@ def map_tap(i, n, mode):
     return i if i < n else p - i
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def map_coordinate(c, n, mode):
     """Map a finite coordinate along an axis of length ``n`` by the boundary mode.
 
@@ -121,7 +122,7 @@ def map_coordinate(c, n, mode):
     return c, sign, c > -1.0
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def axis_taps(c, n, mode, order):
     """Taps along one axis: ``(i_low, i_high, l, h, sign, ok)``.
 
@@ -134,7 +135,7 @@ def axis_taps(c, n, mode, order):
     if not ok:
         return 0, 0, 0.0, 0.0, 0.0, False
     tap_mode = MIRROR if (mode == CONSTANT or mode == WRAP) else mode
-    if order == 0:
+    if order == 0:  # the high tap gets weight 0 and points at the low one
         i = map_tap(int(math.floor(c + 0.5)), n, tap_mode)
         return i, i, 1.0, 0.0, 0.0, True
     f = math.floor(c)
@@ -145,80 +146,64 @@ def axis_taps(c, n, mode, order):
 
 
 @njit(cache=True)
-def point_taps(y, x, H, W, mode, order, cval, j, idx, wt, bias):
-    """Fill column ``j`` of ``idx``/``wt`` (shape (4, CHUNK)) and ``bias[j]`` for one point.
-
-    The sampled value is ``bias[j] + sum_k wt[k, j] * plane[idx[k, j]]``.
-    Returns the axis taps for callers that also need derivatives.
-    """
-    y_low, y_high, ly, hy, sy, oky = axis_taps(y, H, mode, order)
-    x_low, x_high, lx, hx, sx, okx = axis_taps(x, W, mode, order)
-    if not (oky and okx):
-        for k in range(4):
-            idx[k, j] = 0
-            wt[k, j] = 0.0
-        bias[j] = cval
-        return y_low, y_high, 0.0, 0.0, 0.0, x_low, x_high, 0.0, 0.0, 0.0
-    if order == 0:
-        for k in range(1, 4):
-            idx[k, j] = 0
-            wt[k, j] = 0.0
-        if y_low < 0 or x_low < 0:
-            idx[0, j] = 0
-            wt[0, j] = 0.0
-            bias[j] = cval
-        else:
-            idx[0, j] = y_low * W + x_low
-            wt[0, j] = 1.0
-            bias[j] = 0.0
-        return y_low, y_high, ly, hy, 0.0, x_low, x_high, lx, hx, 0.0
-    b = 0.0
-    k = 0
-    for a in range(2):
-        yi = y_low if a == 0 else y_high
-        wy = ly if a == 0 else hy
-        for e in range(2):
-            xi = x_low if e == 0 else x_high
-            w = wy * (lx if e == 0 else hx)
-            if yi < 0 or xi < 0:
-                idx[k, j] = 0
-                wt[k, j] = 0.0
-                b += cval * w
-            else:
-                idx[k, j] = yi * W + xi
-                wt[k, j] = w
-            k += 1
-    bias[j] = b
-    return y_low, y_high, ly, hy, sy, x_low, x_high, lx, hx, sx
+def point_taps(y, x, H, W, mode, order):
+    """Axis taps ``(ya, xa)`` of the point (y, x) in an H x W image (see :func:`axis_taps`)."""
+    return axis_taps(y, H, mode, order), axis_taps(x, W, mode, order)
 
 
 @njit(cache=True)
-def point_slopes(taps, W, cval, j, ay, ax, cst):
-    """Derivative coefficients of one point's sampled value with respect to y and x.
+def corner_taps(ya, xa, W, cval):
+    """Corner taps of a point from its axis taps ``ya``, ``xa`` (see :func:`axis_taps`).
 
-    d value / dy = cst[0, j] + sum_k ay[k, j] * plane[idx[k, j]], likewise for x with ax and
-    cst[1, j]: the derivative of the bilinear interpolant of the cell, from the four corner values
-    the forward used (cval for taps outside), times the sign of the mode's coordinate mapping.
+    Returns ``(i0, i1, i2, i3, w0, w1, w2, w3, bias)`` for corners 00, 01, 10, 11: the sampled
+    value is ``bias + sum_k w_k * plane[i_k]``. Corners that read cval get index 0 and weight 0
+    and add ``cval * weight`` to ``bias``; a point whose value is cval has ``bias = cval``.
+    Scalars only: passing arrays to a Numba function costs reference counting on every call.
     """
-    y_low, y_high, ly, hy, sy, x_low, x_high, lx, hx, sx = taps
-    cy = 0.0
-    cx = 0.0
-    k = 0
-    for a in range(2):
-        yi = y_low if a == 0 else y_high
-        for e in range(2):
-            xi = x_low if e == 0 else x_high
-            # corner (a, e) enters d/dy with +-(x weight) and d/dx with +-(y weight)
-            dy = sy * (lx if e == 0 else hx) * (1.0 if a == 1 else -1.0)
-            dx = sx * (ly if a == 0 else hy) * (1.0 if e == 1 else -1.0)
-            if yi < 0 or xi < 0:
-                ay[k, j] = 0.0
-                ax[k, j] = 0.0
-                cy += cval * dy
-                cx += cval * dx
-            else:
-                ay[k, j] = dy
-                ax[k, j] = dx
-            k += 1
-    cst[0, j] = cy
-    cst[1, j] = cx
+    y_low, y_high, ly, hy, sy, oky = ya
+    x_low, x_high, lx, hx, sx, okx = xa
+    if not (oky and okx):
+        return 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, cval
+    bias = 0.0
+    i0, w0, bias = _corner(y_low, x_low, ly * lx, W, cval, bias)
+    i1, w1, bias = _corner(y_low, x_high, ly * hx, W, cval, bias)
+    i2, w2, bias = _corner(y_high, x_low, hy * lx, W, cval, bias)
+    i3, w3, bias = _corner(y_high, x_high, hy * hx, W, cval, bias)
+    return i0, i1, i2, i3, w0, w1, w2, w3, bias
+
+
+@njit(cache=True, inline="always")
+def _corner(yi, xi, w, W, cval, bias):
+    if yi < 0 or xi < 0:
+        return 0, 0.0, bias + cval * w
+    return yi * W + xi, w, bias
+
+
+@njit(cache=True)
+def corner_slopes(ya, xa, cval):
+    """Derivative coefficients of a point's sampled value with respect to y and x.
+
+    Returns ``(ay0, ay1, ay2, ay3, ax0, ax1, ax2, ax3, cy, cx)``:
+    ``d value / dy = cy + sum_k ay_k * plane[i_k]`` (likewise x), with the corner indices of
+    :func:`corner_taps`. This is the derivative of the bilinear interpolant of the cell from the
+    four corner values the forward used (cval for corners outside), times the sign of the mode's
+    coordinate mapping. Zero for order 0 and for points whose value is cval.
+    """
+    y_low, y_high, ly, hy, sy, oky = ya
+    x_low, x_high, lx, hx, sx, okx = xa
+    if not (oky and okx):
+        sy = 0.0
+        sx = 0.0
+    # corner 00, 01, 10, 11: d/dy weights -lx, -hx, +lx, +hx; d/dx weights -ly, +ly, -hy, +hy
+    ay0, ax0, cy, cx = _corner_slope(y_low, x_low, -sy * lx, -sx * ly, cval, 0.0, 0.0)
+    ay1, ax1, cy, cx = _corner_slope(y_low, x_high, -sy * hx, sx * ly, cval, cy, cx)
+    ay2, ax2, cy, cx = _corner_slope(y_high, x_low, sy * lx, -sx * hy, cval, cy, cx)
+    ay3, ax3, cy, cx = _corner_slope(y_high, x_high, sy * hx, sx * hy, cval, cy, cx)
+    return ay0, ay1, ay2, ay3, ax0, ax1, ax2, ax3, cy, cx
+
+
+@njit(cache=True, inline="always")
+def _corner_slope(yi, xi, dy, dx, cval, cy, cx):
+    if yi < 0 or xi < 0:
+        return 0.0, 0.0, cy + cval * dy, cx + cval * dx
+    return dy, dx, cy, cx

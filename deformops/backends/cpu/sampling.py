@@ -23,7 +23,7 @@ import functools
 import numpy as np
 from numba import njit, prange, types
 
-from ._taps import CHUNK, point_slopes, point_taps
+from ._taps import CHUNK, corner_slopes, corner_taps, point_taps
 
 # Tap indices are stored unsigned (np.uintp): Numba then skips the negative-index wraparound
 # check on every gather and scatter.
@@ -31,6 +31,45 @@ from ._taps import CHUNK, point_slopes, point_taps
 CHANNEL_BLOCK = 16
 # Tap-table budget of the input gradient, in (image, group, point) entries: 48 bytes each.
 TABLE_POINTS = 1 << 18
+
+
+@njit(cache=True, inline="always")
+def _store_taps(taps, j, idx, wt, bias):
+    """Store the :func:`corner_taps` tuple as column j (casting weights to the array dtype)."""
+    idx[0, j], idx[1, j], idx[2, j], idx[3, j] = taps[0], taps[1], taps[2], taps[3]
+    wt[0, j], wt[1, j], wt[2, j], wt[3, j] = taps[4], taps[5], taps[6], taps[7]
+    bias[j] = taps[8]
+
+
+@njit(cache=True, inline="always")
+def _store_slopes(slopes, j, ay, ax, cst):
+    """Store the :func:`corner_slopes` tuple as column j."""
+    ay[0, j], ay[1, j], ay[2, j], ay[3, j] = slopes[0], slopes[1], slopes[2], slopes[3]
+    ax[0, j], ax[1, j], ax[2, j], ax[3, j] = slopes[4], slopes[5], slopes[6], slopes[7]
+    cst[0, j], cst[1, j] = slopes[8], slopes[9]
+
+
+@njit(cache=True)
+def _fill_chunk(cn, channels_last, g, p0, m, Wo, relative, H, W, mode, order, cval, col0,
+                idx, wt, bias, slopes, ay, ax, cst):
+    """Taps (and, if ``slopes``, derivative coefficients) of points p0 .. p0+m-1 of group g.
+
+    ``cn`` holds one image's coordinates, (2G, P) or, if ``channels_last``, (P, 2G); point
+    p0 + j goes to column col0 + j of the tap arrays.
+    """
+    for j in range(m):
+        p = p0 + j
+        if channels_last:
+            y, x = np.float64(cn[p, 2 * g]), np.float64(cn[p, 2 * g + 1])
+        else:
+            y, x = np.float64(cn[2 * g, p]), np.float64(cn[2 * g + 1, p])
+        if relative:
+            y += p // Wo
+            x += p % Wo
+        ya, xa = point_taps(y, x, H, W, mode, order)
+        _store_taps(corner_taps(ya, xa, W, cval), col0 + j, idx, wt, bias)
+        if slopes:
+            _store_slopes(corner_slopes(ya, xa, cval), col0 + j, ay, ax, cst)
 
 
 @njit(cache=True)
@@ -58,6 +97,50 @@ def _blend4(xf, of, c, idx, wt, bias, p0, m):
         d3[p0 + j] = b + w0 * s3[i0] + w1 * s3[i1] + w2 * s3[i2] + w3 * s3[i3]
 
 
+@njit(cache=True)
+def _slope_sums(xf, gof, c0, c1, idx, ay, ax, cst, p0, m, acc):
+    """acc[:, j] = sum over channels c0..c1-1 of grad_out * (d value / dy, d value / dx).
+
+    Channels go four at a time, so that each point's coefficients are loaded once per block.
+    """
+    acc[:, :m] = 0.0
+    c = c0
+    while c + 4 <= c1:
+        s0, s1, s2, s3 = xf[c], xf[c + 1], xf[c + 2], xf[c + 3]
+        g0, g1, g2, g3 = gof[c], gof[c + 1], gof[c + 2], gof[c + 3]
+        for j in range(m):
+            i0, i1, i2, i3 = idx[0, j], idx[1, j], idx[2, j], idx[3, j]
+            a0, a1, a2, a3, cy = ay[0, j], ay[1, j], ay[2, j], ay[3, j], cst[0, j]
+            b0, b1, b2, b3, cx = ax[0, j], ax[1, j], ax[2, j], ax[3, j], cst[1, j]
+            p = p0 + j
+            u0, u1, u2, u3 = s0[i0], s0[i1], s0[i2], s0[i3]
+            sum_y = g0[p] * (cy + a0 * u0 + a1 * u1 + a2 * u2 + a3 * u3)
+            sum_x = g0[p] * (cx + b0 * u0 + b1 * u1 + b2 * u2 + b3 * u3)
+            u0, u1, u2, u3 = s1[i0], s1[i1], s1[i2], s1[i3]
+            sum_y += g1[p] * (cy + a0 * u0 + a1 * u1 + a2 * u2 + a3 * u3)
+            sum_x += g1[p] * (cx + b0 * u0 + b1 * u1 + b2 * u2 + b3 * u3)
+            u0, u1, u2, u3 = s2[i0], s2[i1], s2[i2], s2[i3]
+            sum_y += g2[p] * (cy + a0 * u0 + a1 * u1 + a2 * u2 + a3 * u3)
+            sum_x += g2[p] * (cx + b0 * u0 + b1 * u1 + b2 * u2 + b3 * u3)
+            u0, u1, u2, u3 = s3[i0], s3[i1], s3[i2], s3[i3]
+            sum_y += g3[p] * (cy + a0 * u0 + a1 * u1 + a2 * u2 + a3 * u3)
+            sum_x += g3[p] * (cx + b0 * u0 + b1 * u1 + b2 * u2 + b3 * u3)
+            acc[0, j] += sum_y
+            acc[1, j] += sum_x
+        c += 4
+    while c < c1:
+        src = xf[c]
+        go = gof[c]
+        for j in range(m):
+            v0, v1, v2, v3 = src[idx[0, j]], src[idx[1, j]], src[idx[2, j]], src[idx[3, j]]
+            gv = go[p0 + j]
+            acc[0, j] += gv * (cst[0, j] + ay[0, j] * v0 + ay[1, j] * v1
+                               + ay[2, j] * v2 + ay[3, j] * v3)
+            acc[1, j] += gv * (cst[1, j] + ax[0, j] * v0 + ax[1, j] * v1
+                               + ax[2, j] * v2 + ax[3, j] * v3)
+        c += 1
+
+
 def _sample_forward_nchw(x, coords, out, order, mode, cval, relative):
     N, C, H, W = x.shape
     G = coords.shape[1] // 2
@@ -76,14 +159,8 @@ def _sample_forward_nchw(x, coords, out, order, mode, cval, relative):
         idx = np.empty((4, CHUNK), np.uintp)
         wt = np.empty((4, CHUNK), x.dtype)
         bias = np.empty(CHUNK, x.dtype)
-        for j in range(m):
-            p = p0 + j
-            y = np.float64(cf[n, 2 * g, p])
-            xx = np.float64(cf[n, 2 * g + 1, p])
-            if relative:
-                y += p // Wo
-                xx += p % Wo
-            point_taps(y, xx, H, W, mode, order, cval, j, idx, wt, bias)
+        _fill_chunk(cf[n], False, g, p0, m, Wo, relative, H, W, mode, order, cval, 0,
+                    idx, wt, bias, False, wt, wt, wt)
         c = n * C + g * cpg
         c_end = c + cpg
         while c + 4 <= c_end:  # four channels share each load of the taps
@@ -108,21 +185,18 @@ def _sample_forward_nhwc(x, coords, out, order, mode, cval, relative):
         n = task // nchunks
         p0 = (task % nchunks) * CHUNK
         m = min(CHUNK, P - p0)
-        idx = np.empty((4, 1), np.uintp)
-        wt = np.empty((4, 1), x.dtype)
-        bias = np.empty(1, x.dtype)
-        for p in range(p0, p0 + m):
+        idx = np.empty((4, G * CHUNK), np.uintp)
+        wt = np.empty((4, G * CHUNK), x.dtype)
+        bias = np.empty(G * CHUNK, x.dtype)
+        for g in range(G):
+            _fill_chunk(cf[n], True, g, p0, m, Wo, relative, H, W, mode, order, cval, g * CHUNK,
+                        idx, wt, bias, False, wt, wt, wt)
+        for j in range(m):
+            dst = of[n, p0 + j]
             for g in range(G):
-                y = np.float64(cf[n, p, 2 * g])
-                xx = np.float64(cf[n, p, 2 * g + 1])
-                if relative:
-                    y += p // Wo
-                    xx += p % Wo
-                point_taps(y, xx, H, W, mode, order, cval, 0, idx, wt, bias)
-                b = bias[0]
-                w0, w1, w2, w3 = wt[0, 0], wt[1, 0], wt[2, 0], wt[3, 0]
-                r0, r1, r2, r3 = xf[n, idx[0, 0]], xf[n, idx[1, 0]], xf[n, idx[2, 0]], xf[n, idx[3, 0]]
-                dst = of[n, p]
+                t = g * CHUNK + j
+                r0, r1, r2, r3 = xf[n, idx[0, t]], xf[n, idx[1, t]], xf[n, idx[2, t]], xf[n, idx[3, t]]
+                w0, w1, w2, w3, b = wt[0, t], wt[1, t], wt[2, t], wt[3, t], bias[t]
                 for c in range(g * cpg, (g + 1) * cpg):
                     dst[c] = b + w0 * r0[c] + w1 * r1[c] + w2 * r2[c] + w3 * r3[c]
 
@@ -157,43 +231,26 @@ def _sample_backward_nchw(grad_out, x, coords, grad_x, grad_coords, order, mode,
         ay = np.empty((4, CHUNK), x.dtype)
         ax = np.empty((4, CHUNK), x.dtype)
         cst = np.empty((2, CHUNK), x.dtype)
-        for j in range(m):
-            p = p0 + j
-            y = np.float64(cf[n, 2 * g, p])
-            xx = np.float64(cf[n, 2 * g + 1, p])
-            if relative:
-                y += p // Wo
-                xx += p % Wo
-            taps = point_taps(y, xx, H, W, mode, order, cval, j, idx, wt, bias)
-            if need_coords:
-                point_slopes(taps, W, cval, j, ay, ax, cst)
-            if need_x:
-                for k in range(4):
-                    tidx[n, g, k, p] = idx[k, j]
-                    twt[n, g, k, p] = wt[k, j]
-        if need_coords:
-            acc_y = np.zeros(CHUNK, x.dtype)
-            acc_x = np.zeros(CHUNK, x.dtype)
-            for c in range(g * cpg, (g + 1) * cpg):
-                src = xf[n * C + c]
-                go = gof[n * C + c]
+        _fill_chunk(cf[n], False, g, p0, m, Wo, relative, H, W, mode, order, cval, 0,
+                    idx, wt, bias, need_coords, ay, ax, cst)
+        if need_x:
+            for k in range(4):
                 for j in range(m):
-                    v0 = src[idx[0, j]]
-                    v1 = src[idx[1, j]]
-                    v2 = src[idx[2, j]]
-                    v3 = src[idx[3, j]]
-                    gv = go[p0 + j]
-                    acc_y[j] += gv * (cst[0, j] + ay[0, j] * v0 + ay[1, j] * v1 + ay[2, j] * v2 + ay[3, j] * v3)
-                    acc_x[j] += gv * (cst[1, j] + ax[0, j] * v0 + ax[1, j] * v1 + ax[2, j] * v2 + ax[3, j] * v3)
+                    tidx[n, g, k, p0 + j] = idx[k, j]
+                    twt[n, g, k, p0 + j] = wt[k, j]
+        if need_coords:
+            acc = np.empty((2, CHUNK), x.dtype)
+            _slope_sums(xf, gof, n * C + g * cpg, n * C + (g + 1) * cpg, idx, ay, ax, cst, p0, m, acc)
             for j in range(m):
-                gcf[n, 2 * g, p0 + j] = acc_y[j]
-                gcf[n, 2 * g + 1, p0 + j] = acc_x[j]
+                gcf[n, 2 * g, p0 + j] = acc[0, j]
+                gcf[n, 2 * g + 1, p0 + j] = acc[1, j]
     if need_x:
         for plane in prange(N * C):
             n = plane // C
             g = (plane % C) // cpg
             dst = gxf[plane]
-            dst[:] = 0.0
+            for i in range(H * W):
+                dst[i] = 0.0
             go = gof[plane]
             ti = tidx[n, g]
             tw = twt[n, g]
@@ -221,43 +278,41 @@ def _sample_backward_nhwc(grad_out, x, coords, grad_x, grad_coords, order, mode,
                               grad_coords.shape[3])
     nchunks = (P + CHUNK - 1) // CHUNK
     tp = P if need_x else 0
-    tidx = np.empty((N, tp, G, 4), np.uintp)
-    twt = np.empty((N, tp, G, 4), x.dtype)
+    tidx = np.empty((N, tp, 4, G), np.uintp)
+    twt = np.empty((N, tp, 4, G), x.dtype)
     for task in prange(N * nchunks):
         n = task // nchunks
         p0 = (task % nchunks) * CHUNK
         m = min(CHUNK, P - p0)
-        idx = np.empty((4, 1), np.uintp)
-        wt = np.empty((4, 1), x.dtype)
-        bias = np.empty(1, x.dtype)
-        ay = np.empty((4, 1), x.dtype)
-        ax = np.empty((4, 1), x.dtype)
-        cst = np.empty((2, 1), x.dtype)
+        idx = np.empty((4, G * CHUNK), np.uintp)
+        wt = np.empty((4, G * CHUNK), x.dtype)
+        bias = np.empty(G * CHUNK, x.dtype)
+        ay = np.empty((4, G * CHUNK), x.dtype)
+        ax = np.empty((4, G * CHUNK), x.dtype)
+        cst = np.empty((2, G * CHUNK), x.dtype)
         acc = np.empty(2, x.dtype)
-        for p in range(p0, p0 + m):
+        for g in range(G):
+            _fill_chunk(cf[n], True, g, p0, m, Wo, relative, H, W, mode, order, cval, g * CHUNK,
+                        idx, wt, bias, need_coords, ay, ax, cst)
+        for j in range(m):
+            p = p0 + j
             for g in range(G):
-                y = np.float64(cf[n, p, 2 * g])
-                xx = np.float64(cf[n, p, 2 * g + 1])
-                if relative:
-                    y += p // Wo
-                    xx += p % Wo
-                taps = point_taps(y, xx, H, W, mode, order, cval, 0, idx, wt, bias)
+                t = g * CHUNK + j
                 if need_x:
                     for k in range(4):
-                        tidx[n, p, g, k] = idx[k, 0]
-                        twt[n, p, g, k] = wt[k, 0]
+                        tidx[n, p, k, g] = idx[k, t]
+                        twt[n, p, k, g] = wt[k, t]
                 if need_coords:
-                    point_slopes(taps, W, cval, 0, ay, ax, cst)
-                    r0, r1, r2, r3 = xf[n, idx[0, 0]], xf[n, idx[1, 0]], xf[n, idx[2, 0]], xf[n, idx[3, 0]]
                     go = gof[n, p]
+                    r0, r1, r2, r3 = xf[n, idx[0, t]], xf[n, idx[1, t]], xf[n, idx[2, t]], xf[n, idx[3, t]]
                     acc[0] = 0.0
                     acc[1] = 0.0
                     for c in range(g * cpg, (g + 1) * cpg):
                         gv = go[c]
-                        acc[0] += gv * (cst[0, 0] + ay[0, 0] * r0[c] + ay[1, 0] * r1[c]
-                                        + ay[2, 0] * r2[c] + ay[3, 0] * r3[c])
-                        acc[1] += gv * (cst[1, 0] + ax[0, 0] * r0[c] + ax[1, 0] * r1[c]
-                                        + ax[2, 0] * r2[c] + ax[3, 0] * r3[c])
+                        acc[0] += gv * (cst[0, t] + ay[0, t] * r0[c] + ay[1, t] * r1[c]
+                                        + ay[2, t] * r2[c] + ay[3, t] * r3[c])
+                        acc[1] += gv * (cst[1, t] + ax[0, t] * r0[c] + ax[1, t] * r1[c]
+                                        + ax[2, t] * r2[c] + ax[3, t] * r3[c])
                     gcf[n, p, 2 * g] = acc[0]
                     gcf[n, p, 2 * g + 1] = acc[1]
     if need_x:
@@ -274,10 +329,16 @@ def _sample_backward_nhwc(grad_out, x, coords, grad_x, grad_coords, order, mode,
             for p in range(P):
                 go = gof[n, p]
                 for k in range(4):
-                    dst = gxn[tidx[n, p, g, k]]
-                    w = twt[n, p, g, k]
+                    dst = gxn[tidx[n, p, k, g]]
+                    w = twt[n, p, k, g]
                     for c in range(c0, c1):
                         dst[c] += w * go[c]
+
+
+# Only explicit prange loops run in parallel; Numba's other array-expression rewrites add compile
+# time and nothing here needs them.
+_PARALLEL = dict(prange=True, fusion=False, comprehension=False, setitem=False,
+                 inplace_binop=False, reduction=False, numpy=False, stencil=False)
 
 
 def _array(dtype, ndim, readonly):
@@ -300,7 +361,7 @@ def _kernel(name, dtype):
         "backward_nchw": _sample_backward_nchw,
         "backward_nhwc": _sample_backward_nhwc,
     }[name]
-    return njit(sig, parallel=True, cache=True)(pyfunc)
+    return njit(sig, parallel=_PARALLEL, cache=True)(pyfunc)
 
 
 def sample_forward(x, coords, out, order, mode, cval, relative, channels_last):

@@ -1,0 +1,41 @@
+"""The benchmark command and the demo run end to end on tiny inputs (no timing is asserted).
+
+Oracle: their own built-in checks against scipy, which make them exit non-zero on a mismatch.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args, **kw):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600, **kw)
+
+
+def test_bench_sample_runs_and_checks_against_scipy():
+    r = _run(["-m", "deformops.bench", "sample", "--size", "1", "3", "9", "7", "--repeat", "1",
+              "--no-torch"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "scipy / deformops" in r.stdout
+    assert "| forward" in r.stdout
+
+
+def test_bench_rejects_unknown_subcommand():
+    r = _run(["-m", "deformops.bench", "no-such-op"])
+    assert r.returncode != 0
+    assert "invalid choice" in r.stderr
+
+
+def test_warp_demo_writes_png_and_matches_scipy(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "warp.png"
+    r = _run([os.path.join("examples", "warp_demo.py"), "--out", str(out), "--size", "32"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert out.stat().st_size > 1000
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
