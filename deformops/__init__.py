@@ -11,8 +11,11 @@ sample, sample_backward
     Batched sampling at absolute coordinates, and its gradients.
 deform_sample, deform_sample_backward
     Sampling at offsets from the regular grid, and its gradients.
+deform_conv2d, deform_conv2d_backward
+    Deformable convolution v1/v2 (torchvision semantics), and its gradients.
 """
 
+from .deform_conv import DeformConv2dGrads, deform_conv2d, deform_conv2d_backward
 from .interpolation import map_coordinates
 from .sampling import (
     DeformSampleGrads,
@@ -31,6 +34,9 @@ __all__ = [
     "sample_backward",
     "deform_sample",
     "deform_sample_backward",
+    "deform_conv2d",
+    "deform_conv2d_backward",
     "SampleGrads",
     "DeformSampleGrads",
+    "DeformConv2dGrads",
 ]

@@ -38,6 +38,7 @@ def _drop_stale_numba_cache():
 
 _drop_stale_numba_cache()
 
+from .deform_conv import deform_conv2d_backward, deform_conv2d_forward  # noqa: E402
 from .sampling import sample_backward, sample_forward  # noqa: E402
 
-__all__ = ["sample_forward", "sample_backward"]
+__all__ = ["sample_forward", "sample_backward", "deform_conv2d_forward", "deform_conv2d_backward"]

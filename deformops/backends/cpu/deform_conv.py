@@ -1,0 +1,288 @@
+"""Numba CPU kernels of ``deform_conv2d`` (DCNv1/v2) and its gradients, tiled.
+
+The output pixels of the batch, flattened as (n, p), are cut into tiles of T columns: whole
+images when an image has at most ``T`` pixels, else pieces of one image. For each tile:
+
+1. ``_tile_taps``: the bilinear taps of every (offset group g, kernel tap k, column j), with the
+   zero-padding rule of torchvision (``mode='grid-constant'``, ``cval=0``), and the mask;
+2. ``_im2col``: columns ``col[c*K + k, j] = mask * bilinear(x[n, c], y, x)`` (parallel over c);
+3. a BLAS matmul per conv group: ``out[:, j] = W_g @ col_g`` (NumPy's BLAS).
+
+The backward recomputes the taps and columns of a tile once, then ``grad_W += grad_out @ colᵀ``
+and ``grad_col = Wᵀ @ grad_out``; ``_col2im`` scatters grad_col into grad_input with one task
+per input channel (no two threads write one element), and ``_offset_mask_grad`` sums over the
+channels of a group for each (g, k, j) (no atomics). Every result is independent of the number
+of Numba threads.
+
+Workspace per call (bytes, s = itemsize, K = kh*kw, G offset groups), bounded independently of
+N: ``T * (s * (Cin*K + Cout) + G*K*(32 + 5*s))`` for the forward, plus
+``T * s * (Cin*K + Cout + 8*G*K)`` for the backward, with
+``T = clamp(TILE_BYTES / (s * (Cin*K + Cout)), 64, max(P, 64))`` and TILE_BYTES = 8 MiB.
+"""
+
+import functools
+
+import numpy as np
+from numba import njit, prange
+
+from ..._modes import GRID_CONSTANT
+from ._taps import corner_slopes, corner_taps, point_taps
+
+# Budget of the column tile (col and the matmul output), in bytes.
+TILE_BYTES = 8 << 20
+# Columns per task of the tap and offset-gradient loops.
+CHUNK = 64
+
+
+@njit(parallel=True, cache=True)
+def _tile_taps(offset, mask, has_mask, n0, Tp, p0, T, Wo, H, W, kh, kw, stride, padding,
+               dilation, idx, wt, msk, slopes, ay, ax):
+    """Taps of columns j < T of the tile: image n0 + j // Tp, output pixel p0 + j % Tp.
+
+    idx, wt, ay, ax: (G, K, 4, T); msk: (G, K, T). Offset channel of (g, k) is g*2K + 2k (dy)
+    and +1 (dx); mask channel g*K + k (torchvision's order).
+    """
+    K = kh * kw
+    G = idx.shape[0]
+    nchunks = (T + CHUNK - 1) // CHUNK
+    for task in prange(G * K * nchunks):
+        g = task // (K * nchunks)
+        k = (task // nchunks) % K
+        j0 = (task % nchunks) * CHUNK
+        ki, kj = k // kw, k % kw
+        for j in range(j0, min(j0 + CHUNK, T)):
+            n = n0 + j // Tp
+            p = p0 + j % Tp
+            oy, ox = p // Wo, p % Wo
+            y = oy * stride[0] - padding[0] + ki * dilation[0] + np.float64(offset[n, g * 2 * K + 2 * k, p])
+            x = ox * stride[1] - padding[1] + kj * dilation[1] + np.float64(offset[n, g * 2 * K + 2 * k + 1, p])
+            ya, xa = point_taps(y, x, H, W, GRID_CONSTANT, 1)
+            i0, i1, i2, i3, w0, w1, w2, w3, _ = corner_taps(ya, xa, W, 0.0)
+            idx[g, k, 0, j], idx[g, k, 1, j], idx[g, k, 2, j], idx[g, k, 3, j] = i0, i1, i2, i3
+            wt[g, k, 0, j], wt[g, k, 1, j], wt[g, k, 2, j], wt[g, k, 3, j] = w0, w1, w2, w3
+            msk[g, k, j] = mask[n, g * K + k, p] if has_mask else 1.0
+            if slopes:
+                a0, a1, a2, a3, b0, b1, b2, b3, _, _ = corner_slopes(ya, xa, 0.0)
+                ay[g, k, 0, j], ay[g, k, 1, j], ay[g, k, 2, j], ay[g, k, 3, j] = a0, a1, a2, a3
+                ax[g, k, 0, j], ax[g, k, 1, j], ax[g, k, 2, j], ax[g, k, 3, j] = b0, b1, b2, b3
+
+
+@njit(parallel=True, cache=True)
+def _im2col(x, n0, nimg, Tp, idx, wt, msk, col):
+    """col[c*K + k, j] = msk * sum_t wt * x[n, c, idx] for the tile's columns; one task per c."""
+    Cin = x.shape[1]
+    G, K = idx.shape[0], idx.shape[1]
+    cpg = Cin // G
+    for c in prange(Cin):
+        g = c // cpg
+        for b in range(nimg):
+            src = x[n0 + b, c]
+            for k in range(K):
+                row = col[c * K + k]
+                ti, tw, tm = idx[g, k], wt[g, k], msk[g, k]
+                for jj in range(Tp):
+                    j = b * Tp + jj
+                    row[j] = tm[j] * (tw[0, j] * src[ti[0, j]] + tw[1, j] * src[ti[1, j]]
+                                      + tw[2, j] * src[ti[2, j]] + tw[3, j] * src[ti[3, j]])
+
+
+@njit(parallel=True, cache=True)
+def _col2im(grad_col, n0, nimg, Tp, idx, wt, msk, grad_x):
+    """grad_x[n, c] += scatter of grad_col[c*K + k, j] * msk * wt; one task per channel c."""
+    Cin = grad_x.shape[1]
+    G, K = idx.shape[0], idx.shape[1]
+    cpg = Cin // G
+    for c in prange(Cin):
+        g = c // cpg
+        for b in range(nimg):
+            dst = grad_x[n0 + b, c]
+            for k in range(K):
+                row = grad_col[c * K + k]
+                ti, tw, tm = idx[g, k], wt[g, k], msk[g, k]
+                for jj in range(Tp):
+                    j = b * Tp + jj
+                    v = row[j] * tm[j]
+                    dst[ti[0, j]] += tw[0, j] * v
+                    dst[ti[1, j]] += tw[1, j] * v
+                    dst[ti[2, j]] += tw[2, j] * v
+                    dst[ti[3, j]] += tw[3, j] * v
+
+
+@njit(parallel=True, cache=True)
+def _offset_mask_grad(x, grad_col, n0, Tp, p0, T, idx, wt, msk, ay, ax, grad_offset, grad_mask,
+                      need_offset, need_mask):
+    """Offset and mask gradients of the tile's columns: for each (g, k, j), a sum over the
+    channels of group g (no atomics). grad_offset: (N, 2GK, P); grad_mask: (N, GK, P).
+
+    Per column only the four corner sums S_t = sum_c grad_col[c*K + k, j] * x[n, c, idx_t] are
+    accumulated; d/dy, d/dx and the mask gradient are then their dot products with ay, ax, wt.
+    """
+    Cin = x.shape[1]
+    G, K = idx.shape[0], idx.shape[1]
+    cpg = Cin // G
+    nchunks = (T + CHUNK - 1) // CHUNK
+    for task in prange(G * K * nchunks):
+        g = task // (K * nchunks)
+        k = (task // nchunks) % K
+        j0 = (task % nchunks) * CHUNK
+        ti, tw, ta, tb = idx[g, k], wt[g, k], ay[g, k], ax[g, k]
+        for j in range(j0, min(j0 + CHUNK, T)):
+            n = n0 + j // Tp
+            p = p0 + j % Tp
+            i0, i1, i2, i3 = ti[0, j], ti[1, j], ti[2, j], ti[3, j]
+            s0 = s1 = s2 = s3 = 0.0
+            for c in range(g * cpg, (g + 1) * cpg):
+                src = x[n, c]
+                gc = grad_col[c * K + k, j]
+                s0 += gc * src[i0]
+                s1 += gc * src[i1]
+                s2 += gc * src[i2]
+                s3 += gc * src[i3]
+            if need_offset:
+                m = msk[g, k, j]
+                grad_offset[n, g * 2 * K + 2 * k, p] = m * (ta[0, j] * s0 + ta[1, j] * s1
+                                                            + ta[2, j] * s2 + ta[3, j] * s3)
+                grad_offset[n, g * 2 * K + 2 * k + 1, p] = m * (tb[0, j] * s0 + tb[1, j] * s1
+                                                                + tb[2, j] * s2 + tb[3, j] * s3)
+            if need_mask:
+                grad_mask[n, g * K + k, p] = (tw[0, j] * s0 + tw[1, j] * s1
+                                              + tw[2, j] * s2 + tw[3, j] * s3)
+
+
+@functools.lru_cache(maxsize=None)
+def _blas_controller():
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+def _one_blas_thread():
+    """Context: BLAS on one thread while a call runs.
+
+    Idle BLAS threads spin-wait after each matmul and steal the cores that the Numba kernels
+    between the matmuls run on (measured: 3x slower on 2 cores), so the tile matmuls run on the
+    calling thread and the Numba kernels use every core. The previous limits are restored.
+    """
+    return _blas_controller().limit(limits=1, user_api="blas")
+
+
+def _tiles(N, P, T):
+    """(n0, nimg, p0, Tp) tiles covering the N*P output columns, at most T columns each."""
+    if P <= T:
+        per = max(1, T // P)
+        return [(n0, min(per, N - n0), 0, P) for n0 in range(0, N, per)]
+    return [(n, 1, p0, min(T, P - p0)) for n in range(N) for p0 in range(0, P, T)]
+
+
+class _Workspace:
+    """Tile buffers of one call, allocated once and reused by every tile."""
+
+    def __init__(self, dtype, Cin, Cout, G, K, T, slopes, backward):
+        self.T = T
+        self.idx = np.empty((G, K, 4, T), np.uintp)
+        self.wt = np.empty((G, K, 4, T), dtype)
+        self.msk = np.empty((G, K, T), dtype)
+        shape = (G, K, 4, T) if slopes else (1, 1, 4, 1)
+        self.ay, self.ax = np.empty(shape, dtype), np.empty(shape, dtype)
+        self.col = np.empty((Cin * K, T), dtype)
+        self.res = np.empty((Cout, T), dtype)
+        self.grad_col = np.empty((Cin * K, T), dtype) if backward else None
+
+
+def tile_columns(dtype, Cin, Cout, K, P):
+    """Columns per tile: about TILE_BYTES of col and matmul output, at least 64."""
+    per_column = np.dtype(dtype).itemsize * (Cin * K + Cout)
+    return int(min(max(TILE_BYTES // max(per_column, 1), 64), max(P, 64)))
+
+
+def _taps(ws, offset, mask, n0, Tp, p0, T, Wo, H, W, kh, kw, stride, padding, dilation,
+          slopes):
+    has_mask = mask is not None
+    _tile_taps(offset, mask if has_mask else offset, has_mask, n0, Tp, p0, T, Wo, H, W, kh, kw,
+               stride, padding, dilation, ws.idx, ws.wt, ws.msk, slopes, ws.ay, ws.ax)
+
+
+def deform_conv2d_forward(x, offset, weight, bias, mask, stride, padding, dilation, out):
+    """Fill ``out`` (N, Cout, Ho, Wo) from contiguous NCHW arrays (offset/mask as (N, ., P))."""
+    N, Cin, H, W = x.shape
+    Cout, cpg_w, kh, kw = weight.shape
+    Ho, Wo = out.shape[2], out.shape[3]
+    K, P = kh * kw, Ho * Wo
+    groups = Cin // cpg_w
+    G = offset.shape[1] // (2 * K)
+    T = tile_columns(x.dtype, Cin, Cout, K, N * P)
+    ws = _Workspace(x.dtype, Cin, Cout, G, K, T, slopes=False, backward=False)
+    w_g = weight.reshape(groups, Cout // groups, cpg_w * K)
+    xf = x.reshape(N, Cin, H * W)
+    of = out.reshape(N, Cout, P)
+    with _one_blas_thread():
+        for n0, nimg, p0, Tp in _tiles(N, P, T):
+            _forward_tile(ws, xf, offset, mask, w_g, of, n0, nimg, p0, Tp, Wo, H, W, kh, kw,
+                          stride, padding, dilation, groups)
+    if bias is not None:
+        of += bias.reshape(1, Cout, 1)
+
+
+def _forward_tile(ws, xf, offset, mask, w_g, of, n0, nimg, p0, Tp, Wo, H, W, kh, kw, stride,
+                  padding, dilation, groups):
+    """One tile of the forward: taps, columns, one matmul per conv group, store."""
+    Cout = of.shape[1]
+    cpg_w, K = w_g.shape[2] // (kh * kw), kh * kw
+    t = nimg * Tp
+    _taps(ws, offset, mask, n0, Tp, p0, t, Wo, H, W, kh, kw, stride, padding, dilation, False)
+    _im2col(xf, n0, nimg, Tp, ws.idx, ws.wt, ws.msk, ws.col)  # full buffers: one Numba type
+    col = ws.col[:, :t]
+    res = ws.res[:, :t]
+    np.matmul(w_g, col.reshape(groups, cpg_w * K, t), out=res.reshape(groups, Cout // groups, t))
+    block = res.reshape(Cout, nimg, Tp).transpose(1, 0, 2)
+    of[n0:n0 + nimg, :, p0:p0 + Tp] = block
+
+
+def deform_conv2d_backward(grad_out, x, offset, weight, mask, stride, padding, dilation,
+                           grad_x, grad_offset, grad_weight, grad_mask):
+    """Fill the requested gradients (None = not needed); bias gradient is the caller's."""
+    N, Cin, H, W = x.shape
+    Cout, cpg_w, kh, kw = weight.shape
+    Ho, Wo = grad_out.shape[2], grad_out.shape[3]
+    K, P = kh * kw, Ho * Wo
+    groups = Cin // cpg_w
+    G = offset.shape[1] // (2 * K)
+    need_x, need_offset = grad_x is not None, grad_offset is not None
+    need_w, need_mask = grad_weight is not None, grad_mask is not None
+    need_col_grad = need_x or need_offset or need_mask
+    slopes = need_offset
+    T = tile_columns(x.dtype, Cin, Cout, K, N * P)
+    ws = _Workspace(x.dtype, Cin, Cout, G, K, T, slopes=slopes, backward=True)
+    w_g = weight.reshape(groups, Cout // groups, cpg_w * K)
+    w_gt = w_g.transpose(0, 2, 1)
+    xf = x.reshape(N, Cin, H * W)
+    gof = grad_out.reshape(N, Cout, P)
+    gxf = None
+    if need_x:
+        grad_x[...] = 0
+        gxf = grad_x.reshape(N, Cin, H * W)
+    if need_w:
+        grad_weight[...] = 0
+        gwg = grad_weight.reshape(groups, Cout // groups, cpg_w * K)
+    dummy = np.empty((1, 1, 1), x.dtype)
+    gof_off = grad_offset.reshape(N, 2 * G * K, P) if need_offset else dummy
+    gof_msk = grad_mask.reshape(N, G * K, P) if need_mask else dummy
+    with _one_blas_thread():
+        for n0, nimg, p0, Tp in _tiles(N, P, T):
+            t = nimg * Tp
+            _taps(ws, offset, mask, n0, Tp, p0, t, Wo, H, W, kh, kw, stride, padding, dilation, slopes)
+            go = ws.res[:, :t]
+            go.reshape(Cout, nimg, Tp)[...] = gof[n0:n0 + nimg, :, p0:p0 + Tp].transpose(1, 0, 2)
+            go_g = go.reshape(groups, Cout // groups, t)
+            if need_w:
+                _im2col(xf, n0, nimg, Tp, ws.idx, ws.wt, ws.msk, ws.col)
+                col = ws.col[:, :t]
+                gwg += np.matmul(go_g, col.reshape(groups, cpg_w * K, t).transpose(0, 2, 1))
+            if need_col_grad:
+                gcol = ws.grad_col[:, :t]
+                np.matmul(w_gt, go_g, out=gcol.reshape(groups, cpg_w * K, t))
+                if need_x:
+                    _col2im(ws.grad_col, n0, nimg, Tp, ws.idx, ws.wt, ws.msk, gxf)
+                if need_offset or need_mask:
+                    _offset_mask_grad(xf, ws.grad_col, n0, Tp, p0, t, ws.idx, ws.wt, ws.msk, ws.ay,
+                                      ws.ax, gof_off, gof_msk, need_offset, need_mask)

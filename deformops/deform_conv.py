@@ -1,0 +1,235 @@
+"""Deformable convolution v1 (``mask=None``) and v2 (``mask`` given), torchvision semantics.
+
+Shapes (K = kh * kw taps, G offset groups, ``groups`` conv groups):
+
+=========  ========================  ========================
+array      layout="NCHW"             layout="NHWC"
+=========  ========================  ========================
+x          (N, Cin, H, W)            (N, H, W, Cin)
+offset     (N, 2*G*K, Ho, Wo)        (N, Ho, Wo, 2*G*K)
+mask       (N, G*K, Ho, Wo)          (N, Ho, Wo, G*K)
+weight     (Cout, Cin/groups, kh, kw) in both layouts
+bias       (Cout,)
+output     (N, Cout, Ho, Wo)         (N, Ho, Wo, Cout)
+=========  ========================  ========================
+
+Offset channel of group g, tap (i, j), k = i*kw + j: ``g*2*K + 2*k`` is Δy and ``+1`` is Δx;
+mask channel ``g*K + k`` (torchvision and mmcv order). ``groups = Cin // weight.shape[1]`` and
+``G = offset.shape[1] // (2*K)`` are inferred. ``Ho = (H + 2*pad_h - dil_h*(kh-1) - 1) // stride_h
++ 1`` (likewise Wo). Output (oy, ox), tap (i, j) samples
+``y = oy*stride_h - pad_h + i*dil_h + Δy``, ``x = ox*stride_w - pad_w + j*dil_w + Δx`` with the
+zero-padding bilinear rule (0 if y <= -1, y >= H, x <= -1 or x >= W, else bilinear with outside
+corners 0), and ``out[n, o] = Σ_{c,i,j} weight[o, c, i, j] * mask * sample + bias[o]``.
+"""
+
+import operator
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+from . import _arrays
+
+
+class DeformConv2dGrads(NamedTuple):
+    """Gradients of :func:`deform_conv2d`; an entry is None when not requested (or no input)."""
+
+    grad_input: Optional[object]
+    grad_offset: Optional[object]
+    grad_weight: Optional[object]
+    grad_mask: Optional[object]
+    grad_bias: Optional[object]
+
+
+def _pair(value, name, minimum):
+    """An int or a pair of ints, each >= minimum (ValueError / TypeError naming ``name``)."""
+    try:
+        pair = (value, value) if not isinstance(value, (tuple, list)) else tuple(value)
+        pair = tuple(operator.index(v) for v in pair)
+    except TypeError:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
+    if len(pair) != 2:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(pair) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return pair
+
+
+def _prepare(x, offset, weight, bias, mask, stride, padding, dilation, layout, grad_out=None,
+             backward=False):
+    """Validate and convert to contiguous NCHW arrays for the backend."""
+    layout = _arrays.check_layout(layout)
+    arrays, device = _arrays.as_arrays(
+        optional=("bias", "mask") + (() if backward else ("grad_out",)),
+        x=x, offset=offset, weight=weight, bias=bias, mask=mask, grad_out=grad_out,
+    )
+    x, offset, weight = arrays["x"], arrays["offset"], arrays["weight"]
+    bias, mask, grad_out = arrays["bias"], arrays["mask"], arrays["grad_out"]
+    backend = _arrays.cpu_backend(device)
+    nhwc = layout == "NHWC"
+    _arrays.check_ndim(x, "x", 4, "(N, H, W, Cin)" if nhwc else "(N, Cin, H, W)")
+    _arrays.check_ndim(offset, "offset", 4, "(N, Ho, Wo, 2*G*K)" if nhwc else "(N, 2*G*K, Ho, Wo)")
+    _arrays.check_ndim(weight, "weight", 4, "(Cout, Cin/groups, kh, kw)")
+    if mask is not None:
+        _arrays.check_ndim(mask, "mask", 4, "(N, Ho, Wo, G*K)" if nhwc else "(N, G*K, Ho, Wo)")
+    if bias is not None:
+        _arrays.check_ndim(bias, "bias", 1, "(Cout,)")
+    if backward:
+        _arrays.check_ndim(grad_out, "grad_out", 4,
+                           "(N, Ho, Wo, Cout)" if nhwc else "(N, Cout, Ho, Wo)")
+    _arrays.check_dtypes({"x": x, "offset": offset, "weight": weight, "bias": bias, "mask": mask,
+                          "grad_out": grad_out})
+    stride = _pair(stride, "stride", 1)
+    padding = _pair(padding, "padding", 0)
+    dilation = _pair(dilation, "dilation", 1)
+    if nhwc:
+        x, offset = x.transpose(0, 3, 1, 2), offset.transpose(0, 3, 1, 2)
+        mask = None if mask is None else mask.transpose(0, 3, 1, 2)
+        grad_out = None if grad_out is None else grad_out.transpose(0, 3, 1, 2)
+    N, Cin, H, W = x.shape
+    Cout, cpg_w, kh, kw = weight.shape
+    K = kh * kw
+    if cpg_w == 0 or kh == 0 or kw == 0:
+        raise ValueError(f"weight must have non-empty (Cin/groups, kh, kw); got shape {weight.shape}")
+    if Cin % cpg_w:
+        raise ValueError(f"x has {Cin} channels, not a multiple of weight.shape[1] = {cpg_w}")
+    groups = Cin // cpg_w
+    if groups == 0 or Cout % groups:
+        raise ValueError(f"weight has {Cout} output channels, not divisible by groups = {groups} "
+                         f"(= Cin {Cin} // weight.shape[1] {cpg_w})")
+    if bias is not None and bias.shape != (Cout,):
+        raise ValueError(f"bias must have shape ({Cout},); got {bias.shape}")
+    Ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    Wo = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    if Ho <= 0 or Wo <= 0:
+        raise ValueError(
+            f"the kernel ({kh}, {kw}) with dilation {dilation} is larger than the padded input "
+            f"({H + 2 * padding[0]}, {W + 2 * padding[1]}): the output would be empty"
+        )
+    G2K = offset.shape[1]
+    if offset.shape[0] != N or G2K == 0 or G2K % (2 * K) or Cin % (G2K // (2 * K)):
+        raise ValueError(
+            f"offset must have 2*G*K channels for K = {K} taps and G offset groups dividing "
+            f"Cin = {Cin}, batch {N} and spatial size {(Ho, Wo)}; got shape {_shape(offset, nhwc)}"
+        )
+    if offset.shape[2:] != (Ho, Wo):
+        raise ValueError(f"offset must have the output's spatial size {(Ho, Wo)}; "
+                         f"got shape {_shape(offset, nhwc)}")
+    G = G2K // (2 * K)
+    if mask is not None and mask.shape != (N, G * K, Ho, Wo):
+        want = (N, G * K, Ho, Wo) if not nhwc else (N, Ho, Wo, G * K)
+        raise ValueError(f"mask must have shape {want} (G*K = {G * K} channels); "
+                         f"got {_shape(mask, nhwc)}")
+    if grad_out is not None and grad_out.shape != (N, Cout, Ho, Wo):
+        want = (N, Cout, Ho, Wo) if not nhwc else (N, Ho, Wo, Cout)
+        raise ValueError(f"grad_out must have the output's shape {want}; got {_shape(grad_out, nhwc)}")
+    c = np.ascontiguousarray
+    return dict(
+        backend=backend, x=c(x), weight=c(weight), bias=bias, layout=layout,
+        offset=c(offset).reshape(N, G2K, Ho * Wo),
+        mask=None if mask is None else c(mask).reshape(N, G * K, Ho * Wo),
+        grad_out=None if grad_out is None else c(grad_out),
+        stride=stride, padding=padding, dilation=dilation, out_shape=(N, Cout, Ho, Wo),
+    )
+
+
+def _shape(a, nhwc):
+    return tuple(a.transpose(0, 2, 3, 1).shape) if nhwc else tuple(a.shape)
+
+
+def _to_layout(a, layout):
+    return a.transpose(0, 2, 3, 1) if layout == "NHWC" else a
+
+
+def deform_conv2d(x, offset, weight, bias=None, *, stride=1, padding=0, dilation=1, mask=None,
+                  layout="NCHW"):
+    """Deformable convolution (DCNv1 without ``mask``, DCNv2 with it), as
+    ``torchvision.ops.deform_conv2d``.
+
+    Parameters
+    ----------
+    x : array, (N, Cin, H, W) or (N, H, W, Cin)
+        Input, float32 or float64.
+    offset : array, (N, 2*G*K, Ho, Wo) or (N, Ho, Wo, 2*G*K)
+        Per-tap (Δy, Δx) in pixels: channel ``g*2*K + 2*k`` is Δy of group g, tap
+        k = i*kw + j, and ``+1`` is Δx. G offset groups split Cin into contiguous blocks.
+    weight : array, (Cout, Cin/groups, kh, kw)
+        Convolution filters; ``groups = Cin // weight.shape[1]``.
+    bias : array, (Cout,), optional
+    stride, padding, dilation : int or (int, int)
+        As in ``torch.nn.functional.conv2d``; padding is explicit zero padding.
+    mask : array, (N, G*K, Ho, Wo) or (N, Ho, Wo, G*K), optional
+        Modulation of each sample (DCNv2), channel ``g*K + k``.
+    layout : {'NCHW', 'NHWC'}
+        Layout of x, offset, mask and the output (weight is (Cout, Cin/groups, kh, kw) in both).
+
+    Returns
+    -------
+    out : array, (N, Cout, Ho, Wo) or (N, Ho, Wo, Cout)
+        ``Ho = (H + 2*pad_h - dil_h*(kh-1) - 1) // stride_h + 1``, likewise Wo.
+
+    Notes
+    -----
+    Samples outside the image follow the zero-padding rule of torchvision, mmcv and DCNv3/v4:
+    0 when ``y <= -1``, ``y >= H``, ``x <= -1`` or ``x >= W``, else bilinear with outside
+    corners 0 (``mode='grid-constant', cval=0`` of :func:`deformops.sample`). The CPU kernel
+    builds im2col columns tile by tile (never for the whole batch) and multiplies them with BLAS;
+    its workspace is bounded independently of N (see ``deformops.backends.cpu.deform_conv``).
+    NHWC inputs are currently converted to NCHW once per call.
+    """
+    a = _prepare(x, offset, weight, bias, mask, stride, padding, dilation, layout)
+    out = np.empty(a["out_shape"], a["x"].dtype)
+    if out.size:
+        a["backend"].deform_conv2d_forward(a["x"], a["offset"], a["weight"], a["bias"], a["mask"],
+                                           a["stride"], a["padding"], a["dilation"], out)
+    return _to_layout(out, a["layout"])
+
+
+def deform_conv2d_backward(grad_out, x, offset, weight, *, stride=1, padding=0, dilation=1,
+                           mask=None, layout="NCHW",
+                           needs_input_grad=(True, True, True, True, True)):
+    """Gradients of :func:`deform_conv2d`.
+
+    Parameters
+    ----------
+    grad_out : array, the output's shape
+        Gradient of the loss with respect to the output.
+    x, offset, weight, stride, padding, dilation, mask, layout
+        As given to :func:`deform_conv2d` (the bias value is not needed).
+    needs_input_grad : 5 bools
+        Which of (input, offset, weight, mask, bias) to compute.
+
+    Returns
+    -------
+    DeformConv2dGrads
+        ``(grad_input, grad_offset, grad_weight, grad_mask, grad_bias)`` with the shapes of
+        the inputs (grad_bias (Cout,)); None where not requested, and grad_mask None when
+        ``mask`` is None. The offset gradient is the derivative of the bilinear interpolant
+        of each sample's cell from its four corners (right-hand at integer positions, also at
+        -1: torchvision's convention), times the mask.
+    """
+    need = _arrays.check_needs(needs_input_grad, 5)
+    a = _prepare(x, offset, weight, None, mask, stride, padding, dilation, layout,
+                 grad_out=grad_out, backward=True)
+    xk, off, wk, mk, go = a["x"], a["offset"], a["weight"], a["mask"], a["grad_out"]
+    grad_x = np.empty_like(xk) if need[0] else None
+    grad_offset = np.empty_like(off) if need[1] else None
+    grad_weight = np.empty_like(wk) if need[2] else None
+    grad_mask = np.empty_like(mk) if need[3] and mk is not None else None
+    grad_bias = go.sum(axis=(0, 2, 3)) if need[4] else None
+    if go.size and any(g is not None for g in (grad_x, grad_offset, grad_weight, grad_mask)):
+        a["backend"].deform_conv2d_backward(go, xk, off, wk, mk, a["stride"], a["padding"],
+                                            a["dilation"], grad_x, grad_offset, grad_weight,
+                                            grad_mask)
+    else:
+        for g in (grad_x, grad_offset, grad_weight, grad_mask):
+            if g is not None:
+                g[...] = 0
+    N, _, Ho, Wo = a["out_shape"]
+    layout = a["layout"]
+    return DeformConv2dGrads(
+        None if grad_x is None else _to_layout(grad_x, layout),
+        None if grad_offset is None else _to_layout(grad_offset.reshape(N, -1, Ho, Wo), layout),
+        grad_weight,
+        None if grad_mask is None else _to_layout(grad_mask.reshape(N, -1, Ho, Wo), layout),
+        grad_bias,
+    )
