@@ -90,6 +90,8 @@ def _prepare(x, offset, weight, bias, mask, stride, padding, dilation, layout, g
     K = kh * kw
     if cpg_w == 0 or kh == 0 or kw == 0:
         raise ValueError(f"weight must have non-empty (Cin/groups, kh, kw); got shape {weight.shape}")
+    if (H == 0 or W == 0) and N * Cin:
+        raise ValueError(f"x has an empty spatial size {(H, W)}: there is nothing to sample")
     if Cin % cpg_w:
         raise ValueError(f"x has {Cin} channels, not a multiple of weight.shape[1] = {cpg_w}")
     groups = Cin // cpg_w
@@ -228,8 +230,8 @@ def deform_conv2d_backward(grad_out, x, offset, weight, *, stride=1, padding=0, 
     layout = a["layout"]
     return DeformConv2dGrads(
         None if grad_x is None else _to_layout(grad_x, layout),
-        None if grad_offset is None else _to_layout(grad_offset.reshape(N, -1, Ho, Wo), layout),
+        None if grad_offset is None else _to_layout(grad_offset.reshape(off.shape[:2] + (Ho, Wo)), layout),
         grad_weight,
-        None if grad_mask is None else _to_layout(grad_mask.reshape(N, -1, Ho, Wo), layout),
+        None if grad_mask is None else _to_layout(grad_mask.reshape(mk.shape[:2] + (Ho, Wo)), layout),
         grad_bias,
     )

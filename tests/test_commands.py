@@ -39,3 +39,10 @@ def test_warp_demo_writes_png_and_matches_scipy(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert out.stat().st_size > 1000
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_conv_runs_on_a_tiny_shape():
+    r = _run(["-m", "deformops.bench", "conv", "--shape", "2,4,4,6,6,v2", "--repeat", "1",
+              "--no-torch"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "| N2 4->4 6x6 v2 forward" in r.stdout

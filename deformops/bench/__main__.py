@@ -23,6 +23,7 @@ from . import _timing
 # subcommand name -> module implementing it (relative to this package)
 SUBCOMMANDS = {
     "sample": ".sampling",
+    "conv": ".conv",
 }
 
 
