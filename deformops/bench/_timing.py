@@ -126,12 +126,15 @@ class Task:
     note: str = ""
 
 
-def measure_interleaved(tasks: Sequence[Task], *, dtype: str, repeat: int) -> list[Measurement]:
+def measure_interleaved(tasks: Sequence[Task], *, dtype: str, repeat: int,
+                        settle_s: float = 0.0) -> list[Measurement]:
     """Time several callables in rounds (one call of each per round), so that a slow spell of
     the machine (another process, frequency changes) hits all of them alike and their ratios stay
     meaningful. Each task first gets one warm-up call (``first_ms``), in order; the report is the
     median of ``repeat`` rounds. The garbage collector is off while timing (as in :mod:`timeit`)
-    and each result is dropped before the next call.
+    and each result is dropped before the next call. ``settle_s`` seconds of sleep before each
+    call let the thread pools of the previous call (OpenMP, BLAS) stop spin-waiting, so that one
+    peer's idle threads do not slow the next one down.
     """
     if repeat < 1:
         raise ValueError(f"repeat must be >= 1, got {repeat}")
@@ -147,8 +150,10 @@ def measure_interleaved(tasks: Sequence[Task], *, dtype: str, repeat: int) -> li
             t1 = time.perf_counter_ns()
             del res
             first.append(_ms(t0, t1))
+            time.sleep(settle_s)
         for _ in range(repeat):
             for k, t in enumerate(tasks):
+                time.sleep(settle_s)
                 t0 = time.perf_counter_ns()
                 res = t.fn()
                 t1 = time.perf_counter_ns()

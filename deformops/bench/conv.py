@@ -608,7 +608,7 @@ def _bench_case(report, prog, dops, torch, tvops, shape, dtype, repeat, seed):
         prog.line(f"  timing {len(tasks)} callables, {repeat + 1} calls each (1 warm-up), "
                   "in interleaved rounds ...")
     timed = {
-        (m.op, m.peer): m for m in _timing.measure_interleaved(tasks, dtype=dtype, repeat=repeat)
+        (m.op, m.peer): m for m in _timing.measure_interleaved(tasks, dtype=dtype, repeat=repeat, settle_s=0.2)
     }
     timed[f"{label} {FWD}", "deformops"].first_ms = first_fwd_ms
     for peer in PEERS:
@@ -646,8 +646,10 @@ def _add_notes(report, torch, dtypes, first_calls):
     )
     if torch is not None:
         report.notes.append(
-            "the peers are timed in interleaved rounds (one call of each per round); min ms is "
-            "the least disturbed time on a busy machine. Ratio targets: torchvision / deformops "
+            "the peers are timed in interleaved rounds (one call of each per round), with 0.2 s "
+            "of sleep before each call so that the previous peer's spin-waiting thread pools "
+            "(OpenMP, BLAS) are idle; min ms is the least disturbed time on a busy machine. "
+            "Ratio targets: torchvision / deformops "
             ">= 5 for forward+backward; deformops / conv2d <= 3 forward, <= 4 forward+backward "
             "(conv2d is the floor: the same convolution without deformation)."
         )

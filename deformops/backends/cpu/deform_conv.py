@@ -15,7 +15,7 @@ channels of a group for each (g, k, j) (no atomics). Every result is independent
 of Numba threads.
 
 Workspace per call (bytes, s = itemsize, K = kh*kw, G offset groups), bounded independently of
-N: ``T * (s * (Cin*K + Cout) + G*K*(32 + 5*s))`` for the forward, plus
+N: ``T * (s * (Cin*K + Cout) + G*K*(32 + 9*s))`` for the forward, plus
 ``T * s * (Cin*K + Cout + 8*G*K)`` for the backward, with
 ``T = clamp(TILE_BYTES / (s * (Cin*K + Cout)), 64, max(P, 64))`` and TILE_BYTES = 8 MiB.
 """
@@ -36,11 +36,11 @@ CHUNK = 64
 
 @njit(parallel=True, cache=True)
 def _tile_taps(offset, mask, has_mask, n0, Tp, p0, T, Wo, H, W, kh, kw, stride, padding,
-               dilation, idx, wt, msk, slopes, ay, ax):
+               dilation, idx, wt, wm, msk, slopes, ay, ax):
     """Taps of columns j < T of the tile: image n0 + j // Tp, output pixel p0 + j % Tp.
 
-    idx, wt, ay, ax: (G, K, 4, T); msk: (G, K, T). Offset channel of (g, k) is g*2K + 2k (dy)
-    and +1 (dx); mask channel g*K + k (torchvision's order).
+    idx, wt, wm = wt * msk, ay, ax: (G, K, 4, T); msk: (G, K, T). Offset channel of (g, k) is
+    g*2K + 2k (dy) and +1 (dx); mask channel g*K + k (torchvision's order).
     """
     K = kh * kw
     G = idx.shape[0]
@@ -60,52 +60,113 @@ def _tile_taps(offset, mask, has_mask, n0, Tp, p0, T, Wo, H, W, kh, kw, stride, 
             i0, i1, i2, i3, w0, w1, w2, w3, _ = corner_taps(ya, xa, W, 0.0)
             idx[g, k, 0, j], idx[g, k, 1, j], idx[g, k, 2, j], idx[g, k, 3, j] = i0, i1, i2, i3
             wt[g, k, 0, j], wt[g, k, 1, j], wt[g, k, 2, j], wt[g, k, 3, j] = w0, w1, w2, w3
-            msk[g, k, j] = mask[n, g * K + k, p] if has_mask else 1.0
+            m = mask[n, g * K + k, p] if has_mask else 1.0
+            msk[g, k, j] = m
+            wm[g, k, 0, j], wm[g, k, 1, j], wm[g, k, 2, j], wm[g, k, 3, j] = w0 * m, w1 * m, w2 * m, w3 * m
             if slopes:
                 a0, a1, a2, a3, b0, b1, b2, b3, _, _ = corner_slopes(ya, xa, 0.0)
                 ay[g, k, 0, j], ay[g, k, 1, j], ay[g, k, 2, j], ay[g, k, 3, j] = a0, a1, a2, a3
                 ax[g, k, 0, j], ax[g, k, 1, j], ax[g, k, 2, j], ax[g, k, 3, j] = b0, b1, b2, b3
 
 
+@njit(cache=True)
+def _channel_block(task, cpg):
+    """Channels [c0, c1) of parallel task ``task``: blocks of up to 4 channels of one group."""
+    nbpg = (cpg + 3) // 4
+    g = task // nbpg
+    c0 = g * cpg + (task % nbpg) * 4
+    return g, c0, min(c0 + 4, (g + 1) * cpg)
+
+
 @njit(parallel=True, cache=True)
-def _im2col(x, n0, nimg, Tp, idx, wt, msk, col):
-    """col[c*K + k, j] = msk * sum_t wt * x[n, c, idx] for the tile's columns; one task per c."""
+def _im2col(x, n0, nimg, Tp, idx, wm, col):
+    """col[c*K + k, j] = sum_t wm * x[n, c, idx] (wm: weights times mask) for the tile's columns.
+
+    One task per block of four channels of a group, which share each load of the taps.
+    """
     Cin = x.shape[1]
     G, K = idx.shape[0], idx.shape[1]
     cpg = Cin // G
-    for c in prange(Cin):
-        g = c // cpg
+    for task in prange(G * ((cpg + 3) // 4)):
+        g, c0, c1 = _channel_block(task, cpg)
         for b in range(nimg):
-            src = x[n0 + b, c]
             for k in range(K):
-                row = col[c * K + k]
-                ti, tw, tm = idx[g, k], wt[g, k], msk[g, k]
-                for jj in range(Tp):
-                    j = b * Tp + jj
-                    row[j] = tm[j] * (tw[0, j] * src[ti[0, j]] + tw[1, j] * src[ti[1, j]]
+                ti, tw = idx[g, k], wm[g, k]
+                if c1 - c0 == 4:
+                    s0, s1, s2, s3 = x[n0 + b, c0], x[n0 + b, c0 + 1], x[n0 + b, c0 + 2], x[n0 + b, c0 + 3]
+                    r0, r1, r2, r3 = col[c0 * K + k], col[(c0 + 1) * K + k], col[(c0 + 2) * K + k], col[(c0 + 3) * K + k]
+                    for jj in range(Tp):
+                        j = b * Tp + jj
+                        i0, i1, i2, i3 = ti[0, j], ti[1, j], ti[2, j], ti[3, j]
+                        w0, w1, w2, w3 = tw[0, j], tw[1, j], tw[2, j], tw[3, j]
+                        r0[j] = w0 * s0[i0] + w1 * s0[i1] + w2 * s0[i2] + w3 * s0[i3]
+                        r1[j] = w0 * s1[i0] + w1 * s1[i1] + w2 * s1[i2] + w3 * s1[i3]
+                        r2[j] = w0 * s2[i0] + w1 * s2[i1] + w2 * s2[i2] + w3 * s2[i3]
+                        r3[j] = w0 * s3[i0] + w1 * s3[i1] + w2 * s3[i2] + w3 * s3[i3]
+                else:
+                    for c in range(c0, c1):
+                        src = x[n0 + b, c]
+                        row = col[c * K + k]
+                        for jj in range(Tp):
+                            j = b * Tp + jj
+                            row[j] = (tw[0, j] * src[ti[0, j]] + tw[1, j] * src[ti[1, j]]
                                       + tw[2, j] * src[ti[2, j]] + tw[3, j] * src[ti[3, j]])
 
 
 @njit(parallel=True, cache=True)
-def _col2im(grad_col, n0, nimg, Tp, idx, wt, msk, grad_x):
-    """grad_x[n, c] += scatter of grad_col[c*K + k, j] * msk * wt; one task per channel c."""
+def _col2im(grad_col, n0, nimg, Tp, idx, wm, grad_x):
+    """grad_x[n, c] += scatter of grad_col[c*K + k, j] * wm (weights times mask).
+
+    One task per block of four channels of a group: no two threads write one element.
+    """
     Cin = grad_x.shape[1]
     G, K = idx.shape[0], idx.shape[1]
     cpg = Cin // G
-    for c in prange(Cin):
-        g = c // cpg
+    for task in prange(G * ((cpg + 3) // 4)):
+        g, c0, c1 = _channel_block(task, cpg)
         for b in range(nimg):
-            dst = grad_x[n0 + b, c]
             for k in range(K):
-                row = grad_col[c * K + k]
-                ti, tw, tm = idx[g, k], wt[g, k], msk[g, k]
-                for jj in range(Tp):
-                    j = b * Tp + jj
-                    v = row[j] * tm[j]
-                    dst[ti[0, j]] += tw[0, j] * v
-                    dst[ti[1, j]] += tw[1, j] * v
-                    dst[ti[2, j]] += tw[2, j] * v
-                    dst[ti[3, j]] += tw[3, j] * v
+                ti, tw = idx[g, k], wm[g, k]
+                if c1 - c0 == 4:
+                    d0, d1, d2, d3 = (grad_x[n0 + b, c0], grad_x[n0 + b, c0 + 1],
+                                      grad_x[n0 + b, c0 + 2], grad_x[n0 + b, c0 + 3])
+                    r0, r1, r2, r3 = (grad_col[c0 * K + k], grad_col[(c0 + 1) * K + k],
+                                      grad_col[(c0 + 2) * K + k], grad_col[(c0 + 3) * K + k])
+                    for jj in range(Tp):
+                        j = b * Tp + jj
+                        i0, i1, i2, i3 = ti[0, j], ti[1, j], ti[2, j], ti[3, j]
+                        w0, w1, w2, w3 = tw[0, j], tw[1, j], tw[2, j], tw[3, j]
+                        v = r0[j]
+                        d0[i0] += w0 * v
+                        d0[i1] += w1 * v
+                        d0[i2] += w2 * v
+                        d0[i3] += w3 * v
+                        v = r1[j]
+                        d1[i0] += w0 * v
+                        d1[i1] += w1 * v
+                        d1[i2] += w2 * v
+                        d1[i3] += w3 * v
+                        v = r2[j]
+                        d2[i0] += w0 * v
+                        d2[i1] += w1 * v
+                        d2[i2] += w2 * v
+                        d2[i3] += w3 * v
+                        v = r3[j]
+                        d3[i0] += w0 * v
+                        d3[i1] += w1 * v
+                        d3[i2] += w2 * v
+                        d3[i3] += w3 * v
+                else:
+                    for c in range(c0, c1):
+                        dst = grad_x[n0 + b, c]
+                        row = grad_col[c * K + k]
+                        for jj in range(Tp):
+                            j = b * Tp + jj
+                            v = row[j]
+                            dst[ti[0, j]] += tw[0, j] * v
+                            dst[ti[1, j]] += tw[1, j] * v
+                            dst[ti[2, j]] += tw[2, j] * v
+                            dst[ti[3, j]] += tw[3, j] * v
 
 
 @njit(parallel=True, cache=True)
@@ -157,7 +218,7 @@ def _blas_controller():
 
 
 def _one_blas_thread():
-    """Context: BLAS on one thread while a call runs.
+    """Context: BLAS on one thread per caller while a call runs.
 
     Idle BLAS threads spin-wait after each matmul and steal the cores that the Numba kernels
     between the matmuls run on (measured: 3x slower on 2 cores), so the tile matmuls run on the
@@ -181,6 +242,7 @@ class _Workspace:
         self.T = T
         self.idx = np.empty((G, K, 4, T), np.uintp)
         self.wt = np.empty((G, K, 4, T), dtype)
+        self.wm = np.empty((G, K, 4, T), dtype)
         self.msk = np.empty((G, K, T), dtype)
         shape = (G, K, 4, T) if slopes else (1, 1, 4, 1)
         self.ay, self.ax = np.empty(shape, dtype), np.empty(shape, dtype)
@@ -199,7 +261,7 @@ def _taps(ws, offset, mask, n0, Tp, p0, T, Wo, H, W, kh, kw, stride, padding, di
           slopes):
     has_mask = mask is not None
     _tile_taps(offset, mask if has_mask else offset, has_mask, n0, Tp, p0, T, Wo, H, W, kh, kw,
-               stride, padding, dilation, ws.idx, ws.wt, ws.msk, slopes, ws.ay, ws.ax)
+               stride, padding, dilation, ws.idx, ws.wt, ws.wm, ws.msk, slopes, ws.ay, ws.ax)
 
 
 def deform_conv2d_forward(x, offset, weight, bias, mask, stride, padding, dilation, out):
@@ -230,7 +292,7 @@ def _forward_tile(ws, xf, offset, mask, w_g, of, n0, nimg, p0, Tp, Wo, H, W, kh,
     cpg_w, K = w_g.shape[2] // (kh * kw), kh * kw
     t = nimg * Tp
     _taps(ws, offset, mask, n0, Tp, p0, t, Wo, H, W, kh, kw, stride, padding, dilation, False)
-    _im2col(xf, n0, nimg, Tp, ws.idx, ws.wt, ws.msk, ws.col)  # full buffers: one Numba type
+    _im2col(xf, n0, nimg, Tp, ws.idx, ws.wm, ws.col)  # full buffers: one Numba type
     col = ws.col[:, :t]
     res = ws.res[:, :t]
     np.matmul(w_g, col.reshape(groups, cpg_w * K, t), out=res.reshape(groups, Cout // groups, t))
@@ -264,6 +326,7 @@ def deform_conv2d_backward(grad_out, x, offset, weight, mask, stride, padding, d
     if need_w:
         grad_weight[...] = 0
         gwg = grad_weight.reshape(groups, Cout // groups, cpg_w * K)
+        gw_tile = np.empty_like(gwg)
     dummy = np.empty((1, 1, 1), x.dtype)
     gof_off = grad_offset.reshape(N, 2 * G * K, P) if need_offset else dummy
     gof_msk = grad_mask.reshape(N, G * K, P) if need_mask else dummy
@@ -275,14 +338,15 @@ def deform_conv2d_backward(grad_out, x, offset, weight, mask, stride, padding, d
             go.reshape(Cout, nimg, Tp)[...] = gof[n0:n0 + nimg, :, p0:p0 + Tp].transpose(1, 0, 2)
             go_g = go.reshape(groups, Cout // groups, t)
             if need_w:
-                _im2col(xf, n0, nimg, Tp, ws.idx, ws.wt, ws.msk, ws.col)
+                _im2col(xf, n0, nimg, Tp, ws.idx, ws.wm, ws.col)
                 col = ws.col[:, :t]
-                gwg += np.matmul(go_g, col.reshape(groups, cpg_w * K, t).transpose(0, 2, 1))
+                np.matmul(go_g, col.reshape(groups, cpg_w * K, t).transpose(0, 2, 1), out=gw_tile)
+                gwg += gw_tile
             if need_col_grad:
                 gcol = ws.grad_col[:, :t]
                 np.matmul(w_gt, go_g, out=gcol.reshape(groups, cpg_w * K, t))
                 if need_x:
-                    _col2im(ws.grad_col, n0, nimg, Tp, ws.idx, ws.wt, ws.msk, gxf)
+                    _col2im(ws.grad_col, n0, nimg, Tp, ws.idx, ws.wm, gxf)
                 if need_offset or need_mask:
                     _offset_mask_grad(xf, ws.grad_col, n0, Tp, p0, t, ws.idx, ws.wt, ws.msk, ws.ay,
                                       ws.ax, gof_off, gof_msk, need_offset, need_mask)
