@@ -12,7 +12,7 @@ offsets (dy, dx) uniform in [-2, 2] pixels, so that taps near the border fall pa
 outside the image and exercise the zero-padding rule; mask uniform in [0, 1]; output gradient
 standard normal.
 
-Measured per shape, in interleaved rounds (one call of each per round), after one warm-up call:
+Measured per shape, each callable in its own block of back-to-back calls after one warm-up call:
 
 - deformops: ``deform_conv2d`` (forward) and forward + ``deform_conv2d_backward`` with all five
   gradients (forward+backward);
@@ -606,10 +606,12 @@ def _bench_case(report, prog, dops, torch, tvops, shape, dtype, repeat, seed):
     del ref
     if prog.bar is None:
         prog.line(f"  timing {len(tasks)} callables, {repeat + 1} calls each (1 warm-up), "
-                  "in interleaved rounds ...")
-    timed = {
-        (m.op, m.peer): m for m in _timing.measure_interleaved(tasks, dtype=dtype, repeat=repeat, settle_s=0.2)
-    }
+                  "one callable after the other ...")
+    timed = {}
+    for task in tasks:  # blocks, not rounds: see the note on spin-waiting thread pools
+        time.sleep(0.3)
+        (m,) = _timing.measure_interleaved([task], dtype=dtype, repeat=repeat)
+        timed[m.op, m.peer] = m
     timed[f"{label} {FWD}", "deformops"].first_ms = first_fwd_ms
     for peer in PEERS:
         for op in OPS:
@@ -646,10 +648,10 @@ def _add_notes(report, torch, dtypes, first_calls):
     )
     if torch is not None:
         report.notes.append(
-            "the peers are timed in interleaved rounds (one call of each per round), with 0.2 s "
-            "of sleep before each call so that the previous peer's spin-waiting thread pools "
-            "(OpenMP, BLAS) are idle; min ms is the least disturbed time on a busy machine. "
-            "Ratio targets: torchvision / deformops "
+            "each callable is timed in its own block of back-to-back calls (a warm-up, then "
+            "--repeat calls), 0.3 s apart: interleaving peers would let one runtime's "
+            "spin-waiting thread pools (OpenMP, BLAS) slow the next one down. min ms is the "
+            "least disturbed time on a busy machine. Ratio targets: torchvision / deformops "
             ">= 5 for forward+backward; deformops / conv2d <= 3 forward, <= 4 forward+backward "
             "(conv2d is the floor: the same convolution without deformation)."
         )

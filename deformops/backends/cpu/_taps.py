@@ -145,6 +145,27 @@ def axis_taps(c, n, mode, order):
     return map_tap(i, n, tap_mode), map_tap(i + 1, n, tap_mode), l, h, sign, True
 
 
+@njit(cache=True, inline="always")
+def _zero_padding_axis(c, n):
+    """:func:`axis_taps` for mode 'grid-constant', order 1, without the mode dispatch.
+
+    Points at or beyond two pixels outside (and non-finite ones) have both taps outside and
+    sign 0, which gives the same value (cval) and zero derivative as the general path.
+    """
+    if not (c > -2.0 and c < n + 1.0):
+        return -1, -1, 0.0, 0.0, 0.0, True
+    f = math.floor(c)
+    i = int(f)
+    l = 1.0 - (c - f)
+    return (i if 0 <= i < n else -1), (i + 1 if 0 <= i + 1 < n else -1), l, 1.0 - l, 1.0, True
+
+
+@njit(cache=True)
+def zero_padding_taps(y, x, H, W):
+    """:func:`point_taps` for deform_conv2d's rule: mode 'grid-constant' (cval 0), order 1."""
+    return _zero_padding_axis(y, H), _zero_padding_axis(x, W)
+
+
 @njit(cache=True)
 def point_taps(y, x, H, W, mode, order):
     """Axis taps ``(ya, xa)`` of the point (y, x) in an H x W image (see :func:`axis_taps`)."""

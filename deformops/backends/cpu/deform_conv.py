@@ -21,12 +21,14 @@ N: ``T * (s * (Cin*K + Cout) + G*K*(32 + 9*s))`` for the forward, plus
 """
 
 import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
 
+import numba
 import numpy as np
 from numba import njit, prange
 
-from ..._modes import GRID_CONSTANT
-from ._taps import corner_slopes, corner_taps, point_taps
+from ._taps import corner_slopes, corner_taps, zero_padding_taps
 
 # Budget of the column tile (col and the matmul output), in bytes.
 TILE_BYTES = 8 << 20
@@ -50,13 +52,14 @@ def _tile_taps(offset, mask, has_mask, n0, Tp, p0, T, Wo, H, W, kh, kw, stride, 
         k = (task // nchunks) % K
         j0 = (task % nchunks) * CHUNK
         ki, kj = k // kw, k % kw
+        # column j is image n, pixel p = (oy, ox); advanced by counting, not dividing
+        n, q = n0 + j0 // Tp, j0 % Tp
+        p = p0 + q
+        oy, ox = p // Wo, p % Wo
         for j in range(j0, min(j0 + CHUNK, T)):
-            n = n0 + j // Tp
-            p = p0 + j % Tp
-            oy, ox = p // Wo, p % Wo
             y = oy * stride[0] - padding[0] + ki * dilation[0] + np.float64(offset[n, g * 2 * K + 2 * k, p])
             x = ox * stride[1] - padding[1] + kj * dilation[1] + np.float64(offset[n, g * 2 * K + 2 * k + 1, p])
-            ya, xa = point_taps(y, x, H, W, GRID_CONSTANT, 1)
+            ya, xa = zero_padding_taps(y, x, H, W)
             i0, i1, i2, i3, w0, w1, w2, w3, _ = corner_taps(ya, xa, W, 0.0)
             idx[g, k, 0, j], idx[g, k, 1, j], idx[g, k, 2, j], idx[g, k, 3, j] = i0, i1, i2, i3
             wt[g, k, 0, j], wt[g, k, 1, j], wt[g, k, 2, j], wt[g, k, 3, j] = w0, w1, w2, w3
@@ -67,6 +70,15 @@ def _tile_taps(offset, mask, has_mask, n0, Tp, p0, T, Wo, H, W, kh, kw, stride, 
                 a0, a1, a2, a3, b0, b1, b2, b3, _, _ = corner_slopes(ya, xa, 0.0)
                 ay[g, k, 0, j], ay[g, k, 1, j], ay[g, k, 2, j], ay[g, k, 3, j] = a0, a1, a2, a3
                 ax[g, k, 0, j], ax[g, k, 1, j], ax[g, k, 2, j], ax[g, k, 3, j] = b0, b1, b2, b3
+            q += 1
+            p += 1
+            ox += 1
+            if ox == Wo:
+                ox = 0
+                oy += 1
+            if q == Tp:
+                q, n, p = 0, n + 1, p0
+                oy, ox = p0 // Wo, p0 % Wo
 
 
 @njit(cache=True)
@@ -187,18 +199,17 @@ def _offset_mask_grad(x, grad_col, n0, Tp, p0, T, idx, wt, msk, ay, ax, grad_off
         k = (task // nchunks) % K
         j0 = (task % nchunks) * CHUNK
         ti, tw, ta, tb = idx[g, k], wt[g, k], ay[g, k], ax[g, k]
+        n, q = n0 + j0 // Tp, j0 % Tp  # column j is image n, pixel p0 + q
         for j in range(j0, min(j0 + CHUNK, T)):
-            n = n0 + j // Tp
-            p = p0 + j % Tp
+            p = p0 + q
             i0, i1, i2, i3 = ti[0, j], ti[1, j], ti[2, j], ti[3, j]
             s0 = s1 = s2 = s3 = 0.0
             for c in range(g * cpg, (g + 1) * cpg):
-                src = x[n, c]
                 gc = grad_col[c * K + k, j]
-                s0 += gc * src[i0]
-                s1 += gc * src[i1]
-                s2 += gc * src[i2]
-                s3 += gc * src[i3]
+                s0 += gc * x[n, c, i0]
+                s1 += gc * x[n, c, i1]
+                s2 += gc * x[n, c, i2]
+                s3 += gc * x[n, c, i3]
             if need_offset:
                 m = msk[g, k, j]
                 grad_offset[n, g * 2 * K + 2 * k, p] = m * (ta[0, j] * s0 + ta[1, j] * s1
@@ -208,6 +219,9 @@ def _offset_mask_grad(x, grad_col, n0, Tp, p0, T, idx, wt, msk, ay, ax, grad_off
             if need_mask:
                 grad_mask[n, g * K + k, p] = (tw[0, j] * s0 + tw[1, j] * s1
                                               + tw[2, j] * s2 + tw[3, j] * s3)
+            q += 1
+            if q == Tp:
+                q, n = 0, n + 1
 
 
 @functools.lru_cache(maxsize=None)
@@ -221,10 +235,31 @@ def _one_blas_thread():
     """Context: BLAS on one thread per caller while a call runs.
 
     Idle BLAS threads spin-wait after each matmul and steal the cores that the Numba kernels
-    between the matmuls run on (measured: 3x slower on 2 cores), so the tile matmuls run on the
-    calling thread and the Numba kernels use every core. The previous limits are restored.
+    between the matmuls run on (measured: 3x slower on 2 cores), so BLAS runs single-threaded
+    and :func:`_matmul` splits each product among threads of its own, which sleep when idle.
+    The previous limits are restored.
     """
     return _blas_controller().limit(limits=1, user_api="blas")
+
+
+@functools.lru_cache(maxsize=None)
+def _matmul_pool():
+    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="deformops-gemm")
+
+
+def _matmul(a, b, out):
+    """``np.matmul(a, b, out=out)`` with the columns of ``b`` and ``out`` split among
+    ``numba.get_num_threads()`` threads that each call single-threaded BLAS. Each output element
+    is still one whole dot product, so the split does not change the result."""
+    parts = min(numba.get_num_threads(), out.shape[-1] // 128)
+    if parts <= 1:
+        np.matmul(a, b, out=out)
+        return
+    bounds = np.linspace(0, out.shape[-1], parts + 1).astype(int)
+    jobs = [_matmul_pool().submit(np.matmul, a, b[..., lo:hi], out=out[..., lo:hi])
+            for lo, hi in zip(bounds[:-1], bounds[1:])]
+    for job in jobs:
+        job.result()
 
 
 def _tiles(N, P, T):
@@ -295,7 +330,7 @@ def _forward_tile(ws, xf, offset, mask, w_g, of, n0, nimg, p0, Tp, Wo, H, W, kh,
     _im2col(xf, n0, nimg, Tp, ws.idx, ws.wm, ws.col)  # full buffers: one Numba type
     col = ws.col[:, :t]
     res = ws.res[:, :t]
-    np.matmul(w_g, col.reshape(groups, cpg_w * K, t), out=res.reshape(groups, Cout // groups, t))
+    _matmul(w_g, col.reshape(groups, cpg_w * K, t), res.reshape(groups, Cout // groups, t))
     block = res.reshape(Cout, nimg, Tp).transpose(1, 0, 2)
     of[n0:n0 + nimg, :, p0:p0 + Tp] = block
 
@@ -340,11 +375,11 @@ def deform_conv2d_backward(grad_out, x, offset, weight, mask, stride, padding, d
             if need_w:
                 _im2col(xf, n0, nimg, Tp, ws.idx, ws.wm, ws.col)
                 col = ws.col[:, :t]
-                np.matmul(go_g, col.reshape(groups, cpg_w * K, t).transpose(0, 2, 1), out=gw_tile)
+                _matmul(go_g, col.reshape(groups, cpg_w * K, t).transpose(0, 2, 1), gw_tile)
                 gwg += gw_tile
             if need_col_grad:
                 gcol = ws.grad_col[:, :t]
-                np.matmul(w_gt, go_g, out=gcol.reshape(groups, cpg_w * K, t))
+                _matmul(w_gt, go_g, gcol.reshape(groups, cpg_w * K, t))
                 if need_x:
                     _col2im(ws.grad_col, n0, nimg, Tp, ws.idx, ws.wm, gxf)
                 if need_offset or need_mask:
