@@ -5,19 +5,22 @@ images when an image has at most ``T`` pixels, else pieces of one image. For eac
 
 1. ``_tile_taps``: the bilinear taps of every (offset group g, kernel tap k, column j), with the
    zero-padding rule of torchvision (``mode='grid-constant'``, ``cval=0``), and the mask;
-2. ``_im2col``: columns ``col[c*K + k, j] = mask * bilinear(x[n, c], y, x)`` (parallel over c);
-3. a BLAS matmul per conv group: ``out[:, j] = W_g @ col_g`` (NumPy's BLAS).
+2. ``_im2col``: columns ``col[c*K + k, j] = mask * bilinear(x[n, c], y, x)`` (parallel over
+   blocks of four channels, which share each load of the taps);
+3. a BLAS matmul per conv group: ``out[:, j] = W_g @ col_g`` (:func:`_matmul`: single-threaded
+   BLAS calls on column blocks, one per thread).
 
 The backward recomputes the taps and columns of a tile once, then ``grad_W += grad_out @ colᵀ``
 and ``grad_col = Wᵀ @ grad_out``; ``_col2im`` scatters grad_col into grad_input with one task
-per input channel (no two threads write one element), and ``_offset_mask_grad`` sums over the
+per block of input channels (no two threads write one element), and ``_offset_mask_grad`` sums over the
 channels of a group for each (g, k, j) (no atomics). Every result is independent of the number
 of Numba threads.
 
 Workspace per call (bytes, s = itemsize, K = kh*kw, G offset groups), bounded independently of
 N: ``T * (s * (Cin*K + Cout) + G*K*(32 + 9*s))`` for the forward, plus
 ``T * s * (Cin*K + Cout + 8*G*K)`` for the backward, with
-``T = clamp(TILE_BYTES / (s * (Cin*K + Cout)), 64, max(P, 64))`` and TILE_BYTES = 8 MiB.
+``T = clamp(TILE_BYTES / (s * (Cin*K + Cout)), 64, max(N*P, 64))`` and TILE_BYTES = 8 MiB
+(about 19 MB in all at the benchmark shapes).
 """
 
 import functools
