@@ -25,6 +25,7 @@ N: ``T * (s * (Cin*K + Cout) + G*K*(32 + 9*s))`` for the forward, plus
 
 import functools
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numba
@@ -187,11 +188,13 @@ def _col2im(grad_col, n0, nimg, Tp, idx, wm, grad_x):
 @njit(parallel=True, cache=True)
 def _offset_mask_grad(x, grad_col, n0, Tp, p0, T, idx, wt, msk, ay, ax, grad_offset, grad_mask,
                       need_offset, need_mask):
-    """Offset and mask gradients of the tile's columns: for each (g, k, j), a sum over the
-    channels of group g (no atomics). grad_offset: (N, 2GK, P); grad_mask: (N, GK, P).
+    """Offset and mask gradients of the tile's columns: one task per (g, k, chunk of columns)
+    sums over the channels of group g (no atomics). grad_offset: (N, 2GK, P); grad_mask:
+    (N, GK, P).
 
     Per column only the four corner sums S_t = sum_c grad_col[c*K + k, j] * x[n, c, idx_t] are
-    accumulated; d/dy, d/dx and the mask gradient are then their dot products with ay, ax, wt.
+    accumulated (four channels at a time, sharing the loads of the taps); d/dy, d/dx and the
+    mask gradient are then their dot products with ay, ax and wt.
     """
     Cin = x.shape[1]
     G, K = idx.shape[0], idx.shape[1]
@@ -201,18 +204,40 @@ def _offset_mask_grad(x, grad_col, n0, Tp, p0, T, idx, wt, msk, ay, ax, grad_off
         g = task // (K * nchunks)
         k = (task // nchunks) % K
         j0 = (task % nchunks) * CHUNK
+        j1 = min(j0 + CHUNK, T)
         ti, tw, ta, tb = idx[g, k], wt[g, k], ay[g, k], ax[g, k]
+        S = np.zeros((4, CHUNK), x.dtype)
+        for n in range(n0 + j0 // Tp, n0 + (j1 - 1) // Tp + 1):
+            ja, jb = max(j0, (n - n0) * Tp), min(j1, (n - n0 + 1) * Tp)  # columns of image n
+            c, c_end = g * cpg, (g + 1) * cpg
+            while c + 4 <= c_end:
+                s0, s1, s2, s3 = x[n, c], x[n, c + 1], x[n, c + 2], x[n, c + 3]
+                r0, r1 = grad_col[c * K + k], grad_col[(c + 1) * K + k]
+                r2, r3 = grad_col[(c + 2) * K + k], grad_col[(c + 3) * K + k]
+                for j in range(ja, jb):
+                    i0, i1, i2, i3 = ti[0, j], ti[1, j], ti[2, j], ti[3, j]
+                    g0, g1, g2, g3 = r0[j], r1[j], r2[j], r3[j]
+                    jj = j - j0
+                    S[0, jj] += g0 * s0[i0] + g1 * s1[i0] + g2 * s2[i0] + g3 * s3[i0]
+                    S[1, jj] += g0 * s0[i1] + g1 * s1[i1] + g2 * s2[i1] + g3 * s3[i1]
+                    S[2, jj] += g0 * s0[i2] + g1 * s1[i2] + g2 * s2[i2] + g3 * s3[i2]
+                    S[3, jj] += g0 * s0[i3] + g1 * s1[i3] + g2 * s2[i3] + g3 * s3[i3]
+                c += 4
+            while c < c_end:
+                src, row = x[n, c], grad_col[c * K + k]
+                for j in range(ja, jb):
+                    gc = row[j]
+                    jj = j - j0
+                    S[0, jj] += gc * src[ti[0, j]]
+                    S[1, jj] += gc * src[ti[1, j]]
+                    S[2, jj] += gc * src[ti[2, j]]
+                    S[3, jj] += gc * src[ti[3, j]]
+                c += 1
         n, q = n0 + j0 // Tp, j0 % Tp  # column j is image n, pixel p0 + q
-        for j in range(j0, min(j0 + CHUNK, T)):
+        for j in range(j0, j1):
+            jj = j - j0
             p = p0 + q
-            i0, i1, i2, i3 = ti[0, j], ti[1, j], ti[2, j], ti[3, j]
-            s0 = s1 = s2 = s3 = 0.0
-            for c in range(g * cpg, (g + 1) * cpg):
-                gc = grad_col[c * K + k, j]
-                s0 += gc * x[n, c, i0]
-                s1 += gc * x[n, c, i1]
-                s2 += gc * x[n, c, i2]
-                s3 += gc * x[n, c, i3]
+            s0, s1, s2, s3 = S[0, jj], S[1, jj], S[2, jj], S[3, jj]
             if need_offset:
                 m = msk[g, k, j]
                 grad_offset[n, g * 2 * K + 2 * k, p] = m * (ta[0, j] * s0 + ta[1, j] * s1
@@ -274,10 +299,10 @@ def _tiles(N, P, T):
 
 
 class _Workspace:
-    """Tile buffers of one call, allocated once and reused by every tile."""
+    """Tile buffers of a call, allocated once and reused by every tile."""
 
     def __init__(self, dtype, Cin, Cout, G, K, T, slopes, backward):
-        self.T = T
+        self.key = (np.dtype(dtype), Cin, Cout, G, K, T, slopes, backward)
         self.idx = np.empty((G, K, 4, T), np.uintp)
         self.wt = np.empty((G, K, 4, T), dtype)
         self.wm = np.empty((G, K, 4, T), dtype)
@@ -287,6 +312,21 @@ class _Workspace:
         self.col = np.empty((Cin * K, T), dtype)
         self.res = np.empty((Cout, T), dtype)
         self.grad_col = np.empty((Cin * K, T), dtype) if backward else None
+
+
+_last_workspace = threading.local()
+
+
+def _workspace(*key):
+    """The calling thread's workspace for ``key``, kept from its previous call when the key is
+    the same: fresh buffers of several MB cost page faults on every call (about 10% of a small
+    convolution). Each thread holds at most one forward and one backward workspace."""
+    slot = "backward" if key[-1] else "forward"
+    ws = getattr(_last_workspace, slot, None)
+    if ws is None or ws.key != (np.dtype(key[0]),) + key[1:]:
+        ws = _Workspace(*key)
+        setattr(_last_workspace, slot, ws)
+    return ws
 
 
 def tile_columns(dtype, Cin, Cout, K, P):
@@ -311,7 +351,7 @@ def deform_conv2d_forward(x, offset, weight, bias, mask, stride, padding, dilati
     groups = Cin // cpg_w
     G = offset.shape[1] // (2 * K)
     T = tile_columns(x.dtype, Cin, Cout, K, N * P)
-    ws = _Workspace(x.dtype, Cin, Cout, G, K, T, slopes=False, backward=False)
+    ws = _workspace(x.dtype, Cin, Cout, G, K, T, False, False)
     w_g = weight.reshape(groups, Cout // groups, cpg_w * K)
     xf = x.reshape(N, Cin, H * W)
     of = out.reshape(N, Cout, P)
@@ -352,7 +392,7 @@ def deform_conv2d_backward(grad_out, x, offset, weight, mask, stride, padding, d
     need_col_grad = need_x or need_offset or need_mask
     slopes = need_offset
     T = tile_columns(x.dtype, Cin, Cout, K, N * P)
-    ws = _Workspace(x.dtype, Cin, Cout, G, K, T, slopes=slopes, backward=True)
+    ws = _workspace(x.dtype, Cin, Cout, G, K, T, slopes, True)
     w_g = weight.reshape(groups, Cout // groups, cpg_w * K)
     w_gt = w_g.transpose(0, 2, 1)
     xf = x.reshape(N, Cin, H * W)
