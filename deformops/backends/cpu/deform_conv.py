@@ -355,17 +355,16 @@ def deform_conv2d_forward(x, offset, weight, bias, mask, stride, padding, dilati
     w_g = weight.reshape(groups, Cout // groups, cpg_w * K)
     xf = x.reshape(N, Cin, H * W)
     of = out.reshape(N, Cout, P)
+    bias_col = None if bias is None else bias.reshape(1, Cout, 1)
     with _one_blas_thread():
         for n0, nimg, p0, Tp in _tiles(N, P, T):
-            _forward_tile(ws, xf, offset, mask, w_g, of, n0, nimg, p0, Tp, Wo, H, W, kh, kw,
-                          stride, padding, dilation, groups)
-    if bias is not None:
-        of += bias.reshape(1, Cout, 1)
+            _forward_tile(ws, xf, offset, mask, w_g, bias_col, of, n0, nimg, p0, Tp, Wo, H, W,
+                          kh, kw, stride, padding, dilation, groups)
 
 
-def _forward_tile(ws, xf, offset, mask, w_g, of, n0, nimg, p0, Tp, Wo, H, W, kh, kw, stride,
-                  padding, dilation, groups):
-    """One tile of the forward: taps, columns, one matmul per conv group, store."""
+def _forward_tile(ws, xf, offset, mask, w_g, bias_col, of, n0, nimg, p0, Tp, Wo, H, W, kh, kw,
+                  stride, padding, dilation, groups):
+    """One tile of the forward: taps, columns, one matmul per conv group, store (+ bias)."""
     Cout = of.shape[1]
     cpg_w, K = w_g.shape[2] // (kh * kw), kh * kw
     t = nimg * Tp
@@ -375,7 +374,10 @@ def _forward_tile(ws, xf, offset, mask, w_g, of, n0, nimg, p0, Tp, Wo, H, W, kh,
     res = ws.res[:, :t]
     _matmul(w_g, col.reshape(groups, cpg_w * K, t), res.reshape(groups, Cout // groups, t))
     block = res.reshape(Cout, nimg, Tp).transpose(1, 0, 2)
-    of[n0:n0 + nimg, :, p0:p0 + Tp] = block
+    if bias_col is None:
+        of[n0:n0 + nimg, :, p0:p0 + Tp] = block
+    else:
+        np.add(block, bias_col, out=of[n0:n0 + nimg, :, p0:p0 + Tp])
 
 
 def deform_conv2d_backward(grad_out, x, offset, weight, mask, stride, padding, dilation,
