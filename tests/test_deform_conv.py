@@ -347,15 +347,7 @@ def test_nonfinite_and_huge_offsets_give_zero_and_zero_grad():
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("bad_value", [np.nan, np.inf])
-@pytest.mark.parametrize(
-    "where",
-    [
-        pytest.param((0, 0), marks=pytest.mark.xfail(
-            strict=True, reason="known limitation: taps outside the image read pixel 0 with "
-            "weight 0, so a non-finite pixel (0, 0) reaches them (0 * inf = nan)")),
-        (2, 3),
-    ],
-)
+@pytest.mark.parametrize("where", [(0, 0), (2, 3)])
 def test_nonfinite_input_pixel_stays_local(bad_value, where):
     """A NaN / Inf pixel of x reaches only the outputs whose samples read it: every output the
     naive loop gives finite is finite and equal, in particular samples outside the image (which

@@ -4,8 +4,10 @@ A sample point (y, x) becomes four corner taps (00, 01, 10, 11) = (y_low, x_low)
 (y_high, x_low), (y_high, x_high), each with a flat index into the ``H * W`` plane and a weight.
 Taps that read ``cval`` (mode 'grid-constant' outside the image, or a point whose whole value is
 ``cval``) get index 0 and weight 0, and their contribution moves into a per-point constant, so that
-the channel loops that use the taps are branch-free. For order 0 the low corner carries weight 1
-and the others weight 0.
+the channel loops that use the taps are branch-free; such corners point at a corner of the same
+point that is inside, and points with no corner inside are flagged so that no loop reads the
+plane for them (a NaN or Inf pixel reaches exactly the samples that read it, as in scipy and
+torchvision). For order 0 the low corner carries weight 1 and the others weight 0.
 
 The boundary handling reproduces ``scipy.ndimage.map_coordinates`` (``NI_GeometricTransform``):
 the coordinate is first mapped into the image by the mode (except for 'grid-constant' and
@@ -176,27 +178,37 @@ def point_taps(y, x, H, W, mode, order):
 def corner_taps(ya, xa, W, cval):
     """Corner taps of a point from its axis taps ``ya``, ``xa`` (see :func:`axis_taps`).
 
-    Returns ``(i0, i1, i2, i3, w0, w1, w2, w3, bias)`` for corners 00, 01, 10, 11: the sampled
-    value is ``bias + sum_k w_k * plane[i_k]``. Corners that read cval get index 0 and weight 0
-    and add ``cval * weight`` to ``bias``; a point whose value is cval has ``bias = cval``.
+    Returns ``(i0, i1, i2, i3, w0, w1, w2, w3, bias, empty)`` for corners 00, 01, 10, 11: the
+    sampled value is ``bias + sum_k w_k * plane[i_k]``. Corners that read cval get weight 0, add
+    ``cval * weight`` to ``bias`` and point at a corner of the same point that is inside (its
+    pixel is read anyway, so a non-finite pixel reaches no other sample). ``empty`` is True when
+    no corner is inside: the value is ``bias`` and callers must not read the plane at all.
     Scalars only: passing arrays to a Numba function costs reference counting on every call.
     """
     y_low, y_high, ly, hy, sy, oky = ya
     x_low, x_high, lx, hx, sx, okx = xa
     if not (oky and okx):
-        return 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, cval
+        return 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, cval, True
     bias = 0.0
     i0, w0, bias = _corner(y_low, x_low, ly * lx, W, cval, bias)
     i1, w1, bias = _corner(y_low, x_high, ly * hx, W, cval, bias)
     i2, w2, bias = _corner(y_high, x_low, hy * lx, W, cval, bias)
     i3, w3, bias = _corner(y_high, x_high, hy * hx, W, cval, bias)
-    return i0, i1, i2, i3, w0, w1, w2, w3, bias
+    inside = i0 if i0 >= 0 else (i1 if i1 >= 0 else (i2 if i2 >= 0 else i3))
+    if inside < 0:
+        return 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, bias, True
+    i0 = i0 if i0 >= 0 else inside
+    i1 = i1 if i1 >= 0 else inside
+    i2 = i2 if i2 >= 0 else inside
+    i3 = i3 if i3 >= 0 else inside
+    return i0, i1, i2, i3, w0, w1, w2, w3, bias, False
 
 
 @njit(cache=True, inline="always")
 def _corner(yi, xi, w, W, cval, bias):
+    """(index, weight, bias) of one corner; index -1 when it lies outside (reads cval)."""
     if yi < 0 or xi < 0:
-        return 0, 0.0, bias + cval * w
+        return -1, 0.0, bias + cval * w
     return yi * W + xi, w, bias
 
 

@@ -42,10 +42,13 @@ CHUNK = 64
 
 @njit(parallel=True, cache=True)
 def _tile_taps(offset, mask, has_mask, n0, Tp, p0, T, Wo, H, W, kh, kw, stride, padding,
-               dilation, idx, wt, wm, msk, slopes, ay, ax):
+               dilation, idx, wt, wm, msk, empty, slopes, ay, ax):
     """Taps of columns j < T of the tile: image n0 + j // Tp, output pixel p0 + j % Tp.
 
-    idx, wt, wm = wt * msk, ay, ax: (G, K, 4, T); msk: (G, K, T). Offset channel of (g, k) is
+    idx, wt, wm = wt * msk, ay, ax: (G, K, 4, T); msk, empty: (G, K, T). ``empty`` is 2 for
+    samples with no corner inside the image, 1 for samples that torchvision's rule sets to 0
+    (y <= -1, y >= H, x <= -1 or x >= W) although a corner with weight 0 is inside, else 0;
+    the value of a flagged sample is 0 without reading any pixel. Offset channel of (g, k) is
     g*2K + 2k (dy) and +1 (dx); mask channel g*K + k (torchvision's order).
     """
     K = kh * kw
@@ -64,7 +67,11 @@ def _tile_taps(offset, mask, has_mask, n0, Tp, p0, T, Wo, H, W, kh, kw, stride, 
             y = oy * stride[0] - padding[0] + ki * dilation[0] + np.float64(offset[n, g * 2 * K + 2 * k, p])
             x = ox * stride[1] - padding[1] + kj * dilation[1] + np.float64(offset[n, g * 2 * K + 2 * k + 1, p])
             ya, xa = zero_padding_taps(y, x, H, W)
-            i0, i1, i2, i3, w0, w1, w2, w3, _ = corner_taps(ya, xa, W, 0.0)
+            i0, i1, i2, i3, w0, w1, w2, w3, _, no_corner = corner_taps(ya, xa, W, 0.0)
+            # 2: no corner inside; 1: outside by torchvision's cutoff (y <= -1 ...), which
+            # zeroes the value but keeps the derivative from the corner inside; 0: inside
+            outside = not (y > -1.0 and y < H and x > -1.0 and x < W)
+            empty[g, k, j] = 2 if no_corner else (1 if outside else 0)
             idx[g, k, 0, j], idx[g, k, 1, j], idx[g, k, 2, j], idx[g, k, 3, j] = i0, i1, i2, i3
             wt[g, k, 0, j], wt[g, k, 1, j], wt[g, k, 2, j], wt[g, k, 3, j] = w0, w1, w2, w3
             m = mask[n, g * K + k, p] if has_mask else 1.0
@@ -95,8 +102,9 @@ def _channel_block(task, cpg):
 
 
 @njit(parallel=True, cache=True)
-def _im2col(x, n0, nimg, Tp, idx, wm, col):
-    """col[c*K + k, j] = sum_t wm * x[n, c, idx] (wm: weights times mask) for the tile's columns.
+def _im2col(x, n0, nimg, Tp, idx, wm, empty, col):
+    """col[c*K + k, j] = sum_t wm * x[n, c, idx] (wm: weights times mask) for the tile's columns,
+    and 0 where ``empty`` is set (see :func:`_tile_taps`; the gather read pixels with weight 0).
 
     One task per block of four channels of a group, which share each load of the taps.
     """
@@ -127,6 +135,11 @@ def _im2col(x, n0, nimg, Tp, idx, wm, col):
                             j = b * Tp + jj
                             row[j] = (tw[0, j] * src[ti[0, j]] + tw[1, j] * src[ti[1, j]]
                                       + tw[2, j] * src[ti[2, j]] + tw[3, j] * src[ti[3, j]])
+                te = empty[g, k]
+                for jj in range(Tp):
+                    if te[b * Tp + jj]:
+                        for c in range(c0, c1):
+                            col[c * K + k, b * Tp + jj] = 0.0
 
 
 @njit(parallel=True, cache=True)
@@ -186,8 +199,8 @@ def _col2im(grad_col, n0, nimg, Tp, idx, wm, grad_x):
 
 
 @njit(parallel=True, cache=True)
-def _offset_mask_grad(x, grad_col, n0, Tp, p0, T, idx, wt, msk, ay, ax, grad_offset, grad_mask,
-                      need_offset, need_mask):
+def _offset_mask_grad(x, grad_col, n0, Tp, p0, T, idx, wt, msk, empty, ay, ax, grad_offset,
+                      grad_mask, need_offset, need_mask):
     """Offset and mask gradients of the tile's columns: one task per (g, k, chunk of columns)
     sums over the channels of group g (no atomics). grad_offset: (N, 2GK, P); grad_mask:
     (N, GK, P).
@@ -238,15 +251,18 @@ def _offset_mask_grad(x, grad_col, n0, Tp, p0, T, idx, wt, msk, ay, ax, grad_off
             jj = j - j0
             p = p0 + q
             s0, s1, s2, s3 = S[0, jj], S[1, jj], S[2, jj], S[3, jj]
+            code = empty[g, k, j]  # see _tile_taps; the sums of flagged samples read pixel 0
             if need_offset:
-                m = msk[g, k, j]
+                m = msk[g, k, j] if code < 2 else 0.0
+                if code == 2:
+                    s0 = s1 = s2 = s3 = 0.0
                 grad_offset[n, g * 2 * K + 2 * k, p] = m * (ta[0, j] * s0 + ta[1, j] * s1
                                                             + ta[2, j] * s2 + ta[3, j] * s3)
                 grad_offset[n, g * 2 * K + 2 * k + 1, p] = m * (tb[0, j] * s0 + tb[1, j] * s1
                                                                 + tb[2, j] * s2 + tb[3, j] * s3)
             if need_mask:
-                grad_mask[n, g * K + k, p] = (tw[0, j] * s0 + tw[1, j] * s1
-                                              + tw[2, j] * s2 + tw[3, j] * s3)
+                grad_mask[n, g * K + k, p] = 0.0 if code else (tw[0, j] * s0 + tw[1, j] * s1
+                                                               + tw[2, j] * s2 + tw[3, j] * s3)
             q += 1
             if q == Tp:
                 q, n = 0, n + 1
@@ -307,6 +323,7 @@ class _Workspace:
         self.wt = np.empty((G, K, 4, T), dtype)
         self.wm = np.empty((G, K, 4, T), dtype)
         self.msk = np.empty((G, K, T), dtype)
+        self.empty = np.empty((G, K, T), np.uint8)
         shape = (G, K, 4, T) if slopes else (1, 1, 4, 1)
         self.ay, self.ax = np.empty(shape, dtype), np.empty(shape, dtype)
         self.col = np.empty((Cin * K, T), dtype)
@@ -339,7 +356,8 @@ def _taps(ws, offset, mask, n0, Tp, p0, T, Wo, H, W, kh, kw, stride, padding, di
           slopes):
     has_mask = mask is not None
     _tile_taps(offset, mask if has_mask else offset, has_mask, n0, Tp, p0, T, Wo, H, W, kh, kw,
-               stride, padding, dilation, ws.idx, ws.wt, ws.wm, ws.msk, slopes, ws.ay, ws.ax)
+               stride, padding, dilation, ws.idx, ws.wt, ws.wm, ws.msk, ws.empty, slopes, ws.ay,
+               ws.ax)
 
 
 def deform_conv2d_forward(x, offset, weight, bias, mask, stride, padding, dilation, out):
@@ -369,7 +387,7 @@ def _forward_tile(ws, xf, offset, mask, w_g, bias_col, of, n0, nimg, p0, Tp, Wo,
     cpg_w, K = w_g.shape[2] // (kh * kw), kh * kw
     t = nimg * Tp
     _taps(ws, offset, mask, n0, Tp, p0, t, Wo, H, W, kh, kw, stride, padding, dilation, False)
-    _im2col(xf, n0, nimg, Tp, ws.idx, ws.wm, ws.col)  # full buffers: one Numba type
+    _im2col(xf, n0, nimg, Tp, ws.idx, ws.wm, ws.empty, ws.col)  # full buffers: one Numba type
     col = ws.col[:, :t]
     res = ws.res[:, :t]
     _matmul(w_g, col.reshape(groups, cpg_w * K, t), res.reshape(groups, Cout // groups, t))
@@ -418,7 +436,7 @@ def deform_conv2d_backward(grad_out, x, offset, weight, mask, stride, padding, d
             go.reshape(Cout, nimg, Tp)[...] = gof[n0:n0 + nimg, :, p0:p0 + Tp].transpose(1, 0, 2)
             go_g = go.reshape(groups, Cout // groups, t)
             if need_w:
-                _im2col(xf, n0, nimg, Tp, ws.idx, ws.wm, ws.col)
+                _im2col(xf, n0, nimg, Tp, ws.idx, ws.wm, ws.empty, ws.col)
                 col = ws.col[:, :t]
                 _matmul(go_g, col.reshape(groups, cpg_w * K, t).transpose(0, 2, 1), gw_tile)
                 gwg += gw_tile
@@ -428,5 +446,6 @@ def deform_conv2d_backward(grad_out, x, offset, weight, mask, stride, padding, d
                 if need_x:
                     _col2im(ws.grad_col, n0, nimg, Tp, ws.idx, ws.wm, gxf)
                 if need_offset or need_mask:
-                    _offset_mask_grad(xf, ws.grad_col, n0, Tp, p0, t, ws.idx, ws.wt, ws.msk, ws.ay,
-                                      ws.ax, gof_off, gof_msk, need_offset, need_mask)
+                    _offset_mask_grad(xf, ws.grad_col, n0, Tp, p0, t, ws.idx, ws.wt, ws.msk,
+                                      ws.empty, ws.ay, ws.ax, gof_off, gof_msk, need_offset,
+                                      need_mask)

@@ -34,11 +34,12 @@ TABLE_POINTS = 1 << 18
 
 
 @njit(cache=True, inline="always")
-def _store_taps(taps, j, idx, wt, bias):
+def _store_taps(taps, j, idx, wt, bias, empty):
     """Store the :func:`corner_taps` tuple as column j (casting weights to the array dtype)."""
     idx[0, j], idx[1, j], idx[2, j], idx[3, j] = taps[0], taps[1], taps[2], taps[3]
     wt[0, j], wt[1, j], wt[2, j], wt[3, j] = taps[4], taps[5], taps[6], taps[7]
     bias[j] = taps[8]
+    empty[j] = taps[9]
 
 
 @njit(cache=True, inline="always")
@@ -51,12 +52,14 @@ def _store_slopes(slopes, j, ay, ax, cst):
 
 @njit(cache=True)
 def _fill_chunk(cn, channels_last, g, p0, m, Wo, relative, H, W, mode, order, cval, col0,
-                idx, wt, bias, slopes, ay, ax, cst):
+                idx, wt, bias, empty, slopes, ay, ax, cst):
     """Taps (and, if ``slopes``, derivative coefficients) of points p0 .. p0+m-1 of group g.
 
     ``cn`` holds one image's coordinates, (2G, P) or, if ``channels_last``, (P, 2G); point
-    p0 + j goes to column col0 + j of the tap arrays.
+    p0 + j goes to column col0 + j of the tap arrays. ``empty`` flags the points that read no
+    pixel (their value is ``bias``); returns how many there are.
     """
+    n_empty = 0
     for j in range(m):
         p = p0 + j
         if channels_last:
@@ -67,9 +70,21 @@ def _fill_chunk(cn, channels_last, g, p0, m, Wo, relative, H, W, mode, order, cv
             y += p // Wo
             x += p % Wo
         ya, xa = point_taps(y, x, H, W, mode, order)
-        _store_taps(corner_taps(ya, xa, W, cval), col0 + j, idx, wt, bias)
+        taps = corner_taps(ya, xa, W, cval)
+        _store_taps(taps, col0 + j, idx, wt, bias, empty)
+        n_empty += taps[9]
         if slopes:
             _store_slopes(corner_slopes(ya, xa, cval), col0 + j, ay, ax, cst)
+    return n_empty
+
+
+@njit(cache=True)
+def _set_empty(rows, c0, c1, empty, values, p0, m):
+    """rows[c, p0 + j] = values[j] for c0 <= c < c1 and the flagged points j < m."""
+    for j in range(m):
+        if empty[j]:
+            for c in range(c0, c1):
+                rows[c, p0 + j] = values[j]
 
 
 @njit(cache=True)
@@ -159,8 +174,9 @@ def _sample_forward_nchw(x, coords, out, order, mode, cval, relative):
         idx = np.empty((4, CHUNK), np.uintp)
         wt = np.empty((4, CHUNK), x.dtype)
         bias = np.empty(CHUNK, x.dtype)
-        _fill_chunk(cf[n], False, g, p0, m, Wo, relative, H, W, mode, order, cval, 0,
-                    idx, wt, bias, False, wt, wt, wt)
+        empty = np.empty(CHUNK, np.bool_)
+        n_empty = _fill_chunk(cf[n], False, g, p0, m, Wo, relative, H, W, mode, order, cval, 0,
+                              idx, wt, bias, empty, False, wt, wt, wt)
         c = n * C + g * cpg
         c_end = c + cpg
         while c + 4 <= c_end:  # four channels share each load of the taps
@@ -169,6 +185,8 @@ def _sample_forward_nchw(x, coords, out, order, mode, cval, relative):
         while c < c_end:
             _blend1(xf, of, c, idx, wt, bias, p0, m)
             c += 1
+        if n_empty:  # the blend read pixel 0 for them, with weight 0: cval, even if it is NaN
+            _set_empty(of, n * C + g * cpg, c_end, empty, bias, p0, m)
 
 
 def _sample_forward_nhwc(x, coords, out, order, mode, cval, relative):
@@ -188,17 +206,22 @@ def _sample_forward_nhwc(x, coords, out, order, mode, cval, relative):
         idx = np.empty((4, G * CHUNK), np.uintp)
         wt = np.empty((4, G * CHUNK), x.dtype)
         bias = np.empty(G * CHUNK, x.dtype)
+        empty = np.empty(G * CHUNK, np.bool_)
         for g in range(G):
             _fill_chunk(cf[n], True, g, p0, m, Wo, relative, H, W, mode, order, cval, g * CHUNK,
-                        idx, wt, bias, False, wt, wt, wt)
+                        idx, wt, bias, empty, False, wt, wt, wt)
         for j in range(m):
             dst = of[n, p0 + j]
             for g in range(G):
                 t = g * CHUNK + j
                 r0, r1, r2, r3 = xf[n, idx[0, t]], xf[n, idx[1, t]], xf[n, idx[2, t]], xf[n, idx[3, t]]
                 w0, w1, w2, w3, b = wt[0, t], wt[1, t], wt[2, t], wt[3, t], bias[t]
-                for c in range(g * cpg, (g + 1) * cpg):
-                    dst[c] = b + w0 * r0[c] + w1 * r1[c] + w2 * r2[c] + w3 * r3[c]
+                if empty[t]:  # reads no pixel: cval
+                    for c in range(g * cpg, (g + 1) * cpg):
+                        dst[c] = b
+                else:
+                    for c in range(g * cpg, (g + 1) * cpg):
+                        dst[c] = b + w0 * r0[c] + w1 * r1[c] + w2 * r2[c] + w3 * r3[c]
 
 
 def _sample_backward_nchw(grad_out, x, coords, grad_x, grad_coords, order, mode, cval, relative,
@@ -231,8 +254,9 @@ def _sample_backward_nchw(grad_out, x, coords, grad_x, grad_coords, order, mode,
         ay = np.empty((4, CHUNK), x.dtype)
         ax = np.empty((4, CHUNK), x.dtype)
         cst = np.empty((2, CHUNK), x.dtype)
-        _fill_chunk(cf[n], False, g, p0, m, Wo, relative, H, W, mode, order, cval, 0,
-                    idx, wt, bias, need_coords, ay, ax, cst)
+        empty = np.empty(CHUNK, np.bool_)
+        n_empty = _fill_chunk(cf[n], False, g, p0, m, Wo, relative, H, W, mode, order, cval, 0,
+                              idx, wt, bias, empty, need_coords, ay, ax, cst)
         if need_x:
             for k in range(4):
                 for j in range(m):
@@ -241,6 +265,8 @@ def _sample_backward_nchw(grad_out, x, coords, grad_x, grad_coords, order, mode,
         if need_coords:
             acc = np.empty((2, CHUNK), x.dtype)
             _slope_sums(xf, gof, n * C + g * cpg, n * C + (g + 1) * cpg, idx, ay, ax, cst, p0, m, acc)
+            if n_empty:  # constant output, and the sums read pixel 0 with weight 0
+                _set_empty(acc, 0, 2, empty, np.zeros(m, x.dtype), 0, m)
             for j in range(m):
                 gcf[n, 2 * g, p0 + j] = acc[0, j]
                 gcf[n, 2 * g + 1, p0 + j] = acc[1, j]
@@ -291,9 +317,10 @@ def _sample_backward_nhwc(grad_out, x, coords, grad_x, grad_coords, order, mode,
         ax = np.empty((4, G * CHUNK), x.dtype)
         cst = np.empty((2, G * CHUNK), x.dtype)
         acc = np.empty(2, x.dtype)
+        empty = np.empty(G * CHUNK, np.bool_)
         for g in range(G):
             _fill_chunk(cf[n], True, g, p0, m, Wo, relative, H, W, mode, order, cval, g * CHUNK,
-                        idx, wt, bias, need_coords, ay, ax, cst)
+                        idx, wt, bias, empty, need_coords, ay, ax, cst)
         for j in range(m):
             p = p0 + j
             for g in range(G):
@@ -302,7 +329,10 @@ def _sample_backward_nhwc(grad_out, x, coords, grad_x, grad_coords, order, mode,
                     for k in range(4):
                         tidx[n, p, k, g] = idx[k, t]
                         twt[n, p, k, g] = wt[k, t]
-                if need_coords:
+                if need_coords and empty[t]:  # constant output: zero gradient, no pixel read
+                    gcf[n, p, 2 * g] = 0.0
+                    gcf[n, p, 2 * g + 1] = 0.0
+                elif need_coords:
                     go = gof[n, p]
                     r0, r1, r2, r3 = xf[n, idx[0, t]], xf[n, idx[1, t]], xf[n, idx[2, t]], xf[n, idx[3, t]]
                     acc[0] = 0.0
