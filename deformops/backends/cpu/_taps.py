@@ -190,26 +190,32 @@ def corner_taps(ya, xa, W, cval):
     if not (oky and okx):
         return 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, cval, True
     bias = 0.0
-    i0, w0, bias = _corner(y_low, x_low, ly * lx, W, cval, bias)
-    i1, w1, bias = _corner(y_low, x_high, ly * hx, W, cval, bias)
-    i2, w2, bias = _corner(y_high, x_low, hy * lx, W, cval, bias)
-    i3, w3, bias = _corner(y_high, x_high, hy * hx, W, cval, bias)
-    inside = i0 if i0 >= 0 else (i1 if i1 >= 0 else (i2 if i2 >= 0 else i3))
-    if inside < 0:
+    w0, bias = _corner(y_low, x_low, ly * lx, cval, bias)
+    w1, bias = _corner(y_low, x_high, ly * hx, cval, bias)
+    w2, bias = _corner(y_high, x_low, hy * lx, cval, bias)
+    w3, bias = _corner(y_high, x_high, hy * hx, cval, bias)
+    if (y_low < 0 and y_high < 0) or (x_low < 0 and x_high < 0):
         return 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, bias, True
-    i0 = i0 if i0 >= 0 else inside
-    i1 = i1 if i1 >= 0 else inside
-    i2 = i2 if i2 >= 0 else inside
-    i3 = i3 if i3 >= 0 else inside
-    return i0, i1, i2, i3, w0, w1, w2, w3, bias, False
+    # an outside tap borrows the other tap of its axis: every index is then a corner inside
+    if y_low < 0:
+        y_low = y_high
+    if y_high < 0:
+        y_high = y_low
+    if x_low < 0:
+        x_low = x_high
+    if x_high < 0:
+        x_high = x_low
+    r_low, r_high = y_low * W, y_high * W
+    return (r_low + x_low, r_low + x_high, r_high + x_low, r_high + x_high,
+            w0, w1, w2, w3, bias, False)
 
 
 @njit(cache=True, inline="always")
-def _corner(yi, xi, w, W, cval, bias):
-    """(index, weight, bias) of one corner; index -1 when it lies outside (reads cval)."""
+def _corner(yi, xi, w, cval, bias):
+    """(weight, bias) of one corner: an outside corner (index -1) moves its weight to bias."""
     if yi < 0 or xi < 0:
-        return -1, 0.0, bias + cval * w
-    return yi * W + xi, w, bias
+        return 0.0, bias + cval * w
+    return w, bias
 
 
 @njit(cache=True)
