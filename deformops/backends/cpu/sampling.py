@@ -370,12 +370,6 @@ def _sample_backward_nhwc(grad_out, x, coords, grad_x, grad_coords, order, mode,
                         dst[c] += w * go[c]
 
 
-# Only explicit prange loops run in parallel; Numba's other array-expression rewrites add compile
-# time and nothing here needs them.
-_PARALLEL = dict(prange=True, fusion=False, comprehension=False, setitem=False,
-                 inplace_binop=False, reduction=False, numpy=False, stencil=False)
-
-
 def _array(dtype, ndim, readonly):
     return types.Array(dtype, ndim, "C", readonly=readonly)
 
@@ -396,7 +390,7 @@ def _kernel(name, dtype):
         "backward_nchw": _sample_backward_nchw,
         "backward_nhwc": _sample_backward_nhwc,
     }[name]
-    return njit(sig, parallel=_PARALLEL, cache=True)(pyfunc)
+    return njit(sig, parallel=True, cache=True)(pyfunc)
 
 
 def sample_forward(x, coords, out, order, mode, cval, relative, channels_last):
