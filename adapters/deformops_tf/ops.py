@@ -1,0 +1,419 @@
+"""Differentiable TensorFlow ops over the deformops kernels.
+
+Conventions are TensorFlow's (``tf.nn.conv2d``): ``data_format="NHWC"`` by default (``"NCHW"``
+accepted), filters shaped ``[kh, kw, Cin/groups, Cout]``, ``strides`` / ``dilations`` / ``padding``
+as an int or a pair (padding is explicit zero padding, as in deformops). Offset and mask channel
+orders are deformops' (DESIGN §3); shapes in NHWC (K = kh*kw taps, G offset groups):
+
+==========================  ===================  ===============================================
+array                       shape (NHWC)         channel order
+==========================  ===================  ===============================================
+deform_conv2d ``offset``    (N, Ho, Wo, 2*G*K)   ``g*2*K + 2*k`` = Δy, ``+1`` = Δx, k = i*kw + j
+deform_conv2d ``mask``      (N, Ho, Wo, G*K)     ``g*K + k``
+sample ``coords``           (N, Ho, Wo, 2*G)     ``2*g`` = y (row), ``2*g + 1`` = x (column)
+deform_sample ``offset``    (N, H, W, 2*G)       ``2*g`` = dy, ``2*g + 1`` = dx
+==========================  ===================  ===============================================
+
+Offset group g covers the contiguous channels ``[g*C/G, (g+1)*C/G)``.
+
+Every op has a ``tf.custom_gradient`` whose backward calls the matching ``*_backward`` function
+of deformops. Eagerly, tensors cross zero-copy (see :mod:`deformops_tf._convert`). Inside
+``tf.function`` (Keras ``model.fit`` included) the same code runs in a ``tf.py_function``, and
+the static shapes TF cannot infer through it are restored with ``set_shape``. Such graphs cannot
+be compiled with XLA (``jit_compile=True``) or exported as a SavedModel without the Python code;
+``.keras`` files (configuration + weights) are fine.
+
+Arguments are checked when the op is called (also when a ``tf.function`` is traced): a
+``ValueError`` for shapes and values, a ``TypeError`` for dtypes and types, naming the argument.
+"""
+
+import functools
+import operator
+import threading
+
+import deformops as dops
+import numpy as np
+import tensorflow as tf
+
+from ._convert import to_core, to_tf
+
+__all__ = ["deform_conv2d", "deform_sample", "sample"]
+
+_DATA_FORMATS = ("NHWC", "NCHW")
+_CPU_DTYPES = (tf.float32, tf.float64)
+_GPU_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
+
+# deformops' CPU backend limits BLAS threads process-wide during a call and keeps its workspace
+# per thread: TF may run independent ops on several inter-op threads at once, so calls into
+# deformops take turns (each call is multi-threaded inside).
+_LOCK = threading.RLock()
+
+
+# ------------------------------------------------------------------------------------------------
+# argument checks
+
+
+def _pair(value, name, minimum):
+    try:
+        pair = (value, value) if not isinstance(value, (tuple, list)) else tuple(value)
+        pair = tuple(operator.index(v) for v in pair)
+    except TypeError:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
+    if len(pair) != 2:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(pair) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return pair
+
+
+def _data_format(data_format):
+    if data_format not in _DATA_FORMATS:
+        raise ValueError(f"data_format must be 'NHWC' or 'NCHW', got {data_format!r}")
+    return data_format
+
+
+def _tensor(value, name, rank, doc):
+    """``value`` as a tensor of the given rank (a tf.Variable is read here, outside the gradient
+    function, so that its gradient flows through the read)."""
+    if value is None:
+        return None
+    try:
+        t = tf.convert_to_tensor(value)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name} must be a tensor or array, got {type(value).__name__} ({e})") from None
+    if t.shape.rank is not None and t.shape.rank != rank:
+        raise ValueError(f"{name} must be {rank}-D {doc}; got shape {t.shape}")
+    return t
+
+
+@functools.lru_cache(maxsize=1)
+def _gpu_visible():
+    return bool(tf.config.list_logical_devices("GPU"))
+
+
+def _check_dtypes(named):
+    allowed = _GPU_DTYPES if _gpu_visible() else _CPU_DTYPES
+    first = None
+    for name, t in named.items():
+        if t is None:
+            continue
+        if t.dtype not in allowed:
+            names = ", ".join(d.name for d in allowed)
+            raise TypeError(f"{name} must have dtype {names}; got {t.dtype.name}")
+        if first is None:
+            first = (name, t.dtype)
+        elif t.dtype != first[1]:
+            raise TypeError(f"{name} has dtype {t.dtype.name} but {first[0]} has dtype "
+                            f"{first[1].name}; all floating inputs of one call must share a dtype "
+                            "(no silent promotion)")
+    return first[1]
+
+
+def _dims(t, nhwc):
+    """Static (N, H, W, C) of a 4-D tensor in either format (None where unknown)."""
+    s = t.shape.as_list() if t.shape.rank is not None else [None] * 4
+    return (s[0], s[1], s[2], s[3]) if nhwc else (s[0], s[2], s[3], s[1])
+
+
+def _fmt(nhwc, n, h, w, c):
+    return (n, h, w, c) if nhwc else (n, c, h, w)
+
+
+def _known(*vals):
+    return all(v is not None for v in vals)
+
+
+@functools.lru_cache(maxsize=64)
+def _check_sampling_options(order, mode, cval, dtype_name):
+    """Validate order, mode and cval with deformops itself (a call on an empty batch), so that the
+    rules and messages are the core's and a ``tf.function`` fails when traced, not when run."""
+    x = np.zeros((0, 1, 1, 1), dtype_name)
+    dops.sample(x, np.zeros((0, 1, 1, 2), dtype_name), order=order, mode=mode, cval=cval,
+                layout="NHWC")
+
+
+def _check_options(order, mode, cval, dtype):
+    try:
+        _check_sampling_options(order, mode, cval, dtype.name)
+    except TypeError as e:
+        if "unhashable" not in str(e):
+            raise
+        _check_sampling_options.__wrapped__(order, mode, cval, dtype.name)
+
+
+# ------------------------------------------------------------------------------------------------
+# running deformops eagerly or inside a graph
+
+
+def _run(fn, inputs, out_dtypes, out_shapes):
+    """``fn(*eager_tensors) -> tensor(s)`` now (eager) or in a ``tf.py_function`` (graph)."""
+    if tf.executing_eagerly():
+        return fn(*inputs)
+    single = not isinstance(out_dtypes, (list, tuple))
+    outs = tf.py_function(fn, list(inputs), out_dtypes if single else list(out_dtypes))
+    if single:
+        outs.set_shape(out_shapes)
+        return outs
+    for o, s in zip(outs, out_shapes):
+        o.set_shape(s)
+    return outs
+
+
+# ------------------------------------------------------------------------------------------------
+# deform_conv2d
+
+
+def deform_conv2d(x, offset, filters, bias=None, *, strides=1, padding=0, dilations=1, mask=None,
+                  data_format="NHWC", name=None):
+    """Deformable convolution: DCNv1 (``mask=None``) and DCNv2 (``mask`` given).
+
+    ``torchvision.ops.deform_conv2d`` semantics in ``tf.nn.conv2d`` conventions.
+
+    Parameters
+    ----------
+    x : tensor, (N, H, W, Cin) (NHWC) or (N, Cin, H, W) (NCHW)
+        float32 or float64 on the CPU.
+    offset : tensor, (N, Ho, Wo, 2*G*K) or (N, 2*G*K, Ho, Wo)
+        Per-tap (Δy, Δx) in pixels: channel ``g*2*K + 2*k`` is Δy of offset group g, tap
+        ``k = i*kw + j``, and ``+1`` is Δx. ``G`` (offset groups) is inferred and must divide Cin.
+    filters : tensor, [kh, kw, Cin/groups, Cout]
+        As ``tf.nn.conv2d``; ``groups = Cin // filters.shape[2]`` is inferred.
+    bias : tensor, (Cout,), optional
+    strides, dilations : int or (int, int)
+    padding : int or (int, int)
+        Explicit zero padding (pad_h, pad_w) on both sides. For Keras' ``'same'`` see
+        :class:`deformops_tf.DeformConv2D`.
+    mask : tensor, (N, Ho, Wo, G*K) or (N, G*K, Ho, Wo), optional
+        DCNv2 modulation of each sample, channel ``g*K + k``.
+    data_format : {'NHWC', 'NCHW'}
+    name : str, optional
+
+    Returns
+    -------
+    tensor, (N, Ho, Wo, Cout) or (N, Cout, Ho, Wo)
+        ``Ho = (H + 2*pad_h - dil_h*(kh-1) - 1) // stride_h + 1``, likewise Wo. Samples outside
+        the image are 0 (zero padding: 0 at y <= -1 or y >= H, bilinear with outside corners 0).
+
+    Gradients flow to ``x``, ``offset``, ``filters``, ``bias`` and ``mask``.
+    """
+    nhwc = _data_format(data_format) == "NHWC"
+    stride = _pair(strides, "strides", 1)
+    pad = _pair(padding, "padding", 0)
+    dil = _pair(dilations, "dilations", 1)
+    with tf.name_scope(name or "deform_conv2d"):
+        xd = "(N, H, W, Cin)" if nhwc else "(N, Cin, H, W)"
+        od = "(N, Ho, Wo, 2*G*K)" if nhwc else "(N, 2*G*K, Ho, Wo)"
+        md = "(N, Ho, Wo, G*K)" if nhwc else "(N, G*K, Ho, Wo)"
+        x = _tensor(x, "x", 4, xd)
+        offset = _tensor(offset, "offset", 4, od)
+        filters = _tensor(filters, "filters", 4, "[kh, kw, Cin/groups, Cout]")
+        bias = _tensor(bias, "bias", 1, "(Cout,)")
+        mask = _tensor(mask, "mask", 4, md)
+        dtype = _check_dtypes({"x": x, "offset": offset, "filters": filters, "bias": bias,
+                               "mask": mask})
+        out_shape = _conv_shapes(x, offset, filters, bias, mask, stride, pad, dil, nhwc)
+        layout = "NHWC" if nhwc else "NCHW"
+        kw = dict(stride=stride, padding=pad, dilation=dil, layout=layout)
+        has_bias, has_mask = bias is not None, mask is not None
+
+        def forward(x_, off_, f_, *rest):
+            b_ = rest[0] if has_bias else None
+            m_ = rest[-1] if has_mask else None
+            with _LOCK:
+                out = dops.deform_conv2d(to_core(x_), to_core(off_), to_core(f_, (3, 2, 0, 1)),
+                                         to_core(b_), mask=to_core(m_), **kw)
+                return to_tf(out)
+
+        def backward(dy, x_, off_, f_, *rest):
+            m_ = rest[-1] if has_mask else None
+            with _LOCK:
+                g = dops.deform_conv2d_backward(
+                    to_core(dy), to_core(x_), to_core(off_), to_core(f_, (3, 2, 0, 1)),
+                    mask=to_core(m_), needs_input_grad=(True, True, True, has_mask, has_bias),
+                    **kw)
+                grads = [to_tf(g.grad_input), to_tf(g.grad_offset),
+                         to_tf(g.grad_weight.transpose(2, 3, 1, 0))]
+                if has_bias:
+                    grads.append(to_tf(g.grad_bias))
+                if has_mask:
+                    grads.append(to_tf(g.grad_mask))
+                return grads
+
+        inputs = [t for t in (x, offset, filters, bias, mask) if t is not None]
+
+        @tf.custom_gradient
+        def op(*inputs):
+            out = _run(forward, inputs, dtype, out_shape)
+
+            def grad(dy):
+                return _run(backward, [dy, *inputs], [dtype] * len(inputs),
+                            [t.shape for t in inputs])
+
+            return out, grad
+
+        return op(*inputs)
+
+
+def _conv_shapes(x, offset, filters, bias, mask, stride, pad, dil, nhwc):
+    """Check every statically known shape (ValueError naming the argument); the output shape."""
+    N, H, W, Cin = _dims(x, nhwc)
+    kh, kw, cpg, Cout = filters.shape.as_list() if filters.shape.rank else [None] * 4
+    if _known(kh, kw, cpg) and 0 in (kh, kw, cpg):
+        raise ValueError(f"filters must have non-empty [kh, kw, Cin/groups]; got {filters.shape}")
+    groups = None
+    if _known(Cin, cpg):
+        if Cin % cpg:
+            raise ValueError(f"x has {Cin} channels, not a multiple of filters.shape[2] = {cpg} "
+                             "(Cin/groups)")
+        groups = Cin // cpg
+        if _known(Cout) and Cout % groups:
+            raise ValueError(f"filters has {Cout} output channels, not divisible by groups = "
+                             f"{groups} (= Cin {Cin} // filters.shape[2] {cpg})")
+    if bias is not None and _known(Cout) and bias.shape[0] is not None and bias.shape[0] != Cout:
+        raise ValueError(f"bias must have shape ({Cout},); got {bias.shape}")
+    Ho = Wo = None
+    if _known(H, kh):
+        Ho = (H + 2 * pad[0] - dil[0] * (kh - 1) - 1) // stride[0] + 1
+    if _known(W, kw):
+        Wo = (W + 2 * pad[1] - dil[1] * (kw - 1) - 1) // stride[1] + 1
+    if (Ho is not None and Ho <= 0) or (Wo is not None and Wo <= 0):
+        raise ValueError(f"the kernel ({kh}, {kw}) with dilations {dil} is larger than the padded "
+                         f"input ({H + 2 * pad[0]}, {W + 2 * pad[1]}): the output would be empty")
+    if (H == 0 or W == 0) and N != 0 and _known(N) and Cin:
+        raise ValueError(f"x has an empty spatial size {(H, W)}: there is nothing to sample")
+    On, Oh, Ow, Oc = _dims(offset, nhwc)
+    K = kh * kw if _known(kh, kw) else None
+    if _known(N, On) and On != N:
+        raise ValueError(f"offset has batch size {On} but x has {N}")
+    if _known(K, Oc):
+        if Oc == 0 or Oc % (2 * K) or (_known(Cin) and Cin % (Oc // (2 * K))):
+            raise ValueError(f"offset must have 2*G*K channels for K = {K} taps and G offset "
+                             f"groups dividing Cin = {Cin}; got shape {offset.shape}")
+    for got, want, axis in ((Oh, Ho, "Ho"), (Ow, Wo, "Wo")):
+        if _known(got, want) and got != want:
+            raise ValueError(f"offset must have the output's spatial size (Ho, Wo) = {(Ho, Wo)}; "
+                             f"got shape {offset.shape}")
+    if mask is not None:
+        Mn, Mh, Mw, Mc = _dims(mask, nhwc)
+        if _known(N, Mn) and Mn != N:
+            raise ValueError(f"mask has batch size {Mn} but x has {N}")
+        if _known(K, Oc, Mc) and Oc % (2 * K) == 0 and Mc != Oc // 2:
+            raise ValueError(f"mask must have G*K = {Oc // 2} channels (offset has {Oc}); got "
+                             f"shape {mask.shape}")
+        for got, want in ((Mh, Ho), (Mw, Wo)):
+            if _known(got, want) and got != want:
+                raise ValueError(f"mask must have the output's spatial size (Ho, Wo) = "
+                                 f"{(Ho, Wo)}; got shape {mask.shape}")
+    return tf.TensorShape(_fmt(nhwc, N if N is not None else On, Ho, Wo, Cout))
+
+
+# ------------------------------------------------------------------------------------------------
+# sample / deform_sample
+
+
+def _sampling(x, coords, order, mode, cval, data_format, name, coords_name, relative):
+    nhwc = _data_format(data_format) == "NHWC"
+    layout = "NHWC" if nhwc else "NCHW"
+    with tf.name_scope(name):
+        x = _tensor(x, "x", 4, "(N, H, W, C)" if nhwc else "(N, C, H, W)")
+        coords = _tensor(coords, coords_name, 4,
+                         "(N, Ho, Wo, 2G)" if nhwc else "(N, 2G, Ho, Wo)")
+        dtype = _check_dtypes({"x": x, coords_name: coords})
+        _check_options(order, mode, cval, dtype)
+        N, H, W, C = _dims(x, nhwc)
+        Nc, Ho, Wo, G2 = _dims(coords, nhwc)
+        if _known(N, Nc) and N != Nc:
+            raise ValueError(f"{coords_name} has batch size {Nc} but x has {N}")
+        if _known(G2) and (G2 < 2 or G2 % 2):
+            raise ValueError(f"{coords_name} must have 2G channels (a (y, x) pair per offset "
+                             f"group); got {G2}")
+        if _known(G2, C) and G2 >= 2 and C % (G2 // 2):
+            raise ValueError(f"x has {C} channels, which {G2 // 2} offset groups of "
+                             f"{coords_name} do not divide")
+        if relative:
+            for got, want in ((Ho, H), (Wo, W)):
+                if _known(got, want) and got != want:
+                    raise ValueError(f"{coords_name} must have the spatial size of x, {(H, W)}; "
+                                     f"got {(Ho, Wo)}")
+            Ho = H if Ho is None else Ho
+            Wo = W if Wo is None else Wo
+        out_shape = tf.TensorShape(_fmt(nhwc, N if N is not None else Nc, Ho, Wo, C))
+        kw = dict(order=order, mode=mode, cval=cval, layout=layout)
+        fwd_fn = dops.deform_sample if relative else dops.sample
+        bwd_fn = dops.deform_sample_backward if relative else dops.sample_backward
+
+        def forward(x_, c_):
+            with _LOCK:
+                return to_tf(fwd_fn(to_core(x_), to_core(c_), **kw))
+
+        def backward(dy, x_, c_):
+            with _LOCK:
+                g = bwd_fn(to_core(dy), to_core(x_), to_core(c_), **kw)
+                return [to_tf(g[0]), to_tf(g[1])]
+
+        @tf.custom_gradient
+        def op(x, coords):
+            out = _run(forward, (x, coords), dtype, out_shape)
+
+            def grad(dy):
+                return _run(backward, (dy, x, coords), [dtype, dtype], [x.shape, coords.shape])
+
+            return out, grad
+
+        return op(x, coords)
+
+
+def sample(x, coords, *, order=1, mode="grid-constant", cval=0.0, data_format="NHWC", name=None):
+    """Sample every channel of ``x`` at absolute pixel coordinates (differentiable).
+
+    ``out[n, i, j, c] = interp(x[n, :, :, c], coords[n, i, j, 2g], coords[n, i, j, 2g + 1])`` for
+    channel c in offset group g (NHWC shown), exactly ``scipy.ndimage.map_coordinates`` with the
+    same order, mode and cval (see :func:`deformops.sample`).
+
+    Parameters
+    ----------
+    x : tensor, (N, H, W, C) or (N, C, H, W)
+    coords : tensor, (N, Ho, Wo, 2G) or (N, 2G, Ho, Wo)
+        (y, x) pixel coordinates per offset group; same dtype as ``x``.
+    order : {0, 1}
+        Nearest or bilinear.
+    mode : str
+        'constant', 'grid-constant', 'nearest', 'reflect' (= 'grid-mirror'), 'mirror', 'wrap' or
+        'grid-wrap', as in ``scipy.ndimage``.
+    cval : float
+    data_format : {'NHWC', 'NCHW'}
+    name : str, optional
+
+    Returns
+    -------
+    tensor, (N, Ho, Wo, C) or (N, C, Ho, Wo)
+
+    Gradients flow to ``x`` and ``coords``.
+    """
+    return _sampling(x, coords, order, mode, cval, data_format, name or "sample", "coords",
+                     relative=False)
+
+
+def deform_sample(x, offset, *, order=1, mode="grid-constant", cval=0.0, data_format="NHWC",
+                  name=None):
+    """Sample every channel of ``x`` at offsets from its own pixel grid (differentiable).
+
+    Output (i, j) of channel c in offset group g reads ``x`` at ``(i + offset[n, i, j, 2g],
+    j + offset[n, i, j, 2g + 1])`` (NHWC shown); a zero offset returns ``x``.
+
+    Parameters
+    ----------
+    x : tensor, (N, H, W, C) or (N, C, H, W)
+    offset : tensor, (N, H, W, 2G) or (N, 2G, H, W)
+        (dy, dx) in pixels per offset group; same dtype as ``x``.
+    order, mode, cval, data_format, name
+        As for :func:`sample`.
+
+    Returns
+    -------
+    tensor, the shape of ``x``
+
+    Gradients flow to ``x`` and ``offset``.
+    """
+    return _sampling(x, offset, order, mode, cval, data_format, name or "deform_sample", "offset",
+                     relative=True)
