@@ -81,6 +81,9 @@ def _tensor(value, name, rank, doc):
         t = tf.convert_to_tensor(value)
     except (TypeError, ValueError) as e:
         raise TypeError(f"{name} must be a tensor or array, got {type(value).__name__} ({e})") from None
+    if not t.dtype.is_floating:
+        raise TypeError(f"{name} must be a floating tensor (float32 or float64 on the CPU); got "
+                        f"dtype {t.dtype.name}")
     if t.shape.rank is not None and t.shape.rank != rank:
         raise ValueError(f"{name} must be {rank}-D {doc}; got shape {t.shape}")
     return t

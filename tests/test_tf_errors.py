@@ -1,0 +1,176 @@
+"""deformops_tf: user errors (DESIGN §5) and buffers TensorFlow must never see misaligned.
+
+Oracles: DESIGN §5 (a ValueError for shapes and values, a TypeError for dtypes and types, the
+message naming the argument); for alignment, the return code of a subprocess that feeds the ops
+and the NumPy → TF conversion misaligned and strided arrays and runs TF kernels on the results
+(TensorFlow aborts the process with ``Check failed: IsAligned()`` if it ever reads a misaligned
+buffer), plus the values those kernels compute.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+
+import deformops_tf as dtf  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+f32 = np.float32
+X = np.zeros((1, 5, 6, 4), f32)
+OFF = np.zeros((1, 5, 6, 18), f32)  # 3x3, padding 1, G = 1
+FIL = np.zeros((3, 3, 4, 2), f32)
+MSK = np.zeros((1, 5, 6, 9), f32)
+
+
+def conv(**kw):
+    args = dict(x=X, offset=OFF, filters=FIL, bias=None, padding=1, mask=None)
+    args.update(kw)
+    return dtf.deform_conv2d(args.pop("x"), args.pop("offset"), args.pop("filters"),
+                             args.pop("bias"), **args)
+
+
+CASES = [
+    # (call, exception, words the message must contain)
+    (lambda: conv(x=X.astype(np.int32)), TypeError, ["x", "int32"]),
+    (lambda: conv(offset=OFF.astype(np.float64)), TypeError, ["offset", "float64"]),
+    (lambda: conv(x="image"), TypeError, ["x"]),
+    (lambda: conv(x=X[0]), ValueError, ["x", "4-D"]),
+    (lambda: conv(filters=np.zeros((3, 3, 3, 2), f32)), ValueError, ["filters"]),
+    (lambda: conv(filters=np.zeros((3, 3, 2, 3), f32)), ValueError, ["groups"]),
+    (lambda: conv(offset=np.zeros((1, 5, 6, 17), f32)), ValueError, ["offset", "2*G*K"]),
+    (lambda: conv(offset=np.zeros((1, 4, 6, 18), f32)), ValueError, ["offset", "spatial"]),
+    (lambda: conv(offset=np.zeros((2, 5, 6, 18), f32)), ValueError, ["offset", "batch"]),
+    (lambda: conv(mask=np.zeros((1, 5, 6, 8), f32)), ValueError, ["mask"]),
+    (lambda: conv(bias=np.zeros(3, f32)), ValueError, ["bias"]),
+    (lambda: conv(strides=0), ValueError, ["strides"]),
+    (lambda: conv(strides="2"), TypeError, ["strides"]),
+    (lambda: conv(dilations=(1, 1, 1)), ValueError, ["dilations"]),
+    (lambda: conv(padding=-1), ValueError, ["padding"]),
+    (lambda: conv(padding=0, dilations=4, offset=np.zeros((1, 1, 1, 18), f32)), ValueError,
+     ["larger"]),
+    (lambda: conv(data_format="NWHC"), ValueError, ["data_format"]),
+    (lambda: dtf.deform_sample(X, OFF[..., :2], mode="bogus"), ValueError, ["mode"]),
+    (lambda: dtf.deform_sample(X, OFF[..., :2], order=1.5), TypeError, ["order"]),
+    (lambda: dtf.deform_sample(X, OFF[..., :2], order=7), ValueError, ["order"]),
+    (lambda: dtf.deform_sample(X, OFF[..., :2], cval="zero"), TypeError, ["cval"]),
+    (lambda: dtf.deform_sample(X, OFF[:, :4, :, :2]), ValueError, ["offset", "spatial"]),
+    (lambda: dtf.deform_sample(X, OFF[..., :3]), ValueError, ["offset", "2G"]),
+    (lambda: dtf.deform_sample(X, OFF[..., :6]), ValueError, ["offset groups"]),
+    (lambda: dtf.sample(X, OFF[..., :2].astype(np.float64)), TypeError, ["coords"]),
+    (lambda: dtf.sample(X, OFF[0, ..., :2]), ValueError, ["coords", "4-D"]),
+]
+
+
+@pytest.mark.parametrize("k", range(len(CASES)))
+def test_errors_name_the_argument(k):
+    call, exc, words = CASES[k]
+    with pytest.raises(exc) as info:
+        call()
+    msg = str(info.value)
+    for w in words:
+        assert w in msg, msg
+
+
+def test_errors_are_raised_when_a_tf_function_is_traced():
+    @tf.function(input_signature=[tf.TensorSpec((None, 5, 6, 4), tf.float32),
+                                  tf.TensorSpec((None, 5, 6, 16), tf.float32)])
+    def f(x, off):
+        return dtf.deform_conv2d(x, off, FIL, padding=1)
+
+    with pytest.raises(ValueError, match="offset"):
+        f.get_concrete_function()
+
+
+def test_order_above_one_is_not_implemented():
+    with pytest.raises(NotImplementedError, match="order"):
+        dtf.sample(X, OFF[..., :2], order=3)
+
+
+def test_layer_arguments_are_checked():
+    import keras
+
+    with pytest.raises(ValueError, match="filters"):
+        dtf.ConvOffset2D(5)(keras.Input((6, 7, 3)))
+    with pytest.raises(ValueError, match="mode"):
+        dtf.ConvOffset2D(mode="clamp")
+    with pytest.raises(ValueError, match="padding"):
+        dtf.DeformConv2D(4, 3, padding="full")
+    with pytest.raises(ValueError, match="groups"):
+        dtf.DeformConv2D(4, 3, groups=3)
+    with pytest.raises(ValueError, match="offset_groups"):
+        dtf.DeformConv2D(4, 3, offset_groups=2)(keras.Input((6, 7, 3)))
+    with pytest.raises(ValueError, match="dilation_rate"):
+        dtf.DeformConv2D(4, 3, strides=2, dilation_rate=2)
+    with pytest.raises(ValueError, match="mask_scale"):
+        dtf.DeformConv2D(4, 3, mask_scale=0)
+
+
+RISKY = textwrap.dedent(
+    """
+    import numpy as np, tensorflow as tf
+    import deformops as dops, deformops_tf as dtf
+    from deformops_tf import _convert
+
+    def misaligned(shape, dtype, shift):
+        dtype = np.dtype(dtype)
+        n = int(np.prod(shape)) * dtype.itemsize
+        buf = np.empty(n + 128, np.uint8)
+        start = (-buf.ctypes.data) % 64 + shift
+        a = buf[start:start + n].view(dtype).reshape(shape)
+        assert a.ctypes.data % 64 == shift
+        a[...] = np.random.default_rng(shift).random(shape)
+        return a
+
+    checked = 0
+    for dtype, shifts in (("float32", (4, 16, 32, 60)), ("float64", (8, 16, 24, 56))):
+        for shift in shifts:
+            a = misaligned((6, 10, 7, 3), dtype, shift)
+            for view in (a, a[:, ::2], a.transpose(0, 3, 1, 2), a[..., 1:], a[::-1], a.T):
+                t = _convert.to_tf(view)
+                assert np.from_dlpack(t).ctypes.data % 64 == 0
+                # TF kernels that read the whole buffer (reduce, matmul, conv)
+                np.testing.assert_allclose(float(tf.reduce_sum(t)), view.sum(), rtol=1e-5)
+                m = tf.reshape(t, (-1, view.shape[-1]))
+                np.testing.assert_allclose(tf.matmul(m, m, transpose_a=True).numpy(),
+                                           view.reshape(-1, view.shape[-1]).T @
+                                           view.reshape(-1, view.shape[-1]), rtol=1e-5)
+                checked += 1
+            # the ops on misaligned inputs (and the core's own, mostly misaligned, outputs)
+            x = misaligned((2, 5, 7, 4), dtype, shift)
+            off = misaligned((2, 5, 7, 8), dtype, shift) * 4 - 2
+            xt, ot = tf.constant(x), tf.constant(off)
+            with tf.GradientTape() as tape:
+                tape.watch([xt, ot])
+                y = dtf.deform_sample(xt, ot, mode="reflect")
+                z = dtf.deform_conv2d(y, tf.concat([ot] * 9, -1)[..., :18 * 2], tf.ones(
+                    (3, 3, 2, 6), dtype), padding=1)
+                s = tf.reduce_sum(tf.nn.conv2d(z, tf.ones((3, 3, 6, 2), dtype), 1, "SAME"))
+            gx, go = tape.gradient(s, [xt, ot])
+            assert np.isfinite(float(s)) and np.isfinite(gx.numpy()).all()
+            assert float(tf.reduce_sum(gx * gx)) > 0 and float(tf.reduce_sum(go * go)) > 0
+            ref = dops.deform_sample(x, off, mode="reflect", layout="NHWC")
+            np.testing.assert_array_equal(y.numpy(), ref)
+    # odd sizes and empty arrays
+    for shape in ((1,), (3, 1, 1, 5), (0, 4, 4, 2), (1, 1, 1, 1)):
+        t = _convert.to_tf(misaligned(shape, "float32", 4) if np.prod(shape) else
+                           np.zeros(shape, np.float32))
+        float(tf.reduce_sum(t))
+    print("OK", checked)
+    """
+)
+
+
+def test_misaligned_buffers_never_crash_the_process():
+    """The risky case runs in a subprocess: an abort there would kill pytest itself."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.path.join(ROOT, "adapters")
+               + os.pathsep + os.environ.get("PYTHONPATH", ""), TF_CPP_MIN_LOG_LEVEL="2")
+    r = subprocess.run([sys.executable, "-c", RISKY], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, f"return code {r.returncode}\n{r.stdout}\n{r.stderr[-3000:]}"
+    assert "OK 48" in r.stdout

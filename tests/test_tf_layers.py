@@ -1,0 +1,157 @@
+"""deformops_tf Keras 3 layers: ConvOffset2D and DeformConv2D.
+
+Oracles, per test:
+- ``keras.layers.Conv2D`` with the same kernel: a DeformConv2D at initialisation (zero offsets;
+  mask 1 with ``mask_scale=2``) must equal it, for 'valid' and 'same' padding, strides,
+  dilation and even kernels (TF's asymmetric 'same' padding);
+- ``deformops.deform_sample`` called per channel: ConvOffset2D's clean per-channel split;
+- training: the loss of ``model.fit`` decreases and the offset predictors learn;
+- serialization: a ``.keras`` save/load round trip gives the same config, weights and outputs.
+"""
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+
+import deformops as dops  # noqa: E402
+import deformops_tf as dtf  # noqa: E402
+
+
+def _x(shape, seed=0, dtype="float64"):
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(kernel_size=3, padding="valid"),
+    dict(kernel_size=3, padding="same", strides=2),
+    dict(kernel_size=(2, 4), padding="same"),
+    dict(kernel_size=(4, 3), padding="same", strides=(2, 3)),
+    dict(kernel_size=3, padding="same", dilation_rate=(2, 1)),
+])
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_deform_conv2d_starts_as_conv2d(kw, use_mask):
+    x = _x((2, 9, 8, 4))
+    layer = dtf.DeformConv2D(5, use_mask=use_mask, mask_scale=2.0, bias_initializer="random_normal",
+                             dtype="float64", **kw)
+    conv = keras.layers.Conv2D(5, dtype="float64", **kw)
+    out = layer(x)
+    conv.build(x.shape)
+    conv.set_weights([layer.kernel.numpy(), layer.bias.numpy()])
+    ref = conv(x)
+    assert out.shape == ref.shape
+    np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=0, atol=1e-12)
+
+
+def test_deform_conv2d_mask_scale_one_is_half_conv_at_init_and_channels_first():
+    x = _x((2, 7, 6, 4))
+    layer = dtf.DeformConv2D(3, 3, padding="same", use_mask=True, use_bias=False, dtype="float64")
+    out = layer(x)
+    first = dtf.DeformConv2D(3, 3, padding="same", use_mask=True, use_bias=False, dtype="float64",
+                             data_format="channels_first")
+    first.build((None, 4, 7, 6))
+    first.set_weights(layer.get_weights())
+    np.testing.assert_allclose(first(x.transpose(0, 3, 1, 2)).numpy().transpose(0, 2, 3, 1),
+                               out.numpy(), rtol=0, atol=1e-13)
+    conv = keras.layers.Conv2D(3, 3, padding="same", use_bias=False, dtype="float64")
+    conv.build(x.shape)
+    conv.set_weights([layer.kernel.numpy()])
+    np.testing.assert_allclose(out.numpy(), 0.5 * conv(x).numpy(), rtol=0, atol=1e-12)
+
+
+def test_deform_conv2d_with_offsets_matches_core_and_dynamic_sizes():
+    """Non-zero predictor weights, groups and offset groups: the layer equals the core op on the
+    offsets its predictor computes; an Input of unknown spatial size gives the same values."""
+    x = _x((2, 9, 7, 6), seed=1)
+    kw = dict(filters=4, kernel_size=3, strides=2, padding="same", groups=2, offset_groups=3,
+              use_mask=True, dtype="float64")
+    layer = dtf.DeformConv2D(**kw)
+    layer.build(x.shape)
+    rng = np.random.default_rng(2)
+    layer.offset_kernel.assign(rng.standard_normal(layer.offset_kernel.shape) * 0.3)
+    layer.offset_bias.assign(rng.standard_normal(layer.offset_bias.shape) * 0.3)
+    out = layer(x).numpy()
+    pred = tf.nn.bias_add(tf.nn.conv2d(x, layer.offset_kernel, 2, "SAME"), layer.offset_bias)
+    pred = pred.numpy()
+    off, mask = pred[..., :54], 1 / (1 + np.exp(-pred[..., 54:]))
+    # TF 'same' for 9 rows, k 3, s 2: total padding 2 -> (1, 1); 7 columns: 2 -> (1, 1)
+    ref = dops.deform_conv2d(x, off, layer.kernel.numpy().transpose(3, 2, 0, 1),
+                             layer.bias.numpy(), stride=2, padding=1, mask=mask, layout="NHWC")
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-12)
+
+    inp = keras.Input((None, None, 6), dtype="float64")
+    model = keras.Model(inp, layer(inp))
+    assert model.output_shape == (None, None, None, 4)
+    np.testing.assert_allclose(model(x).numpy(), ref, rtol=0, atol=1e-12)
+    x2 = _x((1, 10, 8, 6), seed=3)  # even sizes: 'same' pads (0, 1) -> an explicit extra row
+    np.testing.assert_allclose(model(x2).numpy(), layer(x2).numpy(), rtol=0, atol=1e-12)
+
+
+def test_conv_offset2d_is_a_clean_per_channel_split():
+    """Channel c is deform_sample'd with offset channels (2c, 2c+1), mode 'nearest'."""
+    x = _x((2, 6, 9, 3), seed=4)  # non-square
+    layer = dtf.ConvOffset2D(3, init_normal_stddev=0.5, dtype="float64")
+    out = layer(x).numpy()
+    assert out.shape == x.shape
+    off = tf.nn.conv2d(x, layer.kernel, 1, "SAME").numpy()
+    for c in range(3):
+        ref = dops.deform_sample(x[..., c:c + 1], off[..., 2 * c:2 * c + 2], mode="nearest",
+                                 layout="NHWC")
+        np.testing.assert_allclose(out[..., c:c + 1], ref, rtol=0, atol=1e-13)
+    # zero initialisation: the identity
+    ident = dtf.ConvOffset2D(init_normal_stddev=0, dtype="float64")
+    np.testing.assert_array_equal(ident(x).numpy(), x)
+    # another mode, channels_first
+    cf = dtf.ConvOffset2D(mode="reflect", data_format="channels_first", dtype="float64")
+    cf.build((None, 3, 6, 9))
+    cf.set_weights(layer.get_weights())
+    cl = dtf.ConvOffset2D(mode="reflect", dtype="float64")
+    cl.build(x.shape)
+    cl.set_weights(layer.get_weights())
+    np.testing.assert_allclose(cf(x.transpose(0, 3, 1, 2)).numpy().transpose(0, 2, 3, 1),
+                               cl(x).numpy(), rtol=0, atol=1e-13)
+
+
+def _model(seed=0):
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((12, 10, 3))
+    h = dtf.ConvOffset2D(3, name="offsets")(inp)
+    h = dtf.DeformConv2D(8, 3, padding="same", use_mask=True, activation="relu", name="dcn2")(h)
+    h = dtf.DeformConv2D(8, 3, strides=2, name="dcn1", kernel_regularizer="l2")(h)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    return keras.Model(inp, keras.layers.Dense(2)(h))
+
+
+def test_model_fit_trains_and_the_offsets_learn():
+    model = _model()
+    rng = np.random.default_rng(5)
+    X = rng.random((32, 12, 10, 3)).astype("float32")
+    Y = np.stack([X[:, :6].mean((1, 2, 3)), X[:, :, :5].std((1, 2, 3))], -1) * 4
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+    before = {lay.name: [w.numpy().copy() for w in lay.weights] for lay in model.layers}
+    hist = model.fit(X, Y, epochs=6, batch_size=8, verbose=0).history["loss"]
+    assert hist[-1] < 0.7 * hist[0], hist
+    for name, idx in (("offsets", 0), ("dcn2", 2), ("dcn1", 2)):  # the offset kernels moved
+        w = model.get_layer(name).weights[idx].numpy()
+        assert np.abs(w - before[name][idx]).max() > 1e-4, name
+
+
+def test_keras_save_load_round_trip(tmp_path):
+    model = _model(seed=1)
+    model.get_layer("dcn2").offset_kernel.assign(
+        np.random.default_rng(6).standard_normal(model.get_layer("dcn2").offset_kernel.shape)
+        .astype("float32") * 0.1)
+    X = np.random.default_rng(7).random((4, 12, 10, 3)).astype("float32")
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    for name in ("offsets", "dcn2", "dcn1"):
+        a, b = model.get_layer(name), loaded.get_layer(name)
+        assert type(b) is type(a)
+        assert b.get_config() == a.get_config()
+        for wa, wb in zip(a.weights, b.weights):
+            np.testing.assert_array_equal(wa.numpy(), wb.numpy())
+    np.testing.assert_array_equal(loaded.predict(X, verbose=0), model.predict(X, verbose=0))
+    assert keras.saving.get_registered_name(dtf.DeformConv2D) == "deformops>DeformConv2D"
+    assert keras.saving.get_registered_name(dtf.ConvOffset2D) == "deformops>ConvOffset2D"

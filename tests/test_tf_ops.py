@@ -1,0 +1,290 @@
+"""deformops_tf ops: forward and gradients, eager and in tf.function.
+
+Oracles, per test:
+- the NumPy core (``deformops.*`` and ``*_backward`` called on the same arrays): the adapter must
+  return exactly its values, in both data formats, eagerly and inside ``tf.function``;
+- ``tf.test.compute_gradient``: float64 numerical Jacobians (central differences) of the ops,
+  at sample points kept away from the integer kinks of bilinear interpolation;
+- for ``deform_sample``: a pure-TensorFlow bilinear reference written here with ``tf.gather_nd``
+  (modes 'grid-constant' and 'nearest'), forward and its TF-autodiff gradients.
+"""
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+
+import deformops as dops  # noqa: E402
+import deformops_tf as dtf  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+def _t(a):
+    return None if a is None else tf.constant(a)
+
+
+def _frac_offsets(rng, shape, lo=-2, hi=2):
+    """Offsets whose fractional part is in [0.15, 0.85]: no sample sits within 0.15 px of a
+    grid line, so finite differences with delta 1e-3 never straddle a kink."""
+    return rng.integers(lo, hi, size=shape) + rng.uniform(0.15, 0.85, size=shape)
+
+
+def _conv_data(rng, N, Cin, Cout, H, W, k, stride, pad, dil, groups, G, with_mask, with_bias):
+    kh, kw = k
+    Ho = (H + 2 * pad[0] - dil[0] * (kh - 1) - 1) // stride[0] + 1
+    Wo = (W + 2 * pad[1] - dil[1] * (kw - 1) - 1) // stride[1] + 1
+    K = kh * kw
+    x = rng.random((N, H, W, Cin))
+    offset = _frac_offsets(rng, (N, Ho, Wo, 2 * G * K))
+    filters = rng.standard_normal((kh, kw, Cin // groups, Cout))
+    bias = rng.standard_normal(Cout) if with_bias else None
+    mask = rng.random((N, Ho, Wo, G * K)) if with_mask else None
+    return x, offset, filters, bias, mask
+
+
+def _nchw(a):
+    return None if a is None else np.ascontiguousarray(a.transpose(0, 3, 1, 2))
+
+
+CONV_CASES = [
+    # N, Cin, Cout, H, W, k, stride, pad, dil, groups, G, mask, bias
+    (2, 4, 6, 7, 5, (3, 3), (1, 1), (1, 1), (1, 1), 1, 1, True, True),
+    (1, 4, 4, 8, 9, (3, 2), (2, 1), (1, 0), (1, 2), 2, 2, False, True),
+    (2, 6, 3, 6, 6, (1, 3), (1, 2), (0, 2), (2, 1), 3, 3, True, False),
+    (0, 2, 2, 5, 5, (3, 3), (1, 1), (1, 1), (1, 1), 1, 1, True, True),  # empty batch
+]
+
+
+def _conv_grads_tf(fn, tensors):
+    with tf.GradientTape() as tape:
+        tape.watch([t for t in tensors if t is not None])
+        out = fn(*tensors)
+        loss = tf.reduce_sum(out * tf.cos(out))  # a non-trivial grad_out
+    grads = tape.gradient(loss, [t for t in tensors if t is not None])
+    return out, grads
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("graph", [False, True])
+def test_deform_conv2d_equals_numpy_core(case, data_format, graph):
+    """Oracle: deformops.deform_conv2d / deform_conv2d_backward on the same NumPy arrays."""
+    N, Cin, Cout, H, W, k, stride, pad, dil, groups, G, with_mask, with_bias = case
+    rng = np.random.default_rng(hash(case) % 2**32)
+    x, offset, filters, bias, mask = _conv_data(rng, N, Cin, Cout, H, W, k, stride, pad, dil,
+                                                groups, G, with_mask, with_bias)
+    if data_format == "NCHW":
+        x, offset, mask = _nchw(x), _nchw(offset), _nchw(mask)
+    kw = dict(strides=stride, padding=pad, dilations=dil, data_format=data_format)
+
+    def fn(x_, o_, f_, b_, m_):
+        return dtf.deform_conv2d(x_, o_, f_, b_, mask=m_, **kw)
+
+    run = tf.function(lambda *t: _conv_grads_tf(fn, t)) if graph else (
+        lambda *t: _conv_grads_tf(fn, t))
+    out, grads = run(*map(_t, (x, offset, filters, bias, mask)))
+
+    weight = filters.transpose(3, 2, 0, 1)
+    core_kw = dict(stride=stride, padding=pad, dilation=dil, mask=mask, layout=data_format)
+    ref = dops.deform_conv2d(x, offset, weight, bias, **core_kw)
+    np.testing.assert_array_equal(out.numpy(), ref)
+    assert tuple(out.shape) == ref.shape
+    g = dops.deform_conv2d_backward(-ref * np.sin(ref) + np.cos(ref), x, offset, weight,
+                                    needs_input_grad=(True, True, True, with_mask, with_bias),
+                                    **core_kw)
+    want = [g.grad_input, g.grad_offset, g.grad_weight.transpose(2, 3, 1, 0)]
+    want += [g.grad_bias] if with_bias else []
+    want += [g.grad_mask] if with_mask else []
+    assert len(grads) == len(want)
+    for got, exp in zip(grads, want):
+        assert tuple(got.shape) == exp.shape
+        np.testing.assert_allclose(got.numpy(), exp, rtol=0, atol=1e-12 * (1 + np.abs(exp).max(
+            initial=0)))
+
+
+def test_deform_conv2d_gradients_match_numerical_jacobians():
+    """Oracle: tf.test.compute_gradient (float64 central differences) for all five inputs."""
+    rng = np.random.default_rng(1)
+    x, offset, filters, bias, mask = _conv_data(rng, 1, 2, 2, 4, 5, (3, 3), (1, 1), (1, 1),
+                                                (1, 1), 1, 1, True, True)
+
+    def f(x_, o_, f_, b_, m_):
+        return dtf.deform_conv2d(x_, o_, f_, b_, padding=1, mask=m_)
+
+    theo, num = tf.test.compute_gradient(f, [tf.constant(a) for a in
+                                             (x, offset, filters, bias, mask)], delta=1e-4)
+    for name, jt, jn in zip(("x", "offset", "filters", "bias", "mask"), theo, num):
+        np.testing.assert_allclose(jt, jn, rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+@pytest.mark.parametrize("op", ["sample", "deform_sample"])
+@pytest.mark.parametrize("mode", ["grid-constant", "nearest", "reflect", "wrap"])
+def test_sampling_gradients_match_numerical_jacobians(op, mode):
+    """Oracle: tf.test.compute_gradient (float64) for x and coords/offset, NHWC and G = 2."""
+    rng = np.random.default_rng(2)
+    N, H, W, C = 1, 4, 5, 4
+    x = rng.random((N, H, W, C))
+    if op == "sample":
+        c = np.stack([rng.integers(-2, H + 1, (N, 3, 4, 2)), rng.integers(-2, W + 1, (N, 3, 4, 2))],
+                     -1).reshape(N, 3, 4, 4).astype(float)
+        c += rng.uniform(0.15, 0.85, c.shape)
+    else:
+        c = _frac_offsets(rng, (N, H, W, 4))
+    fn = getattr(dtf, op)
+    theo, num = tf.test.compute_gradient(lambda a, b: fn(a, b, mode=mode, cval=0.5),
+                                         [tf.constant(x), tf.constant(c)], delta=1e-4)
+    for jt, jn in zip(theo, num):
+        np.testing.assert_allclose(jt, jn, rtol=1e-6, atol=1e-7)
+
+
+def _tf_deform_sample_ref(x, offset, mode, cval):
+    """Pure-TF bilinear deform_sample (NHWC, G offset groups) with tf.gather_nd.
+
+    'grid-constant': the image padded with cval, interpolated. 'nearest': coordinates clipped to
+    [0, n-1] first (the original Keras project's rule)."""
+    N, H, W, C = x.shape
+    G = offset.shape[-1] // 2
+    dt = x.dtype
+    y = tf.range(H, dtype=dt)[None, :, None, None] + offset[..., 0::2]
+    xx = tf.range(W, dtype=dt)[None, None, :, None] + offset[..., 1::2]
+    y, xx = tf.repeat(y, C // G, axis=-1), tf.repeat(xx, C // G, axis=-1)  # (N, H, W, C)
+    if mode == "nearest":
+        y, xx = tf.clip_by_value(y, 0, H - 1), tf.clip_by_value(xx, 0, W - 1)
+    y0, x0 = tf.floor(y), tf.floor(xx)
+    ly, lx = y - y0, xx - x0
+    n = tf.broadcast_to(tf.range(N)[:, None, None, None], (N, H, W, C))
+    c = tf.broadcast_to(tf.range(C)[None, None, None, :], (N, H, W, C))
+
+    def corner(yc, xc):
+        inside = (yc >= 0) & (yc <= H - 1) & (xc >= 0) & (xc <= W - 1)
+        yi = tf.cast(tf.clip_by_value(yc, 0, H - 1), tf.int32)
+        xi = tf.cast(tf.clip_by_value(xc, 0, W - 1), tf.int32)
+        v = tf.gather_nd(x, tf.stack([n, yi, xi, c], -1))
+        return tf.where(inside, v, tf.constant(cval, dt))
+
+    return ((1 - ly) * (1 - lx) * corner(y0, x0) + (1 - ly) * lx * corner(y0, x0 + 1)
+            + ly * (1 - lx) * corner(y0 + 1, x0) + ly * lx * corner(y0 + 1, x0 + 1))
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    N=st.integers(1, 2), H=st.integers(1, 7), W=st.integers(1, 7), G=st.sampled_from([1, 2, 3]),
+    cpg=st.integers(1, 2), mode=st.sampled_from(["grid-constant", "nearest"]),
+    seed=st.integers(0, 2**16),
+)
+def test_deform_sample_matches_gather_reference(N, H, W, G, cpg, mode, seed):
+    """Oracle: the pure-TF gather_nd bilinear reference above, forward and autodiff gradients."""
+    rng = np.random.default_rng(seed)
+    C = G * cpg
+    x = tf.constant(rng.standard_normal((N, H, W, C)))
+    offset = tf.constant(_frac_offsets(rng, (N, H, W, 2 * G), -3, 3))
+    cval = 0.0 if mode == "nearest" else 0.25
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([x, offset])
+        got = dtf.deform_sample(x, offset, mode=mode, cval=cval)
+        ref = _tf_deform_sample_ref(x, offset, mode, cval)
+        w = tf.constant(rng.standard_normal(got.shape))
+        lg, lr = tf.reduce_sum(got * w), tf.reduce_sum(ref * w)
+    np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=0, atol=1e-12)
+    for a, b in zip(tape.gradient(lg, [x, offset]), tape.gradient(lr, [x, offset])):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0, atol=1e-11)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    op=st.sampled_from(["sample", "deform_sample"]), data_format=st.sampled_from(["NHWC", "NCHW"]),
+    order=st.sampled_from([0, 1]),
+    mode=st.sampled_from(["constant", "grid-constant", "nearest", "reflect", "mirror", "wrap",
+                          "grid-wrap"]),
+    dtype=st.sampled_from(["float32", "float64"]), N=st.integers(0, 2), G=st.integers(1, 2),
+    seed=st.integers(0, 2**16),
+)
+def test_sampling_ops_equal_numpy_core(op, data_format, order, mode, dtype, N, G, seed):
+    """Oracle: deformops.sample / deform_sample and their *_backward on the same arrays."""
+    rng = np.random.default_rng(seed)
+    H, W, C, Ho, Wo = 5, 6, 2 * G, 3, 4
+    x = rng.standard_normal((N, H, W, C)).astype(dtype)
+    if op == "sample":
+        c = rng.uniform(-3, 8, (N, Ho, Wo, 2 * G)).astype(dtype)
+    else:
+        c = rng.uniform(-3, 3, (N, H, W, 2 * G)).astype(dtype)
+    if data_format == "NCHW":
+        x, c = _nchw(x), _nchw(c)
+    kw = dict(order=order, mode=mode, cval=0.5)
+    xt, ct = tf.constant(x), tf.constant(c)
+    with tf.GradientTape() as tape:
+        tape.watch([xt, ct])
+        out = getattr(dtf, op)(xt, ct, data_format=data_format, **kw)
+        loss = tf.reduce_sum(out * out)
+    gx, gc = tape.gradient(loss, [xt, ct])
+    ref = getattr(dops, op)(x, c, layout=data_format, **kw)
+    np.testing.assert_array_equal(out.numpy(), ref)
+    assert out.dtype == tf.as_dtype(dtype)
+    g = getattr(dops, op + "_backward")(2 * ref, x, c, layout=data_format, **kw)
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    np.testing.assert_allclose(gx.numpy(), g[0], rtol=tol, atol=tol)
+    np.testing.assert_allclose(gc.numpy(), g[1], rtol=tol, atol=tol)
+
+
+def test_graph_mode_restores_static_shapes():
+    """tf.function with an unknown batch: outputs and gradients keep every known dimension."""
+    spec = [tf.TensorSpec((None, 9, 8, 4), tf.float32), tf.TensorSpec((None, 5, 4, 18), tf.float32),
+            tf.TensorSpec((3, 3, 2, 6), tf.float32), tf.TensorSpec((None, 5, 4, 9), tf.float32)]
+    seen = {}
+
+    @tf.function(input_signature=spec)
+    def f(x, off, w, m):
+        with tf.GradientTape() as tape:
+            tape.watch([x, off, w, m])
+            y = dtf.deform_conv2d(x, off, w, strides=2, padding=1, mask=m)
+            s = dtf.deform_sample(x, tf.zeros_like(x)[..., :2])
+            c = dtf.sample(x, off[..., :2], mode="wrap")
+            loss = tf.reduce_sum(y) + tf.reduce_sum(s) + tf.reduce_sum(c)
+        grads = tape.gradient(loss, [x, off, w, m])
+        seen.update(y=y.shape, s=s.shape, c=c.shape, grads=[g.shape for g in grads])
+        return y, grads
+
+    rng = np.random.default_rng(3)
+    args = [tf.constant(rng.random((2,) + tuple(s.shape[1:]) if s.shape[0] is None
+                                   else tuple(s.shape)).astype("float32")) for s in spec]
+    y, grads = f(*args)
+    assert seen["y"].as_list() == [None, 5, 4, 6]
+    assert seen["s"].as_list() == [None, 9, 8, 4]
+    assert seen["c"].as_list() == [None, 5, 4, 4]
+    assert [g.as_list() for g in seen["grads"]] == [s.shape.as_list() for s in spec]
+    assert tuple(y.shape) == (2, 5, 4, 6)
+
+
+def test_variables_receive_gradients_and_outputs_are_owned_by_tf():
+    """A tf.Variable passed as filters gets its gradient; outputs survive their NumPy source."""
+    rng = np.random.default_rng(4)
+    x = tf.constant(rng.random((1, 5, 5, 2)).astype("float32"))
+    off = tf.constant(rng.uniform(-1, 1, (1, 5, 5, 18)).astype("float32"))
+    w = tf.Variable(rng.standard_normal((3, 3, 2, 3)).astype("float32"))
+    with tf.GradientTape() as tape:
+        y = dtf.deform_conv2d(x, off, w, padding=1)
+        loss = tf.reduce_sum(y)
+    gw = tape.gradient(loss, w)
+    assert gw is not None and gw.shape == w.shape
+    import gc
+
+    gc.collect()
+    ref = dops.deform_conv2d(x.numpy(), off.numpy(), w.numpy().transpose(3, 2, 0, 1), padding=1,
+                             layout="NHWC")
+    np.testing.assert_array_equal(y.numpy(), ref)
+
+
+def test_dlpack_zero_copy_both_ways():
+    """TF -> NumPy shares memory (read-only); an aligned contiguous NumPy result is shared too."""
+    from deformops_tf import _convert
+
+    t = tf.constant(np.arange(24.0).reshape(2, 3, 4))
+    a = _convert.to_core(t)
+    assert not a.flags.writeable
+    assert a.ctypes.data == _convert.to_core(t).ctypes.data
+    b = _convert.aligned_empty((3, 5), np.float32)
+    b[...] = 1
+    tb = _convert.to_tf(b)
+    assert np.from_dlpack(tb).ctypes.data == b.ctypes.data
+    assert float(tf.reduce_sum(tb)) == 15.0
