@@ -1,0 +1,555 @@
+"""deformops_torch operators: autograd, torchvision parity, layouts, zero copies, errors, edge cases.
+
+Oracles (each test names its own):
+
+- [finite differences]: ``torch.autograd.gradcheck`` in float64 (central differences of the
+  forward), at offsets whose fractional parts stay 0.1-0.3 px away from the integers and
+  half-integers where the interpolant (or a border mode) has kinks;
+- [torchvision]: ``torchvision.ops.deform_conv2d`` forward and autograd (skipped without it);
+- [contiguous run]: the same op on contiguous copies of the inputs;
+- [NumPy core]: ``deformops`` called directly on the NumPy views of the tensors (results, and the
+  exception type of invalid calls);
+- [data_ptr]: the addresses of the buffers that cross between torch and NumPy.
+"""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+torch = pytest.importorskip("torch")
+
+import deformops  # noqa: E402
+import deformops_torch as dt  # noqa: E402
+import deformops_torch.ops as dt_ops  # noqa: E402
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny inputs: one Numba and one torch thread. On a shared machine, waking a thread pool
+    costs more than these kernels (2 threads under load: ~10 ms per call instead of ~0.1 ms);
+    the parallel paths are exercised by the core's own tests."""
+    import numba
+
+    numba_threads, torch_threads = numba.get_num_threads(), torch.get_num_threads()
+    numba.set_num_threads(1)
+    torch.set_num_threads(1)
+    yield
+    numba.set_num_threads(numba_threads)
+    torch.set_num_threads(torch_threads)
+MODES = ("grid-constant", "constant", "nearest", "reflect", "mirror", "wrap", "grid-wrap")
+
+
+def smooth(rng, shape, span=1):
+    """Offsets (or coordinate parts) whose fractional part is 0.5 +- [0.1, 0.3]: never within
+    0.1 px of an integer or a half-integer, so central differences never straddle a kink."""
+    ints = rng.integers(-span, span + 1, size=shape)
+    frac = 0.5 + rng.choice([-1.0, 1.0], size=shape) * rng.uniform(0.1, 0.3, size=shape)
+    return torch.from_numpy(ints + frac)
+
+
+def rand(rng, *shape, lo=-1.0, hi=1.0):
+    return torch.from_numpy(rng.uniform(lo, hi, size=shape))
+
+
+def conv_case(rng, N=1, Cin=2, Cout=2, H=4, W=4, k=(3, 3), stride=1, padding=1, dilation=1,
+              groups=1, G=1, mask=False, bias=False):
+    """float64 inputs of deform_conv2d: (input, offset, weight, bias, mask) and the conv kwargs."""
+    kh, kw = k
+    s, p, d = (torch.nn.modules.utils._pair(v) for v in (stride, padding, dilation))
+    Ho = (H + 2 * p[0] - d[0] * (kh - 1) - 1) // s[0] + 1
+    Wo = (W + 2 * p[1] - d[1] * (kw - 1) - 1) // s[1] + 1
+    x = rand(rng, N, Cin, H, W)
+    off = smooth(rng, (N, 2 * G * kh * kw, Ho, Wo))
+    w = rand(rng, Cout, Cin // groups, kh, kw)
+    b = rand(rng, Cout) if bias else None
+    m = rand(rng, N, G * kh * kw, Ho, Wo, lo=0.0, hi=1.0) if mask else None
+    return (x, off, w, b, m), dict(stride=stride, padding=padding, dilation=dilation)
+
+
+def call_conv(x, off, w, b, m, kw):
+    return dt.deform_conv2d(x, off, w, b, mask=m, **kw)
+
+
+# ====================================================================== gradcheck
+
+CONV_GRADCHECK = {
+    "v1": dict(),
+    "v1+bias": dict(bias=True),
+    "v2": dict(mask=True),
+    "v2+bias": dict(mask=True, bias=True),
+    "groups2": dict(Cin=4, Cout=4, groups=2, bias=True, mask=True),
+    "offset_groups2": dict(Cin=4, G=2, mask=True),
+    "stride2_dilation2": dict(H=6, W=7, k=(2, 3), stride=2, padding=(1, 2), dilation=2,
+                              mask=True, bias=True),
+    "batch2_stride(1,2)": dict(N=2, H=5, W=5, k=(3, 2), stride=(1, 2), padding=(0, 1)),
+}
+
+
+@pytest.mark.parametrize("name", list(CONV_GRADCHECK))
+def test_deform_conv2d_gradcheck(name):
+    """Gradients of input, offset, weight, bias and mask [oracle: finite differences]."""
+    rng = np.random.default_rng(1)
+    tensors, kw = conv_case(rng, **CONV_GRADCHECK[name])
+    tensors = tuple(None if t is None else t.requires_grad_() for t in tensors)
+    assert torch.autograd.gradcheck(lambda *a: call_conv(*a, kw), tensors)
+
+
+@pytest.mark.parametrize("wrt", ["input", "offset", "weight", "bias", "mask", "offset+mask"])
+def test_deform_conv2d_gradcheck_subsets(wrt):
+    """Only some inputs require grad (the backward computes only those) [oracle: finite
+    differences]."""
+    rng = np.random.default_rng(2)
+    tensors, kw = conv_case(rng, mask=True, bias=True)
+    names = ("input", "offset", "weight", "bias", "mask")
+    tensors = tuple(t.requires_grad_(n in wrt.split("+")) for n, t in zip(names, tensors))
+    assert torch.autograd.gradcheck(lambda *a: call_conv(*a, kw), tensors)
+
+
+def _sampling_inputs(rng, op, N=1, C=2, H=4, W=5, G=1, Ho=3, Wo=4, span=1):
+    x = rand(rng, N, C, H, W)
+    if op == "deform_sample":
+        coords = smooth(rng, (N, 2 * G, H, W), span)
+    else:  # absolute coordinates around the image, a band of 1.5 px outside included
+        y = torch.from_numpy(rng.integers(-2, H + 1, size=(N, G, Ho, Wo))) + \
+            smooth(rng, (N, G, Ho, Wo), 0)
+        x_ = torch.from_numpy(rng.integers(-2, W + 1, size=(N, G, Ho, Wo))) + \
+            smooth(rng, (N, G, Ho, Wo), 0)
+        coords = torch.stack([y, x_], dim=2).reshape(N, 2 * G, Ho, Wo)
+    return x, coords
+
+
+SAMPLING_OPS = {"sample": dt.sample, "deform_sample": dt.deform_sample}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("op", list(SAMPLING_OPS))
+def test_sampling_gradcheck_order1(op, mode):
+    """Bilinear sampling, every mode, cval 0.25, two offset groups: gradients of x and of the
+    coordinates/offsets [oracle: finite differences]."""
+    rng = np.random.default_rng(3)
+    x, coords = _sampling_inputs(rng, op, C=4, G=2)
+    f = SAMPLING_OPS[op]
+    assert torch.autograd.gradcheck(
+        lambda a, c: f(a, c, order=1, mode=mode, cval=0.25),
+        (x.requires_grad_(), coords.requires_grad_()))
+
+
+@pytest.mark.parametrize("mode", ["grid-constant", "constant", "nearest", "reflect", "wrap"])
+@pytest.mark.parametrize("op", list(SAMPLING_OPS))
+def test_sampling_gradcheck_order0(op, mode):
+    """Nearest sampling: gradient of x [oracle: finite differences]; the coordinate gradient is
+    exactly zero (order 0 is piecewise constant) [oracle: DESIGN §4]."""
+    rng = np.random.default_rng(4)
+    x, coords = _sampling_inputs(rng, op)
+    f = SAMPLING_OPS[op]
+    assert torch.autograd.gradcheck(lambda a: f(a, coords, order=0, mode=mode, cval=-0.5),
+                                    (x.requires_grad_(),))
+    coords.requires_grad_()
+    out = f(x, coords, order=0, mode=mode, cval=-0.5)
+    (g,) = torch.autograd.grad(out, coords, torch.randn_like(out))
+    assert g.shape == coords.shape and not g.any()
+
+
+@pytest.mark.parametrize("wrt", ["x", "coords"])
+def test_sampling_gradcheck_one_input(wrt):
+    """Only x or only the offsets require grad [oracle: finite differences]."""
+    rng = np.random.default_rng(5)
+    x, off = _sampling_inputs(rng, "deform_sample")
+    x.requires_grad_(wrt == "x")
+    off.requires_grad_(wrt == "coords")
+    assert torch.autograd.gradcheck(lambda a, c: dt.deform_sample(a, c, mode="nearest"), (x, off))
+
+
+# ====================================================================== torchvision
+
+
+@st.composite
+def tv_configs(draw):
+    groups = draw(st.sampled_from([1, 2]))
+    G = draw(st.sampled_from([1, 2]))
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    stride = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    H = draw(st.integers(max(1, dilation[0] * (kh - 1) + 1 - 2 * padding[0]), 7))
+    W = draw(st.integers(max(1, dilation[1] * (kw - 1) + 1 - 2 * padding[1]), 7))
+    return dict(N=draw(st.integers(1, 3)), Cin=2 * groups * G // min(groups, G),
+                Cout=2 * groups, H=H, W=W, k=(kh, kw), stride=stride, padding=padding,
+                dilation=dilation, groups=groups, G=G, mask=draw(st.booleans()),
+                bias=draw(st.booleans()), seed=draw(st.integers(0, 2**32 - 1)))
+
+
+@settings(max_examples=10)
+@given(cfg=tv_configs())
+def test_deform_conv2d_matches_torchvision(cfg):
+    """Forward and every gradient (random grad_out; offsets anywhere in [-2.5, 2.5] px,
+    borders included), float64, within 1e-10 [oracle: torchvision]."""
+    tvops = pytest.importorskip("torchvision.ops")
+    cfg = dict(cfg)
+    rng = np.random.default_rng(cfg.pop("seed"))
+    tensors, kw = conv_case(rng, **cfg)
+    tensors[1].copy_(rand(rng, *tensors[1].shape, lo=-2.5, hi=2.5))
+    leaves = [t.requires_grad_() for t in tensors if t is not None]
+    ours = call_conv(*tensors, kw)
+    x, off, w, b, m = tensors
+    ref = tvops.deform_conv2d(x, off, w, b, mask=m, **kw)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-10)
+    go = torch.randn_like(ref)
+    g_ours = torch.autograd.grad(ours, leaves, go)
+    g_ref = torch.autograd.grad(ref, leaves, go)
+    for a, r in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, r, rtol=0, atol=1e-10)
+
+
+# ====================================================================== layouts and strides
+
+
+def _grads(out, leaves, go=None):
+    return torch.autograd.grad(out, leaves, torch.ones_like(out) if go is None else go)
+
+
+@pytest.mark.parametrize("mode", ["grid-constant", "reflect"])
+@pytest.mark.parametrize("op", list(SAMPLING_OPS))
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_sampling_channels_last(op, mode, dtype):
+    """channels_last x gives a channels_last output (the NHWC kernel's, not copied) equal to the
+    NCHW result, and equal gradients [oracle: contiguous run]."""
+    rng = np.random.default_rng(6)
+    x, coords = (t.to(dtype) for t in _sampling_inputs(rng, op, N=2, C=6, G=3))
+    f = SAMPLING_OPS[op]
+    xc = x.to(memory_format=torch.channels_last)
+    assert not xc.is_contiguous()
+    leaves = [x.requires_grad_(), coords.requires_grad_()]
+    leaves_cl = [xc.requires_grad_(), coords.detach().clone().requires_grad_()]
+    ref = f(*leaves, mode=mode)
+    out = f(*leaves_cl, mode=mode)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    go = torch.randn_like(ref)
+    tol = 1e-12 if dtype == F64 else 1e-5
+    for a, r in zip(_grads(out, leaves_cl, go), _grads(ref, leaves, go)):
+        torch.testing.assert_close(a, r, rtol=tol, atol=tol)
+
+
+def test_deform_conv2d_channels_last():
+    """channels_last input, offset and mask give the NCHW results [oracle: contiguous run]."""
+    rng = np.random.default_rng(7)
+    tensors, kw = conv_case(rng, N=2, Cin=4, Cout=3, H=5, W=6, mask=True, bias=True)
+    leaves = [t.requires_grad_() for t in tensors]
+    cl = [t.detach().to(memory_format=torch.channels_last) if t.dim() == 4 else t.detach()
+          for t in tensors]
+    cl = [t.clone().requires_grad_() if t.dim() != 4 else t.requires_grad_() for t in cl]
+    assert not cl[0].is_contiguous()
+    ref, out = call_conv(*leaves, kw), call_conv(*cl, kw)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    go = torch.randn_like(ref)
+    for a, r in zip(_grads(out, cl, go), _grads(ref, leaves, go)):
+        torch.testing.assert_close(a, r, rtol=0, atol=1e-12)
+
+
+def test_noncontiguous_inputs():
+    """Sliced and transposed views (every input of every op) give the results of their
+    contiguous copies [oracle: contiguous run]."""
+    rng = np.random.default_rng(8)
+    big = rand(rng, 3, 6, 7, 9)
+    x = big[::2, 1::2, :, 1:8].transpose(2, 3)             # (2, 3, 7, 7), strided view
+    off = smooth(rng, (2, 7, 7, 18)).permute(0, 3, 2, 1)    # (2, 18, 7, 7), transposed
+    w = rand(rng, 3, 4, 3, 5)[:, ::2, :, 1:4]               # (3, 2, 3, 3)... Cin/groups
+    w = torch.cat([w, w], dim=1)[:, :3]                     # (3, 3, 3, 3) non-contiguous
+    m = rand(rng, 2, 9, 7, 14, lo=0, hi=1)[..., ::2]
+    for t in (x, off, m):
+        assert not t.is_contiguous()
+    views = [x, off, w, m]
+    copies = [t.contiguous() for t in views]
+    for t in views + copies:
+        t.requires_grad_()
+    out = dt.deform_conv2d(views[0], views[1], views[2], mask=views[3], padding=1)
+    ref = dt.deform_conv2d(copies[0], copies[1], copies[2], mask=copies[3], padding=1)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    for a, r in zip(_grads(out, views), _grads(ref, copies)):
+        torch.testing.assert_close(a, r, rtol=0, atol=1e-12)
+
+    coords = smooth(rng, (2, 7, 7, 2)).permute(0, 3, 2, 1).requires_grad_()  # transposed
+    xs = x.detach().requires_grad_()
+    for f in SAMPLING_OPS.values():
+        out = f(xs, coords, mode="mirror")
+        xc, cc = xs.detach().contiguous().requires_grad_(), coords.detach().contiguous().requires_grad_()
+        ref = f(xc, cc, mode="mirror")
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+        for a, r in zip(_grads(out, [xs, coords]), _grads(ref, [xc, cc])):
+            torch.testing.assert_close(a, r, rtol=0, atol=1e-12)
+
+
+def test_expanded_grad_out():
+    """``out.sum().backward()`` hands the backward a stride-0 (expanded) grad_out: gradients
+    equal those of an explicit ones tensor [oracle: contiguous run]."""
+    rng = np.random.default_rng(9)
+    tensors, kw = conv_case(rng, N=2, mask=True, bias=True)
+    leaves = [t.requires_grad_() for t in tensors]
+    call_conv(*leaves, kw).sum().backward()
+    got = [t.grad.clone() for t in leaves]
+    ref = _grads(call_conv(*leaves, kw), leaves, None)
+    for a, r in zip(got, ref):
+        torch.testing.assert_close(a, r, rtol=0, atol=0)
+
+    x, coords = _sampling_inputs(rng, "deform_sample", N=2)
+    for f in SAMPLING_OPS.values():
+        xs, cs = x.clone().requires_grad_(), coords.clone().requires_grad_()
+        f(xs, cs).sum().backward()
+        ref = _grads(f(xs, cs), [xs, cs], None)
+        torch.testing.assert_close(xs.grad, ref[0], rtol=0, atol=0)
+        torch.testing.assert_close(cs.grad, ref[1], rtol=0, atol=0)
+
+
+def test_empty_batch():
+    """N = 0: outputs and gradients are empty tensors of the right shapes, the weight and bias
+    gradients zeros [oracle: DESIGN §5]."""
+    rng = np.random.default_rng(10)
+    tensors, kw = conv_case(rng, N=0, Cin=2, Cout=3, mask=True, bias=True)
+    leaves = [t.requires_grad_() for t in tensors]
+    out = call_conv(*leaves, kw)
+    assert out.shape == (0, 3, 4, 4)
+    out.sum().backward()
+    for t in leaves:
+        assert t.grad.shape == t.shape and not t.grad.any()
+    for f in SAMPLING_OPS.values():
+        x = torch.zeros(0, 2, 4, 5, dtype=F64, requires_grad=True)
+        c = torch.zeros(0, 2, 4, 5, dtype=F64, requires_grad=True)
+        out = f(x, c)
+        assert out.shape == (0, 2, 4, 5)
+        out.sum().backward()
+        assert x.grad.shape == x.shape and c.grad.shape == c.shape
+
+
+def test_matches_numpy_core():
+    """The adapter returns what deformops returns for the NumPy views, bit for bit, forward and
+    backward [oracle: NumPy core]."""
+    rng = np.random.default_rng(11)
+    (x, off, w, b, m), kw = conv_case(rng, N=2, Cin=4, Cout=2, mask=True, bias=True)
+    leaves = [t.requires_grad_() for t in (x, off, w, b, m)]
+    out = call_conv(*leaves, kw)
+    go = torch.randn_like(out)
+    grads = _grads(out, leaves, go)
+    n = [t.detach().numpy() for t in (x, off, w, b, m)]
+    np.testing.assert_array_equal(out.detach().numpy(),
+                                  deformops.deform_conv2d(*n[:4], mask=n[4], **kw))
+    ref = deformops.deform_conv2d_backward(go.numpy(), *n[:3], mask=n[4], **kw)
+    for g, r in zip(grads, (ref.grad_input, ref.grad_offset, ref.grad_weight, ref.grad_bias,
+                            ref.grad_mask)):
+        np.testing.assert_array_equal(g.numpy(), r)
+
+
+# ====================================================================== zero copies
+
+
+def _address(a):
+    return a.__array_interface__["data"][0]
+
+
+@pytest.fixture
+def crossings(monkeypatch):
+    """Record every tensor -> array and array -> tensor crossing of the adapter (the functions
+    that ops.py calls, looked up in its namespace at call time)."""
+    log = {"in": [], "out": []}
+    to_array, to_tensor = dt_ops.to_array, dt_ops.to_tensor
+
+    def spy_to_array(t, name):
+        a = to_array(t, name)
+        if a is not None:
+            log["in"].append((name, t.data_ptr(), _address(a)))
+        return a
+
+    def spy_to_tensor(a):
+        t = to_tensor(a)
+        log["out"].append((_address(a), t.data_ptr()))
+        return t
+
+    monkeypatch.setattr(dt_ops, "to_array", spy_to_array)
+    monkeypatch.setattr(dt_ops, "to_tensor", spy_to_tensor)
+    return log
+
+
+def _assert_shared(log, result_ptrs):
+    assert log["in"] and log["out"]
+    for name, tptr, aptr in log["in"]:
+        assert tptr == aptr, f"{name} was copied on its way into deformops"
+    for aptr, tptr in log["out"]:
+        assert aptr == tptr, "a deformops result was copied on its way back"
+    returned = {tptr for _, tptr in log["out"]}
+    for ptr in result_ptrs:
+        assert ptr in returned
+
+
+def test_zero_copy_deform_conv2d(crossings):
+    """Every input (requiring grad, hence detached) reaches deformops as a view of the tensor's
+    buffer, and the output and gradients are deformops' own arrays [oracle: data_ptr]."""
+    rng = np.random.default_rng(12)
+    tensors, kw = conv_case(rng, mask=True, bias=True)
+    leaves = [t.requires_grad_() for t in tensors]
+    out = call_conv(*leaves, kw)
+    go = torch.randn_like(out)
+    grads = _grads(out, leaves, go)
+    names = [n for n, _, _ in crossings["in"]]
+    assert names == ["input", "offset", "weight", "bias", "mask",  # forward
+                     "grad_out", "input", "offset", "weight", "mask"]  # backward
+    _assert_shared(crossings, [out.data_ptr()] + [g.data_ptr() for g in grads])
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("op", list(SAMPLING_OPS))
+def test_zero_copy_sampling(crossings, monkeypatch, op, channels_last):
+    """x, coords, grad_out reach deformops as views; outputs and gradients come back without a
+    copy; a channels_last x is not copied inside deformops either (it runs the NHWC kernel)
+    [oracle: data_ptr]."""
+    kernel_inputs = []
+    to_kernel_order = deformops._arrays.to_kernel_order
+
+    def spy(a, cl):
+        k = to_kernel_order(a, cl)
+        kernel_inputs.append((_address(a), _address(k), cl))
+        return k
+
+    monkeypatch.setattr(deformops._arrays, "to_kernel_order", spy)
+    rng = np.random.default_rng(13)
+    x, coords = _sampling_inputs(rng, op, N=2, C=4)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    leaves = [x.requires_grad_(), coords.requires_grad_()]
+    out = SAMPLING_OPS[op](*leaves)
+    grads = _grads(out, leaves, torch.randn_like(out))
+    _assert_shared(crossings, [out.data_ptr()] + [g.data_ptr() for g in grads])
+    # the first conversion of each call is x's
+    x_calls = [kernel_inputs[0], kernel_inputs[2]]
+    for a_ptr, k_ptr, cl in x_calls:
+        assert cl == channels_last and a_ptr == k_ptr
+
+
+# ====================================================================== errors
+
+
+def _core_error(fn):
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001
+        return type(e)
+    return None
+
+
+def _error_cases():
+    rng = np.random.default_rng(14)
+    (x, off, w, b, m), kw = conv_case(rng, Cin=2, mask=True, bias=True)
+    xs, cs = _sampling_inputs(rng, "deform_sample")
+    n = lambda t: t.numpy()  # noqa: E731
+    return {
+        # name: (adapter call, core call with the NumPy views or None, expected type)
+        "conv offset of wrong size": (
+            lambda: dt.deform_conv2d(x, off[:, :10], w, padding=1),
+            lambda: deformops.deform_conv2d(n(x), n(off[:, :10]), n(w), padding=1), ValueError),
+        "conv offset of wrong spatial size": (
+            lambda: dt.deform_conv2d(x, off[..., :3], w, padding=1),
+            lambda: deformops.deform_conv2d(n(x), n(off[..., :3]), n(w), padding=1), ValueError),
+        "conv mask of wrong size": (
+            lambda: dt.deform_conv2d(x, off, w, mask=m[:, :4], padding=1),
+            lambda: deformops.deform_conv2d(n(x), n(off), n(w), mask=n(m[:, :4]), padding=1),
+            ValueError),
+        "conv bias of wrong size": (
+            lambda: dt.deform_conv2d(x, off, w, b[:1], padding=1),
+            lambda: deformops.deform_conv2d(n(x), n(off), n(w), n(b[:1]), padding=1),
+            ValueError),
+        "conv float32/float64 mix": (
+            lambda: dt.deform_conv2d(x, off.float(), w, padding=1),
+            lambda: deformops.deform_conv2d(n(x), n(off.float()), n(w), padding=1), TypeError),
+        "conv bfloat16": (
+            lambda: dt.deform_conv2d(x.bfloat16(), off.bfloat16(), w.bfloat16(), padding=1),
+            None, TypeError),
+        "conv float16": (
+            lambda: dt.deform_conv2d(x.half(), off.half(), w.half(), padding=1),
+            lambda: deformops.deform_conv2d(n(x.half()), n(off.half()), n(w.half()), padding=1),
+            TypeError),
+        "conv non-tensor input": (
+            lambda: dt.deform_conv2d(n(x), off, w, padding=1),
+            lambda: deformops.deform_conv2d(x.tolist(), n(off), n(w), padding=1), TypeError),
+        "conv non-tensor mask": (
+            lambda: dt.deform_conv2d(x, off, w, mask=m.tolist(), padding=1),
+            lambda: deformops.deform_conv2d(n(x), n(off), n(w), mask=m.tolist(), padding=1),
+            TypeError),
+        "conv negative padding": (
+            lambda: dt.deform_conv2d(x, off, w, padding=-1),
+            lambda: deformops.deform_conv2d(n(x), n(off), n(w), padding=-1), ValueError),
+        "conv zero stride": (
+            lambda: dt.deform_conv2d(x, off, w, stride=0, padding=1),
+            lambda: deformops.deform_conv2d(n(x), n(off), n(w), stride=0, padding=1),
+            ValueError),
+        "conv 3-D input": (
+            lambda: dt.deform_conv2d(x[0], off, w, padding=1),
+            lambda: deformops.deform_conv2d(n(x[0]), n(off), n(w), padding=1), ValueError),
+        "sample float32/float64 mix": (
+            lambda: dt.sample(xs, cs.float()),
+            lambda: deformops.sample(n(xs), n(cs.float())), TypeError),
+        "sample bfloat16": (lambda: dt.sample(xs.bfloat16(), cs.bfloat16()), None, TypeError),
+        "deform_sample float16": (
+            lambda: dt.deform_sample(xs.half(), cs.half()),
+            lambda: deformops.deform_sample(n(xs.half()), n(cs.half())), TypeError),
+        "deform_sample integer offset": (
+            lambda: dt.deform_sample(xs, cs.long()),
+            lambda: deformops.deform_sample(n(xs), n(cs.long())), TypeError),
+        "deform_sample offset of wrong size": (
+            lambda: dt.deform_sample(xs, cs[..., :3]),
+            lambda: deformops.deform_sample(n(xs), n(cs[..., :3])), ValueError),
+        "sample odd coordinate channels": (
+            lambda: dt.sample(xs, cs[:, :1]),
+            lambda: deformops.sample(n(xs), n(cs[:, :1])), ValueError),
+        "deform_sample non-tensor x": (
+            lambda: dt.deform_sample(n(xs), cs),
+            lambda: deformops.deform_sample(xs.tolist(), n(cs)), TypeError),
+        "sample non-tensor coords": (
+            lambda: dt.sample(xs, 1.5),
+            lambda: deformops.sample(n(xs), 1.5), TypeError),
+        "deform_sample bad mode": (
+            lambda: dt.deform_sample(xs, cs, mode="bogus"),
+            lambda: deformops.deform_sample(n(xs), n(cs), mode="bogus"), ValueError),
+        "deform_sample negative order": (
+            lambda: dt.deform_sample(xs, cs, order=-1),
+            lambda: deformops.deform_sample(n(xs), n(cs), order=-1), ValueError),
+        "sample spline order": (
+            lambda: dt.sample(xs, cs, order=3),
+            lambda: deformops.sample(n(xs), n(cs), order=3), NotImplementedError),
+        "sample float order": (
+            lambda: dt.sample(xs, cs, order=1.0),
+            lambda: deformops.sample(n(xs), n(cs), order=1.0), TypeError),
+        "sample string cval": (
+            lambda: dt.sample(xs, cs, cval="zero"),
+            lambda: deformops.sample(n(xs), n(cs), cval="zero"), TypeError),
+    }
+
+
+ERROR_CASES = _error_cases()
+
+
+@pytest.mark.parametrize("name", list(ERROR_CASES))
+def test_errors_match_core(name):
+    """Invalid calls raise the exception type of the NumPy core (DESIGN §5: ValueError for
+    shapes and values, TypeError for dtypes and types), with a message naming the argument
+    [oracle: NumPy core]."""
+    call, core_call, expected = ERROR_CASES[name]
+    if core_call is not None:
+        assert _core_error(core_call) is expected
+    with pytest.raises(expected) as info:
+        call()
+    assert type(info.value) is expected  # not a subclass such as a bare RuntimeError
+    assert len(str(info.value)) > 10
+
+
+def test_errors_with_grad():
+    """Tensors requiring grad raise the same errors (validation happens before autograd
+    records anything) [oracle: NumPy core]."""
+    rng = np.random.default_rng(15)
+    (x, off, w, _, _), _ = conv_case(rng)
+    x.requires_grad_()
+    with pytest.raises(ValueError, match="offset"):
+        dt.deform_conv2d(x, off[:, :10], w, padding=1)
+    with pytest.raises(TypeError, match="dtype"):
+        dt.deform_conv2d(x, off.float(), w, padding=1)
