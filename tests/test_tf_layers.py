@@ -18,6 +18,10 @@ keras = pytest.importorskip("keras")
 import deformops as dops  # noqa: E402
 import deformops_tf as dtf  # noqa: E402
 
+# Keras' own data adapter (model.fit on NumPy data) trips NumPy 2's __array__(copy=) warning.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
+
 
 def _x(shape, seed=0, dtype="float64"):
     return np.random.default_rng(seed).standard_normal(shape).astype(dtype)

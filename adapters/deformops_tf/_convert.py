@@ -8,7 +8,7 @@ backend is missing).
 deformops → TF: TensorFlow aborts the whole process (``Check failed: IsAligned()``) when a kernel
 reads a tensor whose buffer is not 64-byte aligned, and ``tf.experimental.dlpack.from_dlpack``
 does not check. NumPy's allocator aligns to 16 bytes only, so an array is shared with TF only when
-it is C-contiguous (or a permutation of a C-contiguous array) and 64-byte aligned; any other array
+it is C-contiguous and 64-byte aligned; any other array
 is first copied into a buffer allocated 64-byte aligned here (one memcpy, as cheap as
 ``tf.convert_to_tensor``'s own copy).
 """
@@ -70,9 +70,9 @@ def _share(a):
 def to_tf(a):
     """A TF tensor with the values of ``a`` (a NumPy array, or a CuPy array from the CUDA backend).
 
-    NumPy: shared without a copy when ``a`` is C-contiguous and 64-byte aligned; a permuted view
-    of such an array is shared and transposed by TF (one multi-threaded copy); anything else is
-    copied once into a 64-byte aligned buffer first. Never hands TF a misaligned buffer.
+    NumPy: shared without a copy when ``a`` is C-contiguous and 64-byte aligned; anything else
+    (a misaligned buffer, a transposed view) is copied once into a 64-byte aligned buffer first.
+    Never hands TF a misaligned buffer.
     """
     if not isinstance(a, np.ndarray):  # a CuPy array (CUDA allocations are 256-byte aligned)
         if not a.flags.c_contiguous:
@@ -85,11 +85,9 @@ def to_tf(a):
     shared = _shareable(a)
     if shared is not None:
         return _share(shared)
-    if a.ndim > 1:
-        perm = tuple(int(i) for i in np.argsort([-abs(s) for s in a.strides], kind="stable"))
-        base = _shareable(a.transpose(perm))
-        if base is not None:
-            return tf.transpose(_share(base), np.argsort(perm))
+    # One NumPy copy into an aligned buffer (also for a transposed view: a strided NumPy copy
+    # measured faster than sharing the base and a tf.transpose, whose dispatch and thread-pool
+    # wake-up cost more than the copy at the sizes of this package's outputs).
     b = aligned_empty(a.shape, a.dtype)
     np.copyto(b, a)
     return _share(b)

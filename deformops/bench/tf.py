@@ -1,0 +1,234 @@
+"""Time the TensorFlow adapter (``deformops_tf``): its framework overhead over the NumPy op.
+
+Workload (defaults): 3x3 deformable convolutions, stride 1, 'same' padding (1), one offset group,
+bias on, float32, NHWC (TensorFlow's layout):
+
+- N=8, 64 -> 64 channels, 28x28, v2 (with mask);
+- N=4, 16 -> 16 channels, 16x16, v2 (small: the fixed per-call cost shows).
+
+Data as ``python -m deformops.bench conv`` (offsets uniform in [-2, 2] px, mask uniform in
+[0, 1]), transposed to NHWC. Measured per shape, each callable in its own block of back-to-back
+calls after one warm-up call:
+
+- numpy op: ``deformops.deform_conv2d`` + ``deform_conv2d_backward`` (all five gradients) on
+  NumPy arrays in NHWC, the reference of the overhead ratios; and the same in NCHW, the core's
+  native layout (information);
+- tf op, eager / tf.function: ``deformops_tf.deform_conv2d`` on tensors under a
+  ``tf.GradientTape`` with the gradients of all five inputs, eagerly and inside ``tf.function``
+  (where it runs in a ``tf.py_function``, as in ``model.fit``);
+- DeformConv2D step: one Keras training step (``model.train_on_batch``: the compiled
+  ``train_step`` of ``model.fit``: forward, MSE loss, backward, SGD update) of a model that is
+  one ``deformops_tf.DeformConv2D`` layer (its own offset/mask predictor conv included);
+- Conv2D step: the same step of a ``keras.layers.Conv2D`` model of the same shape (the floor).
+
+Target: the layer's training step costs at most 1.2x the NumPy op (framework overhead, offset
+predictor and optimizer included, at most 20%). Before timing, the TF op's forward and gradients
+are checked against the NumPy op at each shape (float32; the adapter calls the same kernels, so
+the difference must be 0 up to summation order of the tape); the command exits 1 on a mismatch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from . import _timing
+from ._timing import Check, Task
+
+HELP = "deformops_tf: DeformConv2D / deform_conv2d in TensorFlow vs the NumPy op and Conv2D"
+
+REPEAT = 10
+DEFAULT_DTYPE = "float32"
+DEFAULT_SHAPES = ((8, 64, 64, 28, 28, True), (4, 16, 16, 16, 16, True))
+CHECK_TOL = {"float32": 1e-5, "float64": 1e-12}  # relative to max |reference|
+
+NUMPY, NUMPY_NCHW = "numpy op", "numpy op NCHW"
+EAGER, GRAPH = "tf op eager", "tf op tf.function"
+LAYER, CONV = "DeformConv2D step", "Conv2D step"
+TARGETS = {
+    (GRAPH, NUMPY): ("<", 1.2),
+    (LAYER, NUMPY): ("<", 1.2),
+    (EAGER, NUMPY): None,
+    (NUMPY, NUMPY_NCHW): None,
+    (LAYER, CONV): None,
+}
+
+
+def add_arguments(parser) -> None:
+    from .conv import _set_dtype_default, _shape
+
+    _set_dtype_default(parser, DEFAULT_DTYPE)
+    g = parser.add_argument_group("tf options")
+    g.add_argument(
+        "--shape",
+        type=_shape,
+        action="append",
+        default=None,
+        metavar="N,CIN,COUT,H,W,v1|v2",
+        help="a 3x3 'same' case to time instead of the defaults (repeatable); v1 = no mask, "
+        "v2 = mask (default: 8,64,64,28,28,v2 4,16,16,16,16,v2)",
+    )
+    g.add_argument("--seed", type=int, default=0, help="seed of the random data (default: 0)")
+
+
+def _label(shape) -> str:
+    from .conv import _label
+
+    return _label(shape)
+
+
+def _nhwc(a):
+    import numpy as np
+
+    return None if a is None else np.ascontiguousarray(a.transpose(0, 2, 3, 1))
+
+
+def _make_case(shape, dtype, seed):
+    """NHWC float arrays (x, offset, filters [3, 3, Cin, Cout], bias, mask or None, grad_out) and
+    the NCHW originals."""
+    from .conv import _cast, make_data
+
+    nchw = _cast(make_data(*shape, seed=seed), dtype)
+    x, offset, weight, bias, mask, grad_out = nchw
+    nhwc = (_nhwc(x), _nhwc(offset), weight.transpose(2, 3, 1, 0).copy(), bias, _nhwc(mask),
+            _nhwc(grad_out))
+    return nhwc, nchw
+
+
+def _numpy_fn(dops, x, offset, weight, bias, mask, grad_out, layout):
+    def both():
+        kw = dict(stride=1, padding=1, dilation=1, mask=mask, layout=layout)
+        out = dops.deform_conv2d(x, offset, weight, bias, **kw)
+        return out, dops.deform_conv2d_backward(grad_out, x, offset, weight,
+                                                needs_input_grad=(True,) * 5, **kw)
+
+    return both
+
+
+def _tf_op_fns(tf, dtf, arrays):
+    x, offset, filters, bias, mask, grad_out = [None if a is None else tf.constant(a)
+                                                for a in arrays]
+    leaves = [a for a in (x, offset, filters, bias, mask) if a is not None]
+
+    def both():
+        with tf.GradientTape() as tape:
+            tape.watch(leaves)
+            out = dtf.deform_conv2d(x, offset, filters, bias, padding=1, mask=mask)
+        return out, tape.gradient(out, leaves, output_gradients=grad_out)
+
+    return both, tf.function(both)
+
+
+def _keras_steps(tf, keras, dtf, shape, dtype, x, seed):
+    """``train_on_batch`` callables of a DeformConv2D model and a Conv2D model."""
+    N, Cin, Cout, H, W, has_mask = shape
+    import numpy as np
+
+    y = np.random.default_rng(seed + 2).standard_normal((N, H, W, Cout)).astype(dtype)
+    steps = []
+    for layer in (dtf.DeformConv2D(Cout, 3, padding="same", use_mask=has_mask, dtype=dtype),
+                  keras.layers.Conv2D(Cout, 3, padding="same", dtype=dtype)):
+        keras.utils.set_random_seed(seed)
+        inp = keras.Input((H, W, Cin), dtype=dtype)
+        model = keras.Model(inp, layer(inp))
+        model.compile(optimizer=keras.optimizers.SGD(1e-3), loss="mse", jit_compile=False)
+        xt, yt = tf.constant(x), tf.constant(y)
+        steps.append(lambda model=model, xt=xt, yt=yt: model.train_on_batch(xt, yt))
+    return steps
+
+
+def _rel_err(got, ref):
+    import numpy as np
+
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    if got.shape != ref.shape:
+        return float("inf")
+    scale = float(np.max(np.abs(ref), initial=0.0)) or 1.0
+    return float(np.max(np.abs(got - ref), initial=0.0)) / scale
+
+
+def _check(report, label, dtype, tf_both, np_both):
+    out_t, grads_t = tf_both()
+    out_n, g = np_both()
+    ref_grads = [g.grad_input, g.grad_offset, g.grad_weight.transpose(2, 3, 1, 0), g.grad_bias]
+    if g.grad_mask is not None:
+        ref_grads.append(g.grad_mask)
+    errs = [_rel_err(out_t.numpy(), out_n)]
+    errs += [_rel_err(a.numpy(), b) for a, b in zip(grads_t, ref_grads)]
+    if len(grads_t) != len(ref_grads):
+        errs.append(float("inf"))
+    report.add_check(Check(f"tf.function op vs numpy op, {label}, forward and all gradients",
+                           dtype, max(errs), CHECK_TOL[dtype], "max relative error"))
+
+
+def run(args) -> _timing.Report:
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    import keras
+
+    import deformops as dops
+    import deformops_tf as dtf
+
+    repeat = args.repeat or REPEAT
+    shapes = tuple(args.shape) if args.shape else DEFAULT_SHAPES
+    report = _timing.Report(
+        command="tf",
+        config={
+            "cases": "; ".join(_label(s) for s in shapes),
+            "kernel": "3x3",
+            "padding": "same (1)",
+            "layout": "NHWC",
+            "threads": args.threads,
+            "repeat": repeat,
+            "seed": args.seed,
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+        },
+    )
+    for dtype in args.dtypes:
+        for shape in shapes:
+            _bench_case(report, tf, keras, dops, dtf, shape, dtype, repeat, args.seed)
+    report.notes.append(
+        "every row times forward + backward with the gradients of x, offset, filters, bias and "
+        "mask; the Keras steps also run the loss, the offset predictor (DeformConv2D) and an SGD "
+        "update. Each callable runs in its own block (a warm-up, then --repeat calls), 0.3 s "
+        "apart, as in `bench conv`. Targets: tf.function op / numpy op < 1.2 and DeformConv2D "
+        "step / numpy op < 1.2 (framework overhead at most 20%)."
+    )
+    return report
+
+
+def _bench_case(report, tf, keras, dops, dtf, shape, dtype, repeat, seed):
+    label = _label(shape)
+    _timing.progress(f"[{dtype}] {label}")
+    (x, offset, filters, bias, mask, grad_out), nchw = _make_case(shape, dtype, seed)
+    weight = filters.transpose(3, 2, 0, 1).copy()
+    np_both = _numpy_fn(dops, x, offset, weight, bias, mask, grad_out, "NHWC")
+    np_nchw = _numpy_fn(dops, nchw[0], nchw[1], nchw[2], nchw[3], nchw[4], nchw[5], "NCHW")
+    eager, graph = _tf_op_fns(tf, dtf, (x, offset, filters, bias, mask, grad_out))
+    _check(report, label, dtype, graph, np_both)
+    layer_step, conv_step = _keras_steps(tf, keras, dtf, shape, dtype, x, seed)
+    tasks = [
+        Task(np_both, f"{label}", NUMPY, "NHWC, all 5 gradients"),
+        Task(np_nchw, f"{label}", NUMPY_NCHW, "the core's native layout"),
+        Task(eager, f"{label}", EAGER, "GradientTape, DLPack"),
+        Task(graph, f"{label}", GRAPH, "tf.py_function inside"),
+        Task(layer_step, f"{label}", LAYER, "train_on_batch, SGD"),
+        Task(conv_step, f"{label}", CONV, "train_on_batch, SGD"),
+    ]
+    timed = {}
+    for task in tasks:
+        time.sleep(0.3)
+        (m,) = _timing.measure_interleaved([task], dtype=dtype, repeat=repeat)
+        timed[m.peer] = report.add(m)
+    for (num, den), target in TARGETS.items():
+        report.add_ratio(f"{num} / {den}", label, dtype, timed.get(num), timed.get(den), target)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit("run it as: python -m deformops.bench tf")

@@ -1,0 +1,27 @@
+"""``python -m deformops.bench tf`` runs end to end on a tiny shape (no timing is asserted).
+
+Oracle: the command's own check of the TF op (forward and all gradients) against the NumPy op,
+which makes it exit non-zero on a mismatch.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("tensorflow")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_tf_runs_on_a_tiny_shape():
+    path = os.pathsep.join([ROOT, os.path.join(ROOT, "adapters"), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, PYTHONPATH=path, TF_CPP_MIN_LOG_LEVEL="2")
+    r = subprocess.run([sys.executable, "-m", "deformops.bench", "tf", "--shape", "1,4,4,6,6,v2",
+                        "--repeat", "1"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    assert "check: tf.function op vs numpy op" in r.stdout and ": OK" in r.stdout
+    for row in ("| numpy op ", "| DeformConv2D step ", "| Conv2D step ", "DeformConv2D step / numpy op"):
+        assert row in r.stdout, r.stdout
