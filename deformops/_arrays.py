@@ -1,8 +1,9 @@
 """Array dispatch: which backend runs a call, and argument checks shared by every op.
 
-NumPy arrays run on the CPU backend. Any other object with ``__dlpack__`` is taken zero-copy:
-CPU memory through ``np.from_dlpack``, CUDA memory through ``cupy.from_dlpack``. Nothing here
-imports Numba, CuPy or a framework at module level.
+NumPy arrays run on the CPU backend (Numba), CuPy arrays on the CUDA backend (raw kernels
+through CuPy). Any other object with ``__dlpack__`` is taken zero-copy: CPU memory through
+``np.from_dlpack``, CUDA memory through ``cupy.from_dlpack``. Nothing here imports Numba, CuPy
+or a framework at module level.
 """
 
 import numpy as np
@@ -11,6 +12,8 @@ import numpy as np
 _DL_CPU, _DL_CUDA, _DL_CUDA_HOST, _DL_CUDA_MANAGED = 1, 2, 3, 13
 
 CPU_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+# CUDA: by name, since bfloat16 is not a NumPy type (CuPy >= 14 represents it with ml_dtypes).
+GPU_DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
 LAYOUTS = ("NCHW", "NHWC")
 
 
@@ -33,9 +36,14 @@ def as_array(obj, name):
         if device_type in (_DL_CPU, _DL_CUDA_HOST):
             return np.from_dlpack(obj), "cpu"
         if device_type in (_DL_CUDA, _DL_CUDA_MANAGED):
-            import cupy
-
-            return cupy.from_dlpack(obj), "cuda"
+            cupy = _import_cupy(name)
+            try:
+                return cupy.from_dlpack(obj), "cuda"
+            except (TypeError, ValueError, BufferError) as err:
+                raise TypeError(
+                    f"{name} is a CUDA array that CuPy cannot take through DLPack ({err}); "
+                    "bfloat16 needs CuPy >= 14 with ml_dtypes"
+                ) from None
         raise TypeError(f"{name} lives on DLPack device type {device_type}; only CPU and CUDA are supported")
     raise TypeError(
         f"{name} must be a NumPy or CuPy array or an object with __dlpack__, got {type(obj).__name__}"
@@ -67,26 +75,74 @@ def as_arrays(optional=(), **named):
     return arrays, device
 
 
-def cpu_backend(device):
-    """Return the backend package for ``device``; the CUDA backend is not available yet."""
+class CUDAUnavailableError(RuntimeError):
+    """CUDA arrays were given but CuPy finds no usable GPU (``cupy.is_available()`` is False)."""
+
+
+def _import_cupy(name="the arrays"):
+    try:
+        import cupy
+    except ImportError:
+        raise ImportError(
+            f"{name} lives on a CUDA device, which deformops runs through CuPy: install it, e.g. "
+            "pip install 'deformops-kernels[cuda13]' (or [cuda12])"
+        ) from None
+    return cupy
+
+
+_CUDA_OK = []
+
+
+def _cuda_available(cupy):
+    if not _CUDA_OK and cupy.is_available():
+        _CUDA_OK.append(True)
+    return bool(_CUDA_OK)
+
+
+def backend(device):
+    """Return the backend package for ``device``: ``backends.cpu`` (Numba) for "cpu",
+    ``backends.cuda`` (CuPy) for "cuda".
+
+    Raises :class:`CUDAUnavailableError` for "cuda" when CuPy sees no usable GPU.
+    """
     if device == "cuda":
-        raise NotImplementedError(
-            "CuPy/CUDA arrays are not supported yet: the CUDA backend of deformops is not implemented; "
-            "pass NumPy arrays (or CPU tensors) instead"
-        )
+        cupy = _import_cupy()
+        if not _cuda_available(cupy):
+            raise CUDAUnavailableError(
+                "CUDA arrays were given but CuPy finds no usable GPU (cupy.is_available() is "
+                "False: no device or no driver); pass NumPy arrays or CPU tensors instead"
+            )
+        from .backends import cuda
+
+        return cuda
     from .backends import cpu
 
     return cpu
 
 
-def check_dtypes(arrays, allowed=CPU_DTYPES):
-    """Every non-None array must have one shared dtype, from ``allowed`` (``TypeError``)."""
+def xp_of(a):
+    """The array module of ``a``: ``cupy`` for CuPy arrays, else ``numpy``."""
+    if _is_cupy(a):
+        import cupy
+
+        return cupy
+    return np
+
+
+def check_dtypes(arrays, allowed=CPU_DTYPES, device="cpu"):
+    """Every non-None array must have one shared dtype, from ``allowed`` on the CPU and from
+    :data:`GPU_DTYPE_NAMES` on CUDA (``TypeError``)."""
     first = None
     for name, a in arrays.items():
         if a is None:
             continue
-        if a.dtype not in allowed:
+        if device == "cuda":
+            ok = a.dtype.name in GPU_DTYPE_NAMES
+            names = ", ".join(GPU_DTYPE_NAMES)
+        else:
+            ok = a.dtype in allowed
             names = ", ".join(str(d) for d in allowed)
+        if not ok:
             raise TypeError(f"{name} must have dtype {names}; got {a.dtype}")
         if first is None:
             first = (name, a.dtype)
@@ -133,7 +189,7 @@ def to_kernel_order(a, channels_last):
     memory order is never copied.
     """
     m = a.transpose(0, 2, 3, 1) if channels_last else a
-    return np.ascontiguousarray(m)
+    return xp_of(a).ascontiguousarray(m)
 
 
 def is_channels_last(a):

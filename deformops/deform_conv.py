@@ -64,7 +64,7 @@ def _prepare(x, offset, weight, bias, mask, stride, padding, dilation, layout, g
     )
     x, offset, weight = arrays["x"], arrays["offset"], arrays["weight"]
     bias, mask, grad_out = arrays["bias"], arrays["mask"], arrays["grad_out"]
-    backend = _arrays.cpu_backend(device)
+    backend = _arrays.backend(device)
     nhwc = layout == "NHWC"
     _arrays.check_ndim(x, "x", 4, "(N, H, W, Cin)" if nhwc else "(N, Cin, H, W)")
     _arrays.check_ndim(offset, "offset", 4, "(N, Ho, Wo, 2*G*K)" if nhwc else "(N, 2*G*K, Ho, Wo)")
@@ -77,7 +77,7 @@ def _prepare(x, offset, weight, bias, mask, stride, padding, dilation, layout, g
         _arrays.check_ndim(grad_out, "grad_out", 4,
                            "(N, Ho, Wo, Cout)" if nhwc else "(N, Cout, Ho, Wo)")
     _arrays.check_dtypes({"x": x, "offset": offset, "weight": weight, "bias": bias, "mask": mask,
-                          "grad_out": grad_out})
+                          "grad_out": grad_out}, device=device)
     stride = _pair(stride, "stride", 1)
     padding = _pair(padding, "padding", 0)
     dilation = _pair(dilation, "dilation", 1)
@@ -124,7 +124,7 @@ def _prepare(x, offset, weight, bias, mask, stride, padding, dilation, layout, g
     if grad_out is not None and grad_out.shape != (N, Cout, Ho, Wo):
         want = (N, Cout, Ho, Wo) if not nhwc else (N, Ho, Wo, Cout)
         raise ValueError(f"grad_out must have the output's shape {want}; got {_shape(grad_out, nhwc)}")
-    c = np.ascontiguousarray
+    c = _arrays.xp_of(x).ascontiguousarray
     return dict(
         backend=backend, x=c(x), weight=c(weight), bias=bias, layout=layout,
         offset=c(offset).reshape(N, G2K, Ho * Wo),
@@ -179,7 +179,7 @@ def deform_conv2d(x, offset, weight, bias=None, *, stride=1, padding=0, dilation
     NHWC inputs are currently converted to NCHW once per call.
     """
     a = _prepare(x, offset, weight, bias, mask, stride, padding, dilation, layout)
-    out = np.empty(a["out_shape"], a["x"].dtype)
+    out = _arrays.xp_of(a["x"]).empty(a["out_shape"], a["x"].dtype)
     if out.size:
         a["backend"].deform_conv2d_forward(a["x"], a["offset"], a["weight"], a["bias"], a["mask"],
                                            a["stride"], a["padding"], a["dilation"], out)
@@ -213,11 +213,16 @@ def deform_conv2d_backward(grad_out, x, offset, weight, *, stride=1, padding=0, 
     a = _prepare(x, offset, weight, None, mask, stride, padding, dilation, layout,
                  grad_out=grad_out, backward=True)
     xk, off, wk, mk, go = a["x"], a["offset"], a["weight"], a["mask"], a["grad_out"]
-    grad_x = np.empty_like(xk) if need[0] else None
-    grad_offset = np.empty_like(off) if need[1] else None
-    grad_weight = np.empty_like(wk) if need[2] else None
-    grad_mask = np.empty_like(mk) if need[3] and mk is not None else None
-    grad_bias = go.sum(axis=(0, 2, 3)) if need[4] else None
+    xp = _arrays.xp_of(xk)
+    grad_x = xp.empty_like(xk) if need[0] else None
+    grad_offset = xp.empty_like(off) if need[1] else None
+    grad_weight = xp.empty_like(wk) if need[2] else None
+    grad_mask = xp.empty_like(mk) if need[3] and mk is not None else None
+    grad_bias = None
+    if need[4] and go.dtype.itemsize < 4:  # half types (CUDA): accumulate in float32
+        grad_bias = go.sum(axis=(0, 2, 3), dtype=np.float32).astype(go.dtype)
+    elif need[4]:
+        grad_bias = go.sum(axis=(0, 2, 3))
     if go.size and any(g is not None for g in (grad_x, grad_offset, grad_weight, grad_mask)):
         a["backend"].deform_conv2d_backward(go, xk, off, wk, mk, a["stride"], a["padding"],
                                             a["dilation"], grad_x, grad_offset, grad_weight,

@@ -6,23 +6,22 @@ from . import _arrays
 from ._modes import check_order, mode_code
 
 
-def _as_cpu_array(obj, name):
-    """Array-likes are accepted as scipy accepts them; DLPack exporters are taken zero-copy."""
+def _as_array(obj, name):
+    """``(array, device)``. Array-likes are accepted as scipy accepts them (as NumPy arrays, or
+    ``None`` device when they are plain sequences); DLPack exporters are taken zero-copy."""
     if isinstance(obj, np.ndarray) or hasattr(obj, "__dlpack__") or _arrays._is_cupy(obj):
-        arr, device = _arrays.as_array(obj, name)
-        _arrays.cpu_backend(device)
-        return arr
+        return _arrays.as_array(obj, name)
     try:
-        return np.asarray(obj)
+        return np.asarray(obj), None
     except (TypeError, ValueError) as err:
         raise TypeError(f"{name} must be array-like: {err}") from None
 
 
-def _output_array(output, shape, input_dtype):
+def _output_array(output, shape, input_dtype, xp=np):
     """Resolve scipy's ``output`` argument: None, a dtype, or an array to fill."""
     if output is None:
-        out = np.empty(shape, input_dtype)
-    elif isinstance(output, np.ndarray):
+        out = xp.empty(shape, input_dtype)
+    elif isinstance(output, xp.ndarray):
         if output.shape != shape:
             raise ValueError(f"output must have shape {shape}; got {output.shape}")
         out = output
@@ -30,23 +29,24 @@ def _output_array(output, shape, input_dtype):
         try:
             dtype = np.dtype(output)
         except TypeError:
-            raise TypeError(f"output must be None, a dtype or a NumPy array; got {output!r}") from None
-        out = np.empty(shape, dtype)
+            kind = "CuPy" if xp is not np else "NumPy"
+            raise TypeError(f"output must be None, a dtype or a {kind} array; got {output!r}") from None
+        out = xp.empty(shape, dtype)
     if out.dtype.kind not in "biuf":
         raise TypeError(f"output dtype must be real (bool, integer or floating); got {out.dtype}")
     return out
 
 
-def _store(values, out):
+def _store(values, out, xp=np):
     """Cast float results into ``out`` with scipy's rules for integer outputs."""
     kind = out.dtype.kind
     if kind in "iu":
         info = np.iinfo(out.dtype)
         if kind == "u":
-            values = np.where(values > 0, values + 0.5, 0.0)
+            values = xp.where(values > 0, values + 0.5, 0.0)
         else:
-            values = np.where(values > 0, values + 0.5, values - 0.5)
-        values = np.clip(values, info.min, info.max)
+            values = xp.where(values > 0, values + 0.5, values - 0.5)
+        values = xp.clip(values, info.min, info.max)
     out[...] = values.astype(out.dtype, copy=False)
 
 
@@ -81,17 +81,27 @@ def map_coordinates(input, coordinates, output=None, order=1, mode="constant", c
         The ``output`` array (the one given, or a new one).
     """
     order, code, cval = check_order(order), mode_code(mode), _arrays.check_cval(cval)
-    image = _as_cpu_array(input, "input")
-    coords = _as_cpu_array(coordinates, "coordinates")
+    image, dev_image = _as_array(input, "input")
+    coords, dev_coords = _as_array(coordinates, "coordinates")
+    device = dev_image or dev_coords or "cpu"
+    if device == "cuda" and dev_image is None:  # a plain sequence next to a CUDA array
+        image = _arrays.xp_of(coords).asarray(image)
+    if device == "cuda" and dev_coords is None:
+        coords = _arrays.xp_of(image).asarray(coords)
+    if {dev_image or device, dev_coords or device} != {device}:
+        raise TypeError(f"input is on {dev_image} but coordinates on {dev_coords}; "
+                        "NumPy and CuPy arrays cannot be mixed in one call")
+    backend = _arrays.backend(device) if device == "cuda" else None  # CUDA: fail early
+    xp = _arrays.xp_of(image)
     if image.ndim != 2:
         raise ValueError(f"input must be 2-D (H, W); got shape {image.shape}")
     if coords.ndim < 1 or coords.shape[0] != 2:
         raise ValueError(f"coordinates must have shape (2, ...); got {coords.shape}")
     for name, a in (("input", image), ("coordinates", coords)):
-        if a.dtype.kind not in "biuf":
+        if a.dtype.kind not in "biuf" and a.dtype.name != "bfloat16":
             raise TypeError(f"{name} must be real-valued; got dtype {a.dtype}")
     shape = coords.shape[1:]
-    out = _output_array(output, shape, image.dtype)
+    out = _output_array(output, shape, image.dtype, xp)
     points = int(np.prod(shape))
     H, W = image.shape
     if points == 0:
@@ -100,11 +110,12 @@ def map_coordinates(input, coordinates, output=None, order=1, mode="constant", c
         raise ValueError(f"input has an empty shape {image.shape}: there is nothing to sample")
     both32 = image.dtype == np.float32 and coords.dtype == np.float32
     dtype = np.float32 if both32 else np.float64
-    x_k = np.ascontiguousarray(image, dtype).reshape(1, 1, H, W)
-    coords_k = np.ascontiguousarray(coords, dtype).reshape(1, 2, 1, points)
+    x_k = xp.ascontiguousarray(image, dtype).reshape(1, 1, H, W)
+    coords_k = xp.ascontiguousarray(coords, dtype).reshape(1, 2, 1, points)
     direct = out.dtype == dtype and out.flags.c_contiguous
-    result = out.reshape(1, 1, 1, points) if direct else np.empty((1, 1, 1, points), dtype)
-    _arrays.cpu_backend("cpu").sample_forward(x_k, coords_k, result, order, code, cval, False, False)
+    result = out.reshape(1, 1, 1, points) if direct else xp.empty((1, 1, 1, points), dtype)
+    backend = backend or _arrays.backend("cpu")
+    backend.sample_forward(x_k, coords_k, result, order, code, cval, False, False)
     if not direct:
-        _store(result.reshape(shape), out)
+        _store(result.reshape(shape), out, xp)
     return out

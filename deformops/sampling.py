@@ -16,8 +16,6 @@ Channel ``2g`` of ``coords`` is y (row) and ``2g + 1`` is x (column), in pixels.
 
 from typing import NamedTuple, Optional
 
-import numpy as np
-
 from . import _arrays
 from ._modes import check_order, mode_code
 
@@ -55,14 +53,14 @@ def _prepare(x, coords, layout, coords_name, relative, backward=False, grad_out=
         **{"x": x, coords_name: coords, "grad_out": grad_out},
     )
     x, coords, grad_out = arrays["x"], arrays[coords_name], arrays["grad_out"]
-    backend = _arrays.cpu_backend(device)
+    backend = _arrays.backend(device)
     doc_x = "(N, C, H, W)" if layout == "NCHW" else "(N, H, W, C)"
     doc_c = "(N, 2G, Ho, Wo)" if layout == "NCHW" else "(N, Ho, Wo, 2G)"
     _arrays.check_ndim(x, "x", 4, doc_x)
     _arrays.check_ndim(coords, coords_name, 4, doc_c)
     if backward:
         _arrays.check_ndim(grad_out, "grad_out", 4, doc_x.replace("H, W", "Ho, Wo"))
-    _arrays.check_dtypes({"x": x, coords_name: coords, "grad_out": grad_out})
+    _arrays.check_dtypes({"x": x, coords_name: coords, "grad_out": grad_out}, device=device)
     if layout == "NHWC":  # from here on every array is indexed NCHW
         x, coords = x.transpose(0, 3, 1, 2), coords.transpose(0, 3, 1, 2)
         grad_out = None if grad_out is None else grad_out.transpose(0, 3, 1, 2)
@@ -106,14 +104,15 @@ def _from_kernel_order(a_k, channels_last, layout):
 def _forward(x, coords, order, mode, cval, layout, coords_name, relative):
     order, mode, cval = check_order(order), mode_code(mode), _arrays.check_cval(cval)
     backend, x_k, coords_k, _, cl, layout = _prepare(x, coords, layout, coords_name, relative)
+    xp = _arrays.xp_of(x_k)
     if cl:
         N, H, W, C = x_k.shape
         Ho, Wo = coords_k.shape[1:3]
-        out = np.empty((N, Ho, Wo, C), x_k.dtype)
+        out = xp.empty((N, Ho, Wo, C), x_k.dtype)
     else:
         N, C = x_k.shape[:2]
         Ho, Wo = coords_k.shape[2:]
-        out = np.empty((N, C, Ho, Wo), x_k.dtype)
+        out = xp.empty((N, C, Ho, Wo), x_k.dtype)
     backend.sample_forward(x_k, coords_k, out, order, mode, cval, relative, cl)
     return _from_kernel_order(out, cl, layout)
 
@@ -125,8 +124,9 @@ def _backward(grad_out, x, coords, order, mode, cval, layout, needs_input_grad, 
     backend, x_k, coords_k, go_k, cl, layout = _prepare(
         x, coords, layout, coords_name, relative, backward=True, grad_out=grad_out
     )
-    grad_x = np.empty_like(x_k) if need_x else None
-    grad_coords = np.empty_like(coords_k) if need_coords else None
+    xp = _arrays.xp_of(x_k)
+    grad_x = xp.empty_like(x_k) if need_x else None
+    grad_coords = xp.empty_like(coords_k) if need_coords else None
     backend.sample_backward(go_k, x_k, coords_k, grad_x, grad_coords, order, mode, cval, relative, cl)
     return (
         None if grad_x is None else _from_kernel_order(grad_x, cl, layout),
