@@ -1,0 +1,209 @@
+"""Modules: a torchvision-compatible ``DeformConv2d``, an mmcv-style ``DeformConv2dPack`` that
+predicts its own offsets (and DCNv2 mask), and the original project's ``ConvOffset2D``."""
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import init
+from torch.nn.modules.utils import _pair
+
+from .ops import deform_conv2d, deform_sample
+
+
+class DeformConv2d(nn.Module):
+    """Deformable convolution with external offsets, a drop-in for ``torchvision.ops.DeformConv2d``.
+
+    Same constructor, parameters (``weight`` (Cout, Cin/groups, kh, kw), ``bias`` (Cout,)),
+    initialisation and ``forward(input, offset, mask=None)``; see :func:`deformops_torch.deform_conv2d`
+    for the offset and mask channel order.
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+    kernel_size, stride, padding, dilation : int or (int, int)
+    groups : int
+        Convolution groups; must divide both channel counts.
+    bias : bool
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 groups=1, bias=True):
+        super().__init__()
+        if in_channels % groups != 0:
+            raise ValueError(f"in_channels ({in_channels}) must be divisible by groups ({groups})")
+        if out_channels % groups != 0:
+            raise ValueError(f"out_channels ({out_channels}) must be divisible by groups ({groups})")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride)
+        self.padding = _pair(padding)
+        self.dilation = _pair(dilation)
+        self.groups = groups
+        self.weight = nn.Parameter(
+            torch.empty(out_channels, in_channels // groups, *self.kernel_size))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """torchvision's (and ``nn.Conv2d``'s) initialisation: Kaiming-uniform weight with
+        a = sqrt(5), bias uniform in ±1/sqrt(fan_in)."""
+        init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in, _ = init._calculate_fan_in_and_fan_out(self.weight)
+            bound = 1 / math.sqrt(fan_in)
+            init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, input, offset, mask=None):
+        """
+        Parameters
+        ----------
+        input : Tensor, (N, Cin, H, W)
+        offset : Tensor, (N, 2*G*kh*kw, Ho, Wo)
+        mask : Tensor, (N, G*kh*kw, Ho, Wo), optional
+
+        Returns
+        -------
+        Tensor, (N, Cout, Ho, Wo)
+        """
+        return deform_conv2d(input, offset, self.weight, self.bias, stride=self.stride,
+                             padding=self.padding, dilation=self.dilation, mask=mask)
+
+    def extra_repr(self):
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+             f"stride={self.stride}")
+        if self.padding != (0, 0):
+            s += f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        return s
+
+
+class DeformConv2dPack(DeformConv2d):
+    """Deformable convolution that predicts its own offsets (DCNv1) and mask (DCNv2).
+
+    Like mmcv's ``DeformConv2dPack`` / ``ModulatedDeformConv2dPack``: a regular convolution
+    ``conv_offset`` with the same kernel, stride, padding and dilation, zero-initialised, predicts
+    per output pixel ``2*G*kh*kw`` offsets and, with ``modulated=True``, ``G*kh*kw`` mask logits
+    through a sigmoid. At initialisation the offsets are 0 and the mask 0.5 everywhere (mmcv's
+    convention), so an unmodulated pack starts as exactly the regular convolution.
+
+    The predictor's output channels are ``[offsets (channel order of deform_conv2d), mask
+    logits]``; mmcv instead interleaves its chunks, so mmcv checkpoints need their
+    ``conv_offset`` rows permuted.
+
+    Parameters
+    ----------
+    in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias
+        As :class:`DeformConv2d`.
+    offset_groups : int
+        G: the input channels split into G contiguous blocks, each with its own offsets.
+    modulated : bool
+        DCNv2: also predict a sigmoid mask per sample.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 groups=1, offset_groups=1, bias=True, modulated=False):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                         groups, bias)
+        if offset_groups < 1 or in_channels % offset_groups:
+            raise ValueError(f"offset_groups ({offset_groups}) must be >= 1 and divide "
+                             f"in_channels ({in_channels})")
+        self.offset_groups = offset_groups
+        self.modulated = modulated
+        taps = offset_groups * self.kernel_size[0] * self.kernel_size[1]
+        self.conv_offset = nn.Conv2d(in_channels, (3 if modulated else 2) * taps,
+                                     self.kernel_size, self.stride, self.padding, self.dilation,
+                                     bias=True)
+        self.init_offset()
+
+    def init_offset(self):
+        """Zero the offset predictor: offsets 0 (and mask 0.5) for every input."""
+        nn.init.zeros_(self.conv_offset.weight)
+        nn.init.zeros_(self.conv_offset.bias)
+
+    def forward(self, input):
+        """
+        Parameters
+        ----------
+        input : Tensor, (N, Cin, H, W)
+
+        Returns
+        -------
+        Tensor, (N, Cout, Ho, Wo)
+        """
+        pred = self.conv_offset(input)
+        n_offset = 2 * self.offset_groups * self.kernel_size[0] * self.kernel_size[1]
+        offset = pred[:, :n_offset]
+        mask = torch.sigmoid(pred[:, n_offset:]) if self.modulated else None
+        return super().forward(input, offset, mask)
+
+    def extra_repr(self):
+        s = super().extra_repr()
+        if self.offset_groups != 1:
+            s += f", offset_groups={self.offset_groups}"
+        if self.modulated:
+            s += ", modulated=True"
+        return s
+
+
+class ConvOffset2D(nn.Module):
+    """The original project's deformable layer (felixlaumon/deform-conv), done right.
+
+    A 3x3 convolution without bias predicts one (dy, dx) per channel and pixel; every channel is
+    then resampled at its own offsets with :func:`deformops_torch.deform_sample`. Channel c uses
+    predictor outputs ``2c`` (dy) and ``2c+1`` (dx) (the original scrambled them with a transpose
+    and a reshape). The output has the input's shape.
+
+    Parameters
+    ----------
+    channels : int
+        C, the input (and output) channels.
+    init_normal_stddev : float
+        Standard deviation of the predictor's normal initialisation (the original's 0.01);
+        0 initialises it to zeros (offsets start at exactly 0).
+    order : {0, 1}
+        Interpolation order (bilinear by default, as the original).
+    mode : str
+        Border mode of :func:`deformops.sample`; 'nearest' (clamp to the edge) as in the
+        original, which clipped coordinates into the image.
+    """
+
+    def __init__(self, channels, init_normal_stddev=0.01, order=1, mode="nearest"):
+        super().__init__()
+        self.channels = channels
+        self.init_normal_stddev = init_normal_stddev
+        self.order = order
+        self.mode = mode
+        self.conv = nn.Conv2d(channels, 2 * channels, 3, padding=1, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        if self.init_normal_stddev:
+            nn.init.normal_(self.conv.weight, 0.0, self.init_normal_stddev)
+        else:
+            nn.init.zeros_(self.conv.weight)
+
+    def forward(self, x):
+        """
+        Parameters
+        ----------
+        x : Tensor, (N, C, H, W)
+
+        Returns
+        -------
+        Tensor, (N, C, H, W)
+        """
+        return deform_sample(x, self.conv(x), order=self.order, mode=self.mode)
+
+    def extra_repr(self):
+        return (f"{self.channels}, init_normal_stddev={self.init_normal_stddev}, "
+                f"order={self.order}, mode={self.mode!r}")

@@ -1,0 +1,281 @@
+"""deformops kernels as PyTorch operators with autograd, fake (meta) kernels and torch.compile support.
+
+Each op is a ``torch.library.custom_op`` in the ``deformops`` namespace, so it runs eagerly and
+under ``torch.compile(fullgraph=True)`` without a graph break:
+
+=====================================  =========================================================
+operator                               what it does
+=====================================  =========================================================
+``deformops::deform_conv2d``           :func:`deformops.deform_conv2d` (NCHW)
+``deformops::deform_conv2d_backward``  :func:`deformops.deform_conv2d_backward`
+``deformops::sample``                  :func:`deformops.sample`
+``deformops::sample_backward``         :func:`deformops.sample_backward`
+``deformops::deform_sample``           :func:`deformops.deform_sample`
+``deformops::deform_sample_backward``  :func:`deformops.deform_sample_backward`
+=====================================  =========================================================
+
+Tensors are detached and handed to deformops as NumPy (CPU) or CuPy (CUDA) views through DLPack,
+with no copy; on CUDA the kernels run on torch's current stream. Backward operators return an
+empty tensor for a gradient that is not needed (autograd turns it into None).
+"""
+
+import numbers
+import operator
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+import deformops
+
+from ._dlpack import is_channels_last, on_stream, to_array, to_tensor
+
+_EMPTY = (0,)
+
+
+def _pair(value, name):
+    """An int or a pair of ints as a list of two ints (validated again by deformops)."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+        return [int(v) for v in value]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return [value, value]
+
+
+def _check_tensors(**named):
+    """``TypeError`` naming the argument for anything but a tensor (None allowed where optional).
+
+    Without it a NumPy array or a list would reach the operator's schema check, which raises a
+    ``RuntimeError``; DESIGN §5 wants a ``TypeError`` for a wrong array type, as the core gives.
+    """
+    for name, t in named.items():
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _conv_out_size(size, k, stride, padding, dilation):
+    return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+
+
+# ----------------------------------------------------------------------------------------------
+# deform_conv2d
+
+
+@torch.library.custom_op("deformops::deform_conv2d", mutates_args=(), device_types=("cpu", "cuda"))
+def _deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[Tensor],
+                   mask: Optional[Tensor], stride: list[int], padding: list[int],
+                   dilation: list[int]) -> Tensor:
+    with on_stream(input):
+        out = deformops.deform_conv2d(
+            to_array(input, "input"), to_array(offset, "offset"), to_array(weight, "weight"),
+            to_array(bias, "bias"), stride=stride, padding=padding, dilation=dilation,
+            mask=to_array(mask, "mask"))
+    return to_tensor(out)
+
+
+@_deform_conv2d.register_fake
+def _(input, offset, weight, bias, mask, stride, padding, dilation):
+    N, _, H, W = input.shape
+    Cout, _, kh, kw = weight.shape
+    Ho = _conv_out_size(H, kh, stride[0], padding[0], dilation[0])
+    Wo = _conv_out_size(W, kw, stride[1], padding[1], dilation[1])
+    return input.new_empty((N, Cout, Ho, Wo))
+
+
+@torch.library.custom_op("deformops::deform_conv2d_backward", mutates_args=(),
+                         device_types=("cpu", "cuda"))
+def _deform_conv2d_backward(grad_out: Tensor, input: Tensor, offset: Tensor, weight: Tensor,
+                            mask: Optional[Tensor], stride: list[int], padding: list[int],
+                            dilation: list[int], needs_input_grad: list[bool]
+                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    with on_stream(input):
+        grads = deformops.deform_conv2d_backward(
+            to_array(grad_out, "grad_out"), to_array(input, "input"), to_array(offset, "offset"),
+            to_array(weight, "weight"), stride=stride, padding=padding, dilation=dilation,
+            mask=to_array(mask, "mask"), needs_input_grad=needs_input_grad)
+    return tuple(input.new_empty(_EMPTY) if g is None else to_tensor(g) for g in grads)
+
+
+@_deform_conv2d_backward.register_fake
+def _(grad_out, input, offset, weight, mask, stride, padding, dilation, needs_input_grad):
+    likes = (input, offset, weight, mask, grad_out.new_empty((weight.shape[0],)))
+    return tuple(
+        torch.empty_like(t, memory_format=torch.contiguous_format) if need and t is not None
+        else input.new_empty(_EMPTY)
+        for t, need in zip(likes, needs_input_grad))
+
+
+def _conv_setup_context(ctx, inputs, output):
+    input, offset, weight, bias, mask, stride, padding, dilation = inputs
+    ctx.save_for_backward(input, offset, weight, mask)
+    ctx.conv_args = (stride, padding, dilation)
+    ctx.has_bias, ctx.has_mask = bias is not None, mask is not None
+
+
+def _conv_backward(ctx, grad_out):
+    input, offset, weight, mask = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    needs = [n[0], n[1], n[2], n[4] and ctx.has_mask, n[3] and ctx.has_bias]
+    gi, go, gw, gm, gb = torch.ops.deformops.deform_conv2d_backward(
+        grad_out, input, offset, weight, mask, *ctx.conv_args, needs)
+    g = [gi, go, gw, gm, gb]
+    # inputs: input, offset, weight, bias, mask, stride, padding, dilation
+    return (g[0] if needs[0] else None, g[1] if needs[1] else None, g[2] if needs[2] else None,
+            g[4] if needs[4] else None, g[3] if needs[3] else None, None, None, None)
+
+
+_deform_conv2d.register_autograd(_conv_backward, setup_context=_conv_setup_context)
+
+
+def deform_conv2d(input, offset, weight, bias=None, stride=(1, 1), padding=(0, 0),
+                  dilation=(1, 1), mask=None):
+    """Deformable convolution v1 (``mask=None``) or v2, a drop-in for
+    ``torchvision.ops.deform_conv2d`` (same arguments, same order, same results).
+
+    Parameters
+    ----------
+    input : Tensor, (N, Cin, H, W)
+    offset : Tensor, (N, 2*G*kh*kw, Ho, Wo)
+        Channel ``g*2*kh*kw + 2*k`` is Δy of offset group g and tap k = i*kw + j, ``+1`` is Δx.
+    weight : Tensor, (Cout, Cin/groups, kh, kw)
+    bias : Tensor, (Cout,), optional
+    stride, padding, dilation : int or (int, int)
+    mask : Tensor, (N, G*kh*kw, Ho, Wo), optional
+        DCNv2 modulation, channel ``g*kh*kw + k``.
+
+    Returns
+    -------
+    Tensor, (N, Cout, Ho, Wo)
+        Differentiable with respect to input, offset, weight, bias and mask.
+    """
+    _check_tensors(input=input, offset=offset, weight=weight, bias=bias, mask=mask)
+    return _deform_conv2d(input, offset, weight, bias, mask, _pair(stride, "stride"),
+                          _pair(padding, "padding"), _pair(dilation, "dilation"))
+
+
+# ----------------------------------------------------------------------------------------------
+# sample and deform_sample: one pair of operators each, same semantics as deformops
+
+
+def _sampling_fake(x, coords, order, mode, cval):
+    N, C = x.shape[:2]
+    Ho, Wo = coords.shape[2:]
+    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+    return torch.empty((N, C, Ho, Wo), dtype=x.dtype, device=x.device, memory_format=fmt)
+
+
+def _sampling_backward_fake(grad_out, x, coords, order, mode, cval, needs_input_grad):
+    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+    return tuple(torch.empty_like(t, memory_format=fmt) if need else x.new_empty(_EMPTY)
+                 for t, need in zip((x, coords), needs_input_grad))
+
+
+def _define_sampling(name, forward, backward, coords_name):
+    """Register ``deformops::<name>`` and its backward; return the forward operator."""
+
+    @torch.library.custom_op(f"deformops::{name}", mutates_args=(), device_types=("cpu", "cuda"))
+    def op(x: Tensor, coords: Tensor, order: int, mode: str, cval: float) -> Tensor:
+        with on_stream(x):
+            out = forward(to_array(x, "x"), to_array(coords, coords_name), order=order,
+                          mode=mode, cval=cval)
+        return to_tensor(out)
+
+    @torch.library.custom_op(f"deformops::{name}_backward", mutates_args=(),
+                             device_types=("cpu", "cuda"))
+    def op_backward(grad_out: Tensor, x: Tensor, coords: Tensor, order: int, mode: str,
+                    cval: float, needs_input_grad: list[bool]) -> tuple[Tensor, Tensor]:
+        with on_stream(x):
+            grads = backward(to_array(grad_out, "grad_out"), to_array(x, "x"),
+                             to_array(coords, coords_name), order=order, mode=mode, cval=cval,
+                             needs_input_grad=needs_input_grad)
+        return tuple(x.new_empty(_EMPTY) if g is None else to_tensor(g) for g in grads)
+
+    op.register_fake(_sampling_fake)
+    op_backward.register_fake(_sampling_backward_fake)
+
+    def setup_context(ctx, inputs, output):
+        x, coords, order, mode, cval = inputs
+        ctx.save_for_backward(x, coords)
+        ctx.sampling_args = (order, mode, cval)
+
+    def backward_rule(ctx, grad_out):
+        x, coords = ctx.saved_tensors
+        needs = list(ctx.needs_input_grad[:2])
+        grad_x, grad_coords = op_backward(grad_out, x, coords, *ctx.sampling_args, needs)
+        return (grad_x if needs[0] else None, grad_coords if needs[1] else None,
+                None, None, None)
+
+    op.register_autograd(backward_rule, setup_context=setup_context)
+    return op
+
+
+_sample = _define_sampling("sample", deformops.sample, deformops.sample_backward, "coords")
+_deform_sample = _define_sampling("deform_sample", deformops.deform_sample,
+                                  deformops.deform_sample_backward, "offset")
+
+
+def _check_sampling_args(order, mode, cval):
+    """The operator schema's (int, str, float); values (order 0/1, mode names) are checked by
+    deformops itself, which raises the same errors for tensors as for arrays. Integer and real
+    NumPy scalars are accepted, as by the core."""
+    if isinstance(order, bool):
+        raise TypeError(f"order must be an integer, got {type(order).__name__}")
+    try:
+        order = operator.index(order)
+    except TypeError:
+        raise TypeError(f"order must be an integer, got {type(order).__name__}") from None
+    if not isinstance(mode, str):
+        raise TypeError(f"mode must be a string, got {type(mode).__name__}")
+    if isinstance(cval, bool) or not isinstance(cval, numbers.Real):
+        raise TypeError(f"cval must be a real number, got {type(cval).__name__}")
+    return order, mode, float(cval)
+
+
+def sample(x, coords, *, order=1, mode="grid-constant", cval=0.0):
+    """Sample ``x`` at absolute (y, x) pixel coordinates, differentiably.
+
+    Parameters
+    ----------
+    x : Tensor, (N, C, H, W)
+        channels_last tensors run the NHWC kernel without a copy and give a channels_last output.
+    coords : Tensor, (N, 2G, Ho, Wo)
+        Channel ``2g`` is y and ``2g+1`` is x of offset group g, which covers channels
+        ``[g*C/G, (g+1)*C/G)``.
+    order : {0, 1}
+        Nearest or bilinear.
+    mode : str
+        Any mode of :func:`deformops.sample` ('grid-constant', 'constant', 'nearest', 'reflect',
+        'mirror', 'wrap', 'grid-wrap', ...), identical to ``scipy.ndimage.map_coordinates``.
+    cval : float
+        Value outside the image for the constant modes.
+
+    Returns
+    -------
+    Tensor, (N, C, Ho, Wo)
+        Differentiable with respect to ``x`` and ``coords``.
+    """
+    _check_tensors(x=x, coords=coords)
+    return _sample(x, coords, *_check_sampling_args(order, mode, cval))
+
+
+def deform_sample(x, offset, *, order=1, mode="grid-constant", cval=0.0):
+    """Sample ``x`` at the regular grid plus ``offset``: output (i, j) reads ``(i + dy, j + dx)``.
+
+    Parameters
+    ----------
+    x : Tensor, (N, C, H, W)
+    offset : Tensor, (N, 2G, H, W)
+        Channel ``2g`` is dy and ``2g+1`` is dx of offset group g (channels
+        ``[g*C/G, (g+1)*C/G)``).
+    order, mode, cval
+        As :func:`sample`.
+
+    Returns
+    -------
+    Tensor, (N, C, H, W)
+        Differentiable with respect to ``x`` and ``offset``.
+    """
+    _check_tensors(x=x, offset=offset)
+    return _deform_sample(x, offset, *_check_sampling_args(order, mode, cval))
