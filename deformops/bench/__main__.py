@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "sample": ".sampling",
     "conv": ".conv",
     "tf": ".tf",
+    "gpu": ".gpu",
 }
 
 
