@@ -553,3 +553,63 @@ def test_errors_with_grad():
         dt.deform_conv2d(x, off[:, :10], w, padding=1)
     with pytest.raises(TypeError, match="dtype"):
         dt.deform_conv2d(x, off.float(), w, padding=1)
+
+
+# ====================================================================== the two paths
+
+
+def test_operator_path_equals_eager_path():
+    """Plain eager calls run the kernels through an autograd.Function, everything else through
+    the registered operators ``torch.ops.deformops.*``: both give the same output and gradients,
+    bit for bit [oracle: the operator path]."""
+    rng = np.random.default_rng(16)
+    tensors, kw = conv_case(rng, N=2, Cin=4, mask=True, bias=True)
+    leaves = [t.requires_grad_() for t in tensors]
+    out = call_conv(*leaves, kw)
+    ref = torch.ops.deformops.deform_conv2d(*leaves, [1, 1], [1, 1], [1, 1])
+    go = torch.randn_like(out)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    for a, r in zip(_grads(out, leaves, go), _grads(ref, leaves, go)):
+        torch.testing.assert_close(a, r, rtol=0, atol=0)
+    x, coords = _sampling_inputs(rng, "deform_sample", N=2, C=4, G=2)
+    leaves = [x.requires_grad_(), coords.requires_grad_()]
+    for name, f in SAMPLING_OPS.items():
+        out = f(*leaves, order=1, mode="mirror", cval=0.5)
+        ref = getattr(torch.ops.deformops, name)(*leaves, 1, "mirror", 0.5)
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+        go = torch.randn_like(out)
+        for a, r in zip(_grads(out, leaves, go), _grads(ref, leaves, go)):
+            torch.testing.assert_close(a, r, rtol=0, atol=0)
+
+
+def test_operator_path_gradcheck():
+    """The registered operators' own autograd (used under torch.compile and dispatch modes)
+    [oracle: finite differences]."""
+    rng = np.random.default_rng(17)
+    tensors, _ = conv_case(rng, mask=True, bias=True)
+    tensors = tuple(t.requires_grad_() for t in tensors)
+    assert torch.autograd.gradcheck(
+        lambda *a: torch.ops.deformops.deform_conv2d(*a, [1, 1], [1, 1], [1, 1]), tensors)
+    for name in SAMPLING_OPS:
+        x, coords = _sampling_inputs(rng, name)
+        assert torch.autograd.gradcheck(
+            lambda a, c: getattr(torch.ops.deformops, name)(a, c, 1, "reflect", 0.0),
+            (x.requires_grad_(), coords.requires_grad_()))
+
+
+def test_fake_tensor_mode_takes_the_operator():
+    """Under FakeTensorMode (what torch.export and compilers trace with) the public functions
+    dispatch to the operators' fake kernels: right shapes, no data touched [oracle: DESIGN §3
+    shapes]."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(2, 4, 9, 8, dtype=F64)
+        out = dt.deform_conv2d(x, torch.empty(2, 36, 5, 4, dtype=F64),
+                               torch.empty(6, 2, 3, 3, dtype=F64), stride=2, padding=1)
+        assert out.shape == (2, 6, 5, 4)
+        xc = x.to(memory_format=torch.channels_last)
+        out = dt.deform_sample(xc, torch.empty(2, 4, 9, 8, dtype=F64))
+        assert out.shape == (2, 4, 9, 8)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert dt.sample(x, torch.empty(2, 2, 3, 5, dtype=F64)).shape == (2, 4, 3, 5)

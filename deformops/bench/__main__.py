@@ -24,6 +24,7 @@ from . import _timing
 SUBCOMMANDS = {
     "sample": ".sampling",
     "conv": ".conv",
+    "torch": ".torch_step",
     "tf": ".tf",
     "gpu": ".gpu",
 }
