@@ -80,7 +80,8 @@ def _tensor(value, name, rank, doc):
     try:
         t = tf.convert_to_tensor(value)
     except (TypeError, ValueError) as e:
-        raise TypeError(f"{name} must be a tensor or array, got {type(value).__name__} ({e})") from None
+        raise TypeError(f"{name} must be a tensor or array, got {type(value).__name__} "
+                        f"({e})") from None
     if not t.dtype.is_floating:
         raise TypeError(f"{name} must be a floating tensor (float32 or float64 on the CPU); got "
                         f"dtype {t.dtype.name}")

@@ -7,8 +7,8 @@ bias on, float32, NHWC (TensorFlow's layout):
 - N=4, 16 -> 16 channels, 16x16, v2 (small: the fixed per-call cost shows).
 
 Data as ``python -m deformops.bench conv`` (offsets uniform in [-2, 2] px, mask uniform in
-[0, 1]), transposed to NHWC. Measured per shape, after one warm-up call each, in rounds of one call of
-each (the Conv2D step in a block of its own afterwards):
+[0, 1]), transposed to NHWC. Measured per shape, after one warm-up call each, in rounds of one
+call of each (the Conv2D step in a block of its own afterwards):
 
 - numpy op: ``deformops.deform_conv2d`` + ``deform_conv2d_backward`` (all five gradients) on
   NumPy arrays in NHWC, the reference of the overhead ratios; and the same in NCHW, the core's
@@ -29,7 +29,6 @@ the difference must be 0 up to summation order of the tape); the command exits 1
 
 from __future__ import annotations
 
-import argparse
 import time
 
 from . import _timing
@@ -197,11 +196,11 @@ def run(args) -> _timing.Report:
     report.notes.append(
         "every row times forward + backward with the gradients of x, offset, filters, bias and "
         "mask; the Keras steps also run the loss, the offset predictor (DeformConv2D) and an SGD "
-        f"update. All but the Conv2D step are timed in rounds (one call of each per round, "
+        "update. All but the Conv2D step are timed in rounds (one call of each per round, "
         f"{SETTLE_S * 1000:g} ms apart, after one warm-up call each), so that a slow spell of a "
         "shared machine hits them alike; the Conv2D step runs in a block of its own afterwards. "
-        "'(min ms)' ratios compare the least disturbed calls. Targets: tf.function op / numpy op < 1.2 and DeformConv2D "
-        "step / numpy op < 1.2 (framework overhead at most 20%)."
+        "'(min ms)' ratios compare the least disturbed calls. Targets: tf.function op / numpy "
+        "op < 1.2 and DeformConv2D step / numpy op < 1.2 (framework overhead at most 20%)."
     )
     return report
 
