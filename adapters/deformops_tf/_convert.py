@@ -1,9 +1,11 @@
 """Moving tensors between TensorFlow and deformops.
 
 TF → deformops: a CPU tensor crosses zero-copy as a read-only NumPy view (``np.from_dlpack``;
-deformops accepts read-only input). A GPU tensor is handed to deformops as it is: deformops takes
-any ``__dlpack__`` exporter and moves CUDA memory to CuPy itself (or says clearly that its CUDA
-backend is missing).
+deformops accepts read-only input). A GPU tensor crosses zero-copy as a CuPy view (through a
+legacy DLPack capsule, after TF's queued GPU work: ``tf.Tensor.__dlpack__`` refuses CuPy's
+stream argument); without CuPy it is handed to deformops as it is, whose error says what to
+install. CuPy results are synchronised before TF reads them. (The GPU path has not been run
+here: this project's CI carries tensorflow-cpu only.)
 
 deformops → TF: TensorFlow aborts the whole process (``Check failed: IsAligned()``) when a kernel
 reads a tensor whose buffer is not 64-byte aligned, and ``tf.experimental.dlpack.from_dlpack``
@@ -37,7 +39,21 @@ def to_core(t, perm=None):
     if is_cpu(t):
         a = np.from_dlpack(t)
         return a if perm is None else a.transpose(perm)
-    return t if perm is None else tf.transpose(t, perm)
+    if perm is not None:
+        t = tf.transpose(t, perm)
+    try:
+        import cupy
+    except ImportError:
+        return t  # deformops raises its own error naming what to install
+    # tf.Tensor.__dlpack__ refuses the stream argument that cupy.from_dlpack passes: go through
+    # a legacy capsule, after TF's queued GPU work is done (DLPack capsules carry no stream).
+    try:
+        tf.test.experimental.sync_devices()
+    except RuntimeError:  # refused outside eager mode; py_function bodies run eagerly
+        pass
+    capsule = tf.experimental.dlpack.to_dlpack(t)
+    from_capsule = getattr(cupy, "fromDlpack", None) or cupy.from_dlpack
+    return from_capsule(capsule)
 
 
 def aligned_empty(shape, dtype):
@@ -75,10 +91,10 @@ def to_tf(a):
     Never hands TF a misaligned buffer.
     """
     if not isinstance(a, np.ndarray):  # a CuPy array (CUDA allocations are 256-byte aligned)
-        if not a.flags.c_contiguous:
-            import cupy
+        import cupy
 
-            a = cupy.ascontiguousarray(a)
+        a = cupy.ascontiguousarray(a)
+        cupy.cuda.get_current_stream().synchronize()  # TF reads it on its own stream
         return tf.experimental.dlpack.from_dlpack(a.toDlpack())
     if a.size == 0:
         return tf.zeros(a.shape, tf.as_dtype(a.dtype))
