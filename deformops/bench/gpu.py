@@ -387,6 +387,9 @@ def run(args) -> _timing.Report:
         torch, why_torch = None, "torch sees no GPU"
     if torch is not None:
         tv, why_tv = _timing.optional_import("torchvision")
+        # float32 peers in full float32, as deformops (CuPy's cuBLAS calls do not use TF32)
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     dev = cupy.cuda.Device()
     props = cupy.cuda.runtime.getDeviceProperties(dev.id)
     name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
@@ -402,6 +405,8 @@ def run(args) -> _timing.Report:
                         "(read + write); matmul " + ", ".join(
                             f"{dt} {peaks[f'matmul_flops_{dt}'] / 1e12:.0f} TFLOP/s" for dt in dtypes))
     report.config.update({k: f"{v:.4g}" for k, v in peaks.items()})
+    report.notes.append("float32 everywhere in full float32: TF32 is off for cuDNN and torch "
+                        "matmuls, as in CuPy's cuBLAS calls")
     shapes = CONV_SHAPES[:1] if args.quick else CONV_SHAPES
     sample_shape = (4, 32, 64, 64) if args.quick else SAMPLE_SHAPE
     for dt in dtypes:

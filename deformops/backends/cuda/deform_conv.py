@@ -45,6 +45,19 @@ def tiles(N, P, T):
     return [(n, 1, p0, min(T, P - p0)) for n in range(N) for p0 in range(0, P, T)]
 
 
+def _matmul(cp, a, b, out=None):
+    """``cupy.matmul`` (cuBLAS; half types accumulate in float32); where this CuPy cannot
+    multiply the dtype (bfloat16 in some versions), in float32 and cast back."""
+    try:
+        return cp.matmul(a, b, out=out)
+    except (TypeError, ValueError, NotImplementedError):
+        res = cp.matmul(a.astype(cp.float32), b.astype(cp.float32))
+        if out is None:
+            return res.astype(a.dtype)
+        out[...] = res.astype(out.dtype)
+        return out
+
+
 def _channel_chunk(cpg, G, K, t):
     """Channels per thread of dc_im2col / dc_col2im: enough threads to fill the GPU."""
     nch = min(max(1, -(-TARGET_THREADS // max(1, G * K * t))), max(cpg, 1))
@@ -100,7 +113,7 @@ def deform_conv2d_forward(x, offset, weight, bias, mask, stride, padding, dilati
         col = col_buf[:g.Cin * g.K * t].reshape(g.Cin * g.K, t)
         _im2col(im2col, g, I, x, offset, mask, col, n0, nimg, p0, Tp)
         res = res_buf[:g.Cout * t].reshape(g.groups, g.Cout // g.groups, t)
-        cp.matmul(w_g, col.reshape(g.groups, g.cpg_w * g.K, t), out=res)
+        _matmul(cp, w_g, col.reshape(g.groups, g.cpg_w * g.K, t), out=res)
         block = res.reshape(g.Cout, nimg, Tp).transpose(1, 0, 2)
         if bias_col is None:
             of[n0:n0 + nimg, :, p0:p0 + Tp] = block
@@ -148,12 +161,12 @@ def deform_conv2d_backward(grad_out, x, offset, weight, mask, stride, padding, d
         if need_w:
             col = col_buf[:g.Cin * g.K * t].reshape(g.Cin * g.K, t)
             _im2col(im2col, g, I, x, offset, mask, col, n0, nimg, p0, Tp)
-            tile_gw = cp.matmul(go_g, col.reshape(g.groups, g.cpg_w * g.K, t).transpose(0, 2, 1))
+            tile_gw = _matmul(cp, go_g, col.reshape(g.groups, g.cpg_w * g.K, t).transpose(0, 2, 1))
             gwa += tile_gw if tile_gw.dtype == acc else tile_gw.astype(acc)
         if not need_col_grad:
             continue
         gcol = gcol_buf[:g.Cin * g.K * t]
-        cp.matmul(w_gt, go_g, out=gcol.reshape(g.groups, g.cpg_w * g.K, t))
+        _matmul(cp, w_gt, go_g, out=gcol.reshape(g.groups, g.cpg_w * g.K, t))
         tile = (I(n0), I(Tp), I(p0), I(t))
         if need_x and deterministic:
             _col2im_gather(g, I, index, x.dtype, gcol, offset, mask_arg, has_mask, gxa, n0, nimg,
