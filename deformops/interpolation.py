@@ -30,7 +30,8 @@ def _output_array(output, shape, input_dtype, xp=np):
             dtype = np.dtype(output)
         except TypeError:
             kind = "CuPy" if xp is not np else "NumPy"
-            raise TypeError(f"output must be None, a dtype or a {kind} array; got {output!r}") from None
+            raise TypeError(
+                f"output must be None, a dtype or a {kind} array; got {output!r}") from None
         out = xp.empty(shape, dtype)
     if out.dtype.kind not in "biuf":
         raise TypeError(f"output dtype must be real (bool, integer or floating); got {out.dtype}")

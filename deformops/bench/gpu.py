@@ -30,6 +30,7 @@ of ``--repeat`` calls (default 10).
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 
@@ -59,6 +60,13 @@ def add_arguments(parser) -> None:
     g.add_argument("--quick", action="store_true",
                    help="one conv shape and a smaller sampling case (a smoke run)")
     g.add_argument("--seed", type=int, default=0)
+
+
+def _free(cupy, torch):
+    """Give the memory of the finished case back (its arrays died with the function)."""
+    cupy.get_default_memory_pool().free_all_blocks()
+    if torch is not None:
+        torch.cuda.empty_cache()
 
 
 def _require_gpu():
@@ -113,21 +121,18 @@ def measure_peaks(cupy, dtypes) -> dict:
     n = 1 << 28  # 1 GiB of float32
     a = cupy.ones(n, np.float32)
     b = cupy.empty_like(a)
-    m = gpu_measure(cupy, lambda: b.__setitem__(Ellipsis, a), op="copy", peer="cupy",
+    m = gpu_measure(cupy, functools.partial(cupy.copyto, b, a), op="copy", peer="cupy",
                     dtype="float32", repeat=10)
     peaks["copy_bytes_per_s"] = 2 * a.nbytes / (m.median_ms * 1e-3)
-    del a, b
     k = 8192
     for dt in dtypes:
         dtype = _np_dtype(dt)
         rng = cupy.random.default_rng(0)
         x = rng.standard_normal((k, k), dtype=np.float32).astype(dtype)
         y = rng.standard_normal((k, k), dtype=np.float32).astype(dtype)
-        mm = gpu_measure(cupy, lambda: cupy.matmul(x, y), op="matmul", peer="cupy", dtype=dt,
-                         repeat=5)
+        mm = gpu_measure(cupy, functools.partial(cupy.matmul, x, y), op="matmul", peer="cupy",
+                         dtype=dt, repeat=5)
         peaks[f"matmul_flops_{dt}"] = 2 * k**3 / (mm.median_ms * 1e-3)
-        del x, y
-    cupy.get_default_memory_pool().free_all_blocks()
     return peaks
 
 
@@ -177,7 +182,8 @@ def _conv_case(cupy, shape, dt, seed):
 
     x = r(N, Cin, H, W).astype(dtype)
     offset = ((r(N, 2 * K, H, W) * 2 - 1) * OFFSET_RANGE).astype(dtype)
-    weight = (rng.standard_normal((Cout, Cin, 3, 3), dtype=np.float32) / np.sqrt(Cin * K)).astype(dtype)
+    weight = rng.standard_normal((Cout, Cin, 3, 3), dtype=np.float32) / np.sqrt(Cin * K)
+    weight = weight.astype(dtype)
     bias = (rng.standard_normal(Cout, dtype=np.float32) / 10).astype(dtype)
     mask = r(N, K, H, W).astype(dtype) if has_mask else None
     grad_out = rng.standard_normal((N, Cout, H, W), dtype=np.float32).astype(dtype)
@@ -251,10 +257,12 @@ def _bench_conv(report, cupy, torch, tv, dops, shape, dt, peaks, repeat, seed):
                 _, grads = tv_both()
                 ours_g = dops.deform_conv2d_backward(go, x, offset, weight, **kw)
                 report.add_check(Check(f"grad input vs torchvision, {label}", dt,
-                                       _rel(cupy.asnumpy(ours_g.grad_input), grads[0].cpu().numpy()),
+                                       _rel(cupy.asnumpy(ours_g.grad_input),
+                                            grads[0].cpu().numpy()),
                                        CHECK_TOL[dt], "relative norm error"))
                 report.add_check(Check(f"grad offset vs torchvision, {label}", dt,
-                                       _rel(cupy.asnumpy(ours_g.grad_offset), grads[1].cpu().numpy()),
+                                       _rel(cupy.asnumpy(ours_g.grad_offset),
+                                            grads[1].cpu().numpy()),
                                        10 * CHECK_TOL[dt], "relative norm error"))
     for (peer, op), fn in fns.items():
         m = gpu_measure(cupy, fn, op=f"conv {op}", peer=peer, dtype=dt, repeat=repeat)
@@ -270,10 +278,6 @@ def _bench_conv(report, cupy, torch, tv, dops, shape, dt, peaks, repeat, seed):
         report.add_ratio(f"deformops / cudnn ({label})", f"conv {op}", dt, ours,
                          _get(report, f"conv {op}", "cudnn conv2d", dt, label),
                          ("<", 2.0) if op == FWD else None)
-    del x, offset, weight, bias, mask, go
-    cupy.get_default_memory_pool().free_all_blocks()
-    if torch is not None:
-        torch.cuda.empty_cache()
 
 
 def _get(report, op, peer, dt, label):
@@ -316,7 +320,8 @@ def _bench_sample(report, cupy, torch, dops, shape, dt, peaks, repeat, seed):
     if dt != "bfloat16":
         from cupyx.scipy import ndimage as cnd
 
-        gy, gx = cupy.meshgrid(cupy.arange(H, dtype=dtype), cupy.arange(W, dtype=dtype), indexing="ij")
+        gy, gx = cupy.meshgrid(cupy.arange(H, dtype=dtype), cupy.arange(W, dtype=dtype),
+                               indexing="ij")
         cy = cupy.broadcast_to((gy + off[:, 0])[:, None], (N, C, H, W))
         cx = cupy.broadcast_to((gx + off[:, 1])[:, None], (N, C, H, W))
         cn = cupy.broadcast_to(cupy.arange(N, dtype=dtype)[:, None, None, None], (N, C, H, W))
@@ -369,7 +374,6 @@ def _bench_sample(report, cupy, torch, dops, shape, dt, peaks, repeat, seed):
         for peer in ("cupyx", "grid_sample"):
             report.add_ratio(f"{peer} / deformops ({label})", op, dt,
                              _get(report, op, peer, dt, label), ours)
-    cupy.get_default_memory_pool().free_all_blocks()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -401,9 +405,10 @@ def run(args) -> _timing.Report:
     })
     _timing.progress(f"device: {name}; measuring peaks")
     peaks = measure_peaks(cupy, dtypes)
+    _free(cupy, torch)
+    rates = ", ".join(f"{dt} {peaks[f'matmul_flops_{dt}'] / 1e12:.0f} TFLOP/s" for dt in dtypes)
     report.notes.append(f"measured copy bandwidth {peaks['copy_bytes_per_s'] / 1e12:.2f} TB/s "
-                        "(read + write); matmul " + ", ".join(
-                            f"{dt} {peaks[f'matmul_flops_{dt}'] / 1e12:.0f} TFLOP/s" for dt in dtypes))
+                        f"(read + write); matmul {rates}")
     report.config.update({k: f"{v:.4g}" for k, v in peaks.items()})
     report.notes.append("float32 everywhere in full float32: TF32 is off for cuDNN and torch "
                         "matmuls, as in CuPy's cuBLAS calls")
@@ -413,8 +418,10 @@ def run(args) -> _timing.Report:
         for shape in shapes:
             _timing.progress(f"deform_conv2d {_label(shape)} {dt}")
             _bench_conv(report, cupy, torch, tv, dops, shape, dt, peaks, repeat, args.seed)
+            _free(cupy, torch)
         _timing.progress(f"sampling {sample_shape} {dt}")
         _bench_sample(report, cupy, torch, dops, sample_shape, dt, peaks, repeat, args.seed)
+        _free(cupy, torch)
     if torch is None:
         report.notes.append(f"torch peers skipped: {why_torch}")
     elif tv is None:

@@ -55,7 +55,8 @@ def find_cuda():
     if not libs:
         raise NVRTCNotFound("libnvrtc not found (pip install nvidia-cuda-nvrtc, or set CUDA_PATH)")
     if not includes:
-        raise NVRTCNotFound("cuda_fp16.h not found (pip install nvidia-cuda-runtime, or set CUDA_PATH)")
+        raise NVRTCNotFound(
+            "cuda_fp16.h not found (pip install nvidia-cuda-runtime, or set CUDA_PATH)")
     # the same root for both when there is one
     for lib in libs:
         root = os.path.dirname(os.path.dirname(lib))

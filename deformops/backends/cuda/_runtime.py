@@ -31,7 +31,8 @@ def module(dtype, index):
 
 
 def kernel(name, dtype, index, *flags):
-    """The function of one instantiation, e.g. ``kernel('sample_forward', f32, 'int32', 'true')``."""
+    """The function of one instantiation, e.g.
+    ``kernel('sample_forward', np.float32, 'int32', 'true')``."""
     key, mod = module(dtype, index)
     expr = _source.name_expression(name, np.dtype(dtype).name, index, *flags)
     fkey = key + (expr,)

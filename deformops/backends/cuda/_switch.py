@@ -8,7 +8,8 @@ _state = threading.local()
 
 
 def _default():
-    return os.environ.get("DEFORMOPS_DETERMINISTIC", "").strip().lower() in ("1", "true", "yes", "on")
+    value = os.environ.get("DEFORMOPS_DETERMINISTIC", "")
+    return value.strip().lower() in ("1", "true", "yes", "on")
 
 
 def is_deterministic():
