@@ -35,16 +35,18 @@ __device__ __forceinline__ void read_point(const T* __restrict__ coords, I n, I 
     }
 }
 
-// Shared-memory tap table of a block: E = PB * G entries, entry e = j * G + g.
-// Bytes: E * (4 * sizeof(I) + 5 * sizeof(acc_t) + 4), laid out idx | w | bias | empty.
+// Shared-memory tap table of a block, E = PB * GB entries (entry e = j * gb + g - g0), stored
+// by corner (idx[k*E + e], w[k*E + e]) so that a warp reading 32 consecutive entries hits 32
+// banks. Bytes: E * (4 * sizeof(I) + 5 * sizeof(acc_t) + 4), laid out idx | w | bias | empty.
 template <typename T, typename I>
 struct TapTable {
     typedef typename Acc<T>::type acc_t;
+    I E;
     I* idx;
     acc_t* w;
     acc_t* bias;
     int* empty;
-    __device__ TapTable(unsigned char* smem, I E) {
+    __device__ TapTable(unsigned char* smem, I E_) : E(E_) {
         idx = reinterpret_cast<I*>(smem);
         w = reinterpret_cast<acc_t*>(idx + 4 * E);
         bias = w + 4 * E;
@@ -65,8 +67,8 @@ __device__ __forceinline__ void stage_taps(TapTable<T, I>& tab, const T* __restr
         const AxisTaps xa = axis_taps(x, W, mode, order);
         const Corners t = corner_taps(ya, xa, W, cval);
         for (int k = 0; k < 4; ++k) {
-            tab.idx[4 * e + k] = (I)t.i[k];
-            tab.w[4 * e + k] = (acc_t)t.w[k];
+            tab.idx[k * tab.E + e] = (I)t.i[k];
+            tab.w[k * tab.E + e] = (acc_t)t.w[k];
         }
         tab.bias[e] = (acc_t)t.bias;
         tab.empty[e] = t.empty ? 1 : 0;
@@ -112,10 +114,12 @@ sample_forward(const T* __restrict__ x, const T* __restrict__ coords, T* __restr
             const acc_t bias = tab.bias[s];
             acc_t v = bias;
             if (!tab.empty[s]) {
-                const I* i = tab.idx + 4 * s;
-                const acc_t* w = tab.w + 4 * s;
-                v = bias + w[0] * to_acc(plane[i[0] * step]) + w[1] * to_acc(plane[i[1] * step])
-                    + w[2] * to_acc(plane[i[2] * step]) + w[3] * to_acc(plane[i[3] * step]);
+                const I E = tab.E;
+                const I* i = tab.idx + s;
+                const acc_t* w = tab.w + s;
+                v = bias + w[0] * to_acc(plane[i[0] * step]) + w[E] * to_acc(plane[i[E] * step])
+                    + w[2 * E] * to_acc(plane[i[2 * E] * step])
+                    + w[3 * E] * to_acc(plane[i[3 * E] * step]);
             }
             store(out + (CL ? (n * P + p0 + j) * C + c : (n * C + c) * P + p0 + j), v);
         }
@@ -150,8 +154,8 @@ sample_backward_input(const T* __restrict__ grad_out, const T* __restrict__ coor
             acc_t* plane = CL ? gxa + n * HW * C + c : gxa + (n * C + c) * HW;
             const I step = CL ? C : 1;
             for (int k = 0; k < 4; ++k) {
-                const acc_t w = tab.w[4 * s + k];
-                if (w != (acc_t)0) atomicAdd(plane + tab.idx[4 * s + k] * step, w * gv);
+                const acc_t w = tab.w[k * tab.E + s];
+                if (w != (acc_t)0) atomicAdd(plane + tab.idx[k * tab.E + s] * step, w * gv);
             }
         }
         __syncthreads();
