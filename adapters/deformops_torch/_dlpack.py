@@ -27,18 +27,30 @@ def to_array(t, name):
         return None
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    t = t.detach()
-    if t.device.type == "cpu":
+    if t.requires_grad:
+        t = t.detach()
+    if t.is_cpu and t.dtype in _CPU_DTYPES and t.layout == torch.strided:
+        return t.numpy()  # the common case first: ~1 us instead of ~2 (5 tensors per call)
+    if t.is_cpu:
         if t.dtype.is_floating_point and t.dtype not in _CPU_DTYPES:  # NumPy has no bfloat16
             raise TypeError(f"{name} must have dtype float32 or float64 on the CPU; got {t.dtype}")
         if t.layout != torch.strided:
             raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
         return t.numpy()
-    if t.device.type == "cuda":
-        import cupy
-
-        return cupy.from_dlpack(t)
+    if t.is_cuda:
+        return _cupy(name).from_dlpack(t)
     raise TypeError(f"{name} is on device {t.device}; deformops supports CPU and CUDA tensors")
+
+
+def _cupy(name):
+    """CuPy, or an ImportError that says how to get it (not a bare "No module named")."""
+    try:
+        import cupy
+    except ImportError:
+        raise ImportError(
+            f"{name} is on a CUDA device; deformops runs CUDA tensors through CuPy, which is not "
+            "installed: pip install 'deformops-kernels[cuda13]' (or [cuda12])") from None
+    return cupy
 
 
 def to_tensor(a):
@@ -52,7 +64,7 @@ def on_stream(t):
     """Context in which CuPy launches on torch's current stream of ``t``'s device (CUDA only)."""
     if t.device.type != "cuda":
         return contextlib.nullcontext()
-    import cupy
+    cupy = _cupy("a CUDA tensor")
 
     stream = torch.cuda.current_stream(t.device)
     stack = contextlib.ExitStack()

@@ -64,7 +64,6 @@ def _check_tensors(**named):
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)
-_EAGER_DEVICES = ("cpu", "cuda")
 try:  # private switches, present since torch 2.0; without them every call takes the operator
     from torch._C import (_get_tracing_state, _is_torch_function_mode_enabled,
                           _len_torch_dispatch_stack)
@@ -84,7 +83,7 @@ def _eager(*tensors):
             or peek_interpreter_stack() is not None or _get_tracing_state() is not None:
         return False
     for t in tensors:
-        if t is not None and (type(t) not in _PLAIN or t.device.type not in _EAGER_DEVICES):
+        if t is not None and (type(t) not in _PLAIN or not (t.is_cpu or t.is_cuda)):
             return False
     return True
 

@@ -24,7 +24,8 @@ float32 by default.
 3. Per-call overhead on tiny inputs (N=1, 2 channels, 4x4), for each operator forward and
    forward+backward, the same comparison with many repeats and one thread (a thread pool's
    wake-up on a busy machine is noise of milliseconds); target: at most 50 us per call (the
-   forward+backward pair makes two calls).
+   forward+backward pair makes two calls). For context, forward+backward rows also show the
+   cost of the same autograd round trip through a do-nothing ``autograd.Function``.
 
 On a machine where ``torch.cuda.is_available()``, the training step is also timed on the GPU
 (rows with device "cuda"); a peer that fails there is reported as a note.
@@ -87,13 +88,16 @@ class TorchReport(_timing.Report):
 
     overheads: list = dataclasses.field(default_factory=list)
 
-    def add_overhead(self, case, what, dtype, torch_m, core_m, limit, unit):
+    def add_overhead(self, case, what, dtype, torch_m, core_m, limit, unit, floor_m=None):
         """One row: ``torch_m`` vs ``core_m`` (minima); ``unit`` "%" (of the core's time) or
-        "us" (absolute, ``limit`` per call already multiplied by the number of calls)."""
+        "us" (absolute, ``limit`` per call already multiplied by the number of calls).
+        ``floor_m``: the same autograd round trip with a do-nothing Function (context only:
+        the verdict is on the whole overhead)."""
         t, c = torch_m.min_ms, core_m.min_ms
         value = 100 * (t / c - 1) if unit == "%" else 1000 * (t - c)
         row = dict(case=case, what=what, dtype=dtype, torch_ms=t, core_ms=c, value=value,
-                   unit=unit, limit=limit, ok=bool(value <= limit))
+                   unit=unit, limit=limit, ok=bool(value <= limit),
+                   autograd_floor_us=None if floor_m is None else 1000 * floor_m.min_ms)
         self.overheads.append(row)
         return row
 
@@ -105,11 +109,12 @@ class TorchReport(_timing.Report):
             self.notes = notes
         rows = [(o["case"], o["what"], o["dtype"], _timing.fmt_ms(o["torch_ms"]),
                  _timing.fmt_ms(o["core_ms"]), f"{o['value']:.1f} {o['unit']}",
-                 f"<= {o['limit']:g} {o['unit']}", "ok" if o["ok"] else "MISS")
+                 f"<= {o['limit']:g} {o['unit']}", "ok" if o["ok"] else "MISS",
+                 "-" if o["autograd_floor_us"] is None else f"{o['autograd_floor_us']:.1f} us")
                 for o in self.overheads]
         table = _timing.markdown_table(
             ("adapter overhead", "calls", "dtype", "torch min ms", "core min ms", "overhead",
-             "target", "verdict"), rows, align="lllrrrll")
+             "target", "verdict", "of which autograd floor"), rows, align="lllrrrllr")
         parts = [text] + ([table] if self.overheads else [])
         if self.notes:
             parts.append("\n".join(f"- {n}" for n in self.notes))
@@ -308,20 +313,48 @@ def _bench_overhead(report, torch, dops, dt, shape, dtype, repeat, seed):
                         100 * OVERHEAD_TARGET, "%")
 
 
+def _autograd_floor(torch, n_inputs, out_shape, dtype):
+    """forward + ``torch.autograd.grad`` through a do-nothing ``autograd.Function`` of
+    ``n_inputs`` tiny inputs: what any Python-level autograd op costs, kernels aside."""
+
+    class NoOp(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            ctx.save_for_backward(*inputs)
+            return inputs[0].new_empty(out_shape)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return tuple(torch.empty_like(t) for t in ctx.saved_tensors)
+
+    leaves = [torch.zeros(3, dtype=getattr(torch, dtype), requires_grad=True)
+              for _ in range(n_inputs)]
+    grad = torch.zeros(out_shape, dtype=getattr(torch, dtype))
+
+    def floor():
+        out = NoOp.apply(*leaves)
+        return torch.autograd.grad(out, leaves, grad)
+
+    return floor
+
+
 def _bench_tiny(report, torch, dops, dt, dtype, repeat, seed):
     N, Cin, Cout, H, W = TINY_SHAPE
     case = f"tiny N{N} {Cin}->{Cout} {H}x{W}"
     for (name, calls), (with_torch, with_core) in _tiny_pairs(torch, dops, dt, dtype,
                                                                 seed).items():
         op = f"{case} {name} {calls}"
-        m_t, m_c = _timing.measure_interleaved(
-            [Task(with_torch, op, "deformops_torch"), Task(with_core, op, "deformops (NumPy)")],
-            dtype=dtype, repeat=repeat)
-        report.add(m_t)
-        report.add(m_c)
+        tasks = [Task(with_torch, op, "deformops_torch"), Task(with_core, op, "deformops (NumPy)")]
+        if calls != "forward":
+            n_inputs = 5 if name == "deform_conv2d" else 2
+            tasks.append(Task(_autograd_floor(torch, n_inputs, (N, Cout, H, W), dtype), op,
+                              "autograd floor", f"no-op Function, {n_inputs} inputs"))
+        ms = _timing.measure_interleaved(tasks, dtype=dtype, repeat=repeat)
+        for m in ms:
+            report.add(m)
         n_calls = 1 if calls == "forward" else 2
-        report.add_overhead(case, f"{name} {calls}", dtype, m_t, m_c,
-                            PER_CALL_TARGET_US * n_calls, "us")
+        report.add_overhead(case, f"{name} {calls}", dtype, ms[0], ms[1],
+                            PER_CALL_TARGET_US * n_calls, "us", ms[2] if len(ms) > 2 else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -388,7 +421,9 @@ def run(args) -> _timing.Report:
         "timed in alternating rounds; overhead from the minima (the least disturbed runs). At "
         f"the conv cases it is a percentage of the core's time (target <= "
         f"{100 * OVERHEAD_TARGET:g}%); on tiny inputs it is absolute, with a target of "
-        f"{PER_CALL_TARGET_US:g} us per call (forward+backward = 2 calls).",
+        f"{PER_CALL_TARGET_US:g} us per call (forward+backward = 2 calls). 'autograd floor' is "
+        "forward + torch.autograd.grad through a do-nothing autograd.Function with as many "
+        "inputs: the part of a forward+backward overhead that any Python-level torch op pays.",
         "first call (JIT): the warm-up call; it includes Numba compilation (or loading its "
         "cache) only for the first use of a kernel.",
     ]
