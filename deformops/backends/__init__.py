@@ -1,1 +1,2 @@
-"""Compute backends: ``cpu`` (Numba) and, later, ``cuda`` (CuPy). Imported on first use only."""
+"""Compute backends: ``cpu`` (Numba) and ``cuda`` (raw CUDA kernels through CuPy), chosen by
+``deformops._arrays.backend``. Imported on first use only."""
