@@ -15,6 +15,8 @@ is first copied into a buffer allocated 64-byte aligned here (one memcpy, as che
 ``tf.convert_to_tensor``'s own copy).
 """
 
+import math
+
 import numpy as np
 import tensorflow as tf
 
@@ -59,7 +61,7 @@ def to_core(t, perm=None):
 def aligned_empty(shape, dtype):
     """An uninitialised C-contiguous array whose buffer starts on a 64-byte boundary."""
     dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize
     buf = np.empty(nbytes + ALIGN, np.uint8)
     start = (-buf.ctypes.data) % ALIGN
     return buf[start:start + nbytes].view(dtype).reshape(shape)
