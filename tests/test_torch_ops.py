@@ -1,4 +1,5 @@
-"""deformops_torch operators: autograd, torchvision parity, layouts, zero copies, errors, edge cases.
+"""deformops_torch operators: autograd, torchvision parity, layouts, zero copies, errors, edge
+cases.
 
 Oracles (each test names its own):
 
@@ -281,7 +282,8 @@ def test_noncontiguous_inputs():
     xs = x.detach().requires_grad_()
     for f in SAMPLING_OPS.values():
         out = f(xs, coords, mode="mirror")
-        xc, cc = xs.detach().contiguous().requires_grad_(), coords.detach().contiguous().requires_grad_()
+        xc = xs.detach().contiguous().requires_grad_()
+        cc = coords.detach().contiguous().requires_grad_()
         ref = f(xc, cc, mode="mirror")
         torch.testing.assert_close(out, ref, rtol=0, atol=0)
         for a, r in zip(_grads(out, [xs, coords]), _grads(ref, [xc, cc])):

@@ -15,8 +15,8 @@ class DeformConv2d(nn.Module):
     """Deformable convolution with external offsets, a drop-in for ``torchvision.ops.DeformConv2d``.
 
     Same constructor, parameters (``weight`` (Cout, Cin/groups, kh, kw), ``bias`` (Cout,)),
-    initialisation and ``forward(input, offset, mask=None)``; see :func:`deformops_torch.deform_conv2d`
-    for the offset and mask channel order.
+    initialisation and ``forward(input, offset, mask=None)``; see
+    :func:`deformops_torch.deform_conv2d` for the offset and mask channel order.
 
     Parameters
     ----------
@@ -33,7 +33,8 @@ class DeformConv2d(nn.Module):
         if in_channels % groups != 0:
             raise ValueError(f"in_channels ({in_channels}) must be divisible by groups ({groups})")
         if out_channels % groups != 0:
-            raise ValueError(f"out_channels ({out_channels}) must be divisible by groups ({groups})")
+            raise ValueError(
+                f"out_channels ({out_channels}) must be divisible by groups ({groups})")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = _pair(kernel_size)

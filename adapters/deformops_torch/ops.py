@@ -1,4 +1,5 @@
-"""deformops kernels as PyTorch operators with autograd, fake (meta) kernels and torch.compile support.
+"""deformops kernels as PyTorch operators with autograd, fake (meta) kernels and torch.compile
+support.
 
 Each op is a ``torch.library.custom_op`` in the ``deformops`` namespace, so it runs eagerly and
 under ``torch.compile(fullgraph=True)`` without a graph break:
