@@ -288,3 +288,33 @@ def test_dlpack_zero_copy_both_ways():
     tb = _convert.to_tf(b)
     assert np.from_dlpack(tb).ctypes.data == b.ctypes.data
     assert float(tf.reduce_sum(tb)) == 15.0
+
+
+def test_calls_from_tf_threads_through_the_worker_thread(monkeypatch):
+    """Oracle: the NumPy core. Inside tf.function the kernels run on TF's inter-op threads;
+    large calls go to one dedicated thread (forced here for small ones): same values, and a
+    core error raised there (shapes only known at run time) reaches the caller."""
+    from deformops_tf import ops
+
+    monkeypatch.setattr(ops, "_HANDOVER_ELEMENTS", 0)
+    rng = np.random.default_rng(8)
+    x, offset, filters, bias, mask = _conv_data(rng, 2, 4, 6, 6, 5, (3, 3), (1, 1), (1, 1),
+                                                (1, 1), 2, 2, True, True)
+
+    @tf.function
+    def f(*t):
+        return _conv_grads_tf(lambda a, b, c, d, e: dtf.deform_conv2d(a, b, c, d, padding=1,
+                                                                      mask=e), t)
+
+    out, grads = f(*map(_t, (x, offset, filters, bias, mask)))
+    ref = dops.deform_conv2d(x, offset, filters.transpose(3, 2, 0, 1), bias, padding=1, mask=mask,
+                             layout="NHWC")
+    np.testing.assert_array_equal(out.numpy(), ref)
+    assert len(grads) == 5
+
+    @tf.function(input_signature=[tf.TensorSpec((None, None, None, None), tf.float64)] * 2)
+    def g(a, b):
+        return dtf.deform_sample(a, b)
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match="offset"):
+        g(tf.constant(x), tf.constant(offset[:, :3, :, :8]))
