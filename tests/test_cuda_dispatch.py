@@ -159,3 +159,81 @@ def test_gpu_benchmark_refuses_without_gpu():
                          text=True, env=dict(os.environ, PYTHONPATH=_repo_path()), timeout=300)
     assert out.returncode != 0
     assert "GPU" in out.stderr + out.stdout
+
+
+@pytest.mark.parametrize("with_torch", [False, True], ids=["no-torch", "torch-on-cpu"])
+def test_gpu_benchmark_report_with_numpy_standing_in_for_cupy(monkeypatch, with_torch):
+    """The GPU benchmark's control flow, checks and report, without a GPU: NumPy stands in for
+    CuPy (the deformops calls then run on the CPU backend), scipy for cupyx, wall-clock events
+    for CUDA events, and torch on the CPU (device arguments dropped) for torch on CUDA, or no
+    torch. The benchmark's own checks (deformops vs torchvision, grid_sample, cupyx) must pass:
+    this catches errors in the script before a GPU session."""
+    import time as _time
+    from types import SimpleNamespace
+
+    pytest.importorskip("scipy")
+    from scipy import ndimage
+
+    from deformops.bench import gpu
+
+    class Event:
+        def record(self):
+            self.t = _time.perf_counter()
+
+        def synchronize(self):
+            pass
+
+    fake = types.ModuleType("cupy")
+    for name in ("ones", "empty", "empty_like", "copyto", "matmul", "asarray", "ascontiguousarray",
+                 "arange", "meshgrid", "broadcast_to", "stack"):
+        setattr(fake, name, getattr(np, name))
+    fake.__version__ = "numpy-standin"
+    fake.is_available = lambda: True
+    fake.asnumpy = np.asarray
+    fake.random = SimpleNamespace(default_rng=np.random.default_rng)
+    fake.get_default_memory_pool = lambda: SimpleNamespace(free_all_blocks=lambda: None)
+    props = {"name": b"stand-in", "major": 9, "minor": 0, "multiProcessorCount": 1}
+    fake.cuda = SimpleNamespace(
+        Device=lambda *a: SimpleNamespace(id=0, synchronize=lambda: None), Event=Event,
+        get_elapsed_time=lambda a, b: (b.t - a.t) * 1e3,
+        runtime=SimpleNamespace(getDeviceProperties=lambda i: props))
+    cupyx = types.ModuleType("cupyx")
+    cupyx.scipy = types.ModuleType("cupyx.scipy")
+    cupyx.scipy.ndimage = ndimage
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setitem(sys.modules, "cupyx", cupyx)
+    monkeypatch.setitem(sys.modules, "cupyx.scipy", cupyx.scipy)
+    monkeypatch.setitem(sys.modules, "cupyx.scipy.ndimage", ndimage)
+    if with_torch:
+        torch = pytest.importorskip("torch")
+        pytest.importorskip("torchvision")  # imported with the real torch
+        proxy = types.ModuleType("torch")
+        proxy.__getattr__ = lambda name: getattr(torch, name)
+        proxy.__version__ = torch.__version__
+        proxy.as_tensor = lambda a, device=None, **kw: torch.as_tensor(a, **kw)
+        proxy.arange = lambda *a, device=None, **kw: torch.arange(*a, **kw)
+        proxy.cuda = SimpleNamespace(is_available=lambda: True, empty_cache=lambda: None)
+        proxy.backends = SimpleNamespace(cudnn=SimpleNamespace(),
+                                         cuda=SimpleNamespace(matmul=SimpleNamespace()))
+        monkeypatch.setitem(sys.modules, "torch", proxy)
+    else:
+        monkeypatch.setitem(sys.modules, "torch", None)  # no torch peers
+    monkeypatch.setattr(gpu, "PEAK_COPY_ELEMENTS", 1 << 12)
+    monkeypatch.setattr(gpu, "PEAK_MATMUL_N", 32)
+    monkeypatch.setattr(gpu, "QUICK_CONV_SHAPE", (2, 4, 4, 6, 5, True))
+    monkeypatch.setattr(gpu, "QUICK_SAMPLE_SHAPE", (2, 3, 6, 5))
+    args = SimpleNamespace(gpu_dtype=["float32"], repeat=2, quick=True, seed=0)
+    report = gpu.run(args)
+    text = report.render()
+    assert report.ok, text
+    ops = {(m.op, m.peer) for m in report.measurements}
+    assert ("conv forward", "deformops") in ops and ("conv forward+backward", "deformops") in ops
+    assert ("sample NCHW forward", "cupyx") in ops and ("sample NHWC backward", "deformops") in ops
+    assert any(r.name.startswith("bandwidth / copy peak") for r in report.ratios)
+    assert "GB/s" in text
+    if with_torch:
+        assert ("conv forward", "torchvision") in ops and ("conv forward", "cudnn conv2d") in ops
+        assert ("sample NCHW backward", "grid_sample") in ops
+        assert len(report.checks) == 5  # fwd, grad input, grad offset, cupyx, grid_sample
+    else:
+        assert "torch peers skipped" in text

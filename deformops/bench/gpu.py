@@ -47,6 +47,10 @@ CONV_SHAPES = (  # (N, Cin, Cout, H, W, with mask)
     (32, 512, 512, 28, 28, False),
 )
 SAMPLE_SHAPE = (16, 64, 128, 128)  # N, C, H, W
+QUICK_CONV_SHAPE = (4, 64, 64, 32, 32, True)  # --quick
+QUICK_SAMPLE_SHAPE = (4, 32, 64, 64)
+PEAK_COPY_ELEMENTS = 1 << 28  # float32: 1 GiB copied
+PEAK_MATMUL_N = 8192
 OFFSET_RANGE = 2.0
 FWD, BOTH = "forward", "forward+backward"
 CHECK_TOL = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 2e-2}
@@ -58,7 +62,7 @@ def add_arguments(parser) -> None:
                    default=None, help="dtype to time, repeatable (default: float32 and float16; "
                    "the common --dtype is ignored here)")
     g.add_argument("--quick", action="store_true",
-                   help="one conv shape and a smaller sampling case (a smoke run)")
+                   help="one small conv shape and a smaller sampling case (a smoke run)")
     g.add_argument("--seed", type=int, default=0)
 
 
@@ -118,13 +122,13 @@ def measure_peaks(cupy, dtypes) -> dict:
     import numpy as np
 
     peaks = {}
-    n = 1 << 28  # 1 GiB of float32
+    n = PEAK_COPY_ELEMENTS
     a = cupy.ones(n, np.float32)
     b = cupy.empty_like(a)
     m = gpu_measure(cupy, functools.partial(cupy.copyto, b, a), op="copy", peer="cupy",
                     dtype="float32", repeat=10)
     peaks["copy_bytes_per_s"] = 2 * a.nbytes / (m.median_ms * 1e-3)
-    k = 8192
+    k = PEAK_MATMUL_N
     for dt in dtypes:
         dtype = _np_dtype(dt)
         rng = cupy.random.default_rng(0)
@@ -412,8 +416,8 @@ def run(args) -> _timing.Report:
     report.config.update({k: f"{v:.4g}" for k, v in peaks.items()})
     report.notes.append("float32 everywhere in full float32: TF32 is off for cuDNN and torch "
                         "matmuls, as in CuPy's cuBLAS calls")
-    shapes = CONV_SHAPES[:1] if args.quick else CONV_SHAPES
-    sample_shape = (4, 32, 64, 64) if args.quick else SAMPLE_SHAPE
+    shapes = (QUICK_CONV_SHAPE,) if args.quick else CONV_SHAPES
+    sample_shape = QUICK_SAMPLE_SHAPE if args.quick else SAMPLE_SHAPE
     for dt in dtypes:
         for shape in shapes:
             _timing.progress(f"deform_conv2d {_label(shape)} {dt}")
