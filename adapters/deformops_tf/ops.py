@@ -174,12 +174,14 @@ def _check_sampling_options(order, mode, cval, dtype_name):
 
 
 def _check_options(order, mode, cval, dtype):
+    # the options do not depend on the dtype: a CPU dtype NumPy knows (no bfloat16) will do
+    name = dtype.name if dtype in _CPU_DTYPES else "float32"
     try:
-        _check_sampling_options(order, mode, cval, dtype.name)
+        _check_sampling_options(order, mode, cval, name)
     except TypeError as e:
         if "unhashable" not in str(e):
             raise
-        _check_sampling_options.__wrapped__(order, mode, cval, dtype.name)
+        _check_sampling_options.__wrapped__(order, mode, cval, name)
 
 
 # ------------------------------------------------------------------------------------------------
