@@ -41,8 +41,8 @@ def _data_format(data_format):
 
 def _check_backend(cls):
     if keras.config.backend() != "tensorflow":
-        raise RuntimeError(f"{cls} needs Keras' TensorFlow backend; KERAS_BACKEND is "
-                           f"{keras.config.backend()!r}")
+        raise ValueError(f"{cls} needs Keras' TensorFlow backend (KERAS_BACKEND='tensorflow'); "
+                         f"the backend is {keras.config.backend()!r}")
 
 
 def _same_padding(size, k, s, d):
