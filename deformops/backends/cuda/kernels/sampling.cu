@@ -90,7 +90,7 @@ __device__ __forceinline__ void block_work(long long b, I P, I G, I PB, I GB, I&
 // out = sample(x, coords). Grid: blocks over (image, block of PB points, block of GB groups);
 // dynamic shared memory: a TapTable of PB * GB entries.
 template <typename T, typename I, bool CL>
-__global__ void __launch_bounds__(DEFORMOPS_THREADS)
+__global__ void __launch_bounds__(DEFORMOPS_THREADS, 3)
 sample_forward(const T* __restrict__ x, const T* __restrict__ coords, T* __restrict__ out, I N,
                I C, I H, I W, I G, I Ho, I Wo, I PB, I GB, int order, int mode, double cval,
                int relative) {
@@ -130,7 +130,7 @@ sample_forward(const T* __restrict__ x, const T* __restrict__ coords, T* __restr
 // grad_x (accumulator gxa, zeroed by the caller, acc_t) += scatter of grad_out with the
 // forward's weights, by atomicAdd. Same grid and shared memory as sample_forward.
 template <typename T, typename I, bool CL>
-__global__ void __launch_bounds__(DEFORMOPS_THREADS)
+__global__ void __launch_bounds__(DEFORMOPS_THREADS, 3)
 sample_backward_input(const T* __restrict__ grad_out, const T* __restrict__ coords,
                       typename Acc<T>::type* __restrict__ gxa, I N, I C, I H, I W, I G, I Ho,
                       I Wo, I PB, I GB, int order, int mode, double cval, int relative) {
