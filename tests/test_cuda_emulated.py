@@ -49,7 +49,7 @@ using std::isfinite;
 #define __host__
 #define __forceinline__ inline
 #define __restrict__ __restrict
-#define __launch_bounds__(x)
+#define __launch_bounds__(...)
 #define __align__(n) alignas(n)
 struct emu_dim3 { unsigned x, y, z; };
 thread_local emu_dim3 threadIdx, blockIdx;
