@@ -16,6 +16,7 @@ PY="${PYTHON:-python3}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export CI="${CI:-1}"  # derandomized hypothesis profile; compile test must not skip
+export DEFORMOPS_REQUIRE_GPU=1  # the GPU tests fail instead of skipping when CuPy sees no GPU
 
 { nvidia-smi 2>&1 || echo "nvidia-smi not available"; } | tee "$OUT/nvidia-smi.txt" | head -15
 "$PY" - <<'PYEOF' 2>&1 | tee -a "$OUT/nvidia-smi.txt"

@@ -1,6 +1,7 @@
 """CUDA backend (CuPy) against the CPU backend, scipy, cupyx and torchvision. Needs a GPU.
 
-Skipped cleanly when CuPy is missing or sees no GPU (``cupy.is_available()`` False). Oracles,
+Skipped cleanly when CuPy is missing or sees no GPU (``cupy.is_available()`` False), unless
+``DEFORMOPS_REQUIRE_GPU`` is set (``scripts/gpu_check.sh`` sets it): then that is an error. Oracles,
 each named by its test:
 
 - [CPU backend]: the same public function on NumPy arrays (float64 unless said otherwise);
@@ -17,13 +18,20 @@ relative (norm of the difference over the norm of the float64 reference).
 """
 
 import itertools
+import os
 
 import numpy as np
 import pytest
 
-cupy = pytest.importorskip("cupy")
-if not cupy.is_available():
-    pytest.skip("CuPy sees no GPU", allow_module_level=True)
+try:
+    import cupy
+except ImportError:
+    cupy = None
+if cupy is None or not cupy.is_available():
+    why = "CuPy is not installed" if cupy is None else "CuPy sees no GPU"
+    if os.environ.get("DEFORMOPS_REQUIRE_GPU"):  # scripts/gpu_check.sh: a skip would hide it
+        raise RuntimeError(f"DEFORMOPS_REQUIRE_GPU is set but {why}")
+    pytest.skip(why, allow_module_level=True)
 
 import deformops as dops  # noqa: E402
 from deformops.backends import cuda as dcuda  # noqa: E402
