@@ -97,7 +97,7 @@ def test_every_instantiation_compiles_to_ptx(compiled, dtype, index, arch):
     assert "warning" not in log.lower(), log
 
 
-def test_nvrtc_version_matches_the_pinned_toolkit():
+def test_nvrtc_is_cuda_12_or_newer():
     _require_compiler()
     assert _nvrtc.version() >= (12, 0)
 
