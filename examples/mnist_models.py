@@ -16,9 +16,8 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from deformops_torch import ConvOffset2D, DeformConv2dPack
+from torch import nn
 
 # name, in channels, out channels, stride
 CONVS = (("conv11", 1, 32, 1), ("conv12", 32, 64, 2), ("conv21", 64, 128, 1),

@@ -3,11 +3,10 @@
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from deformops_torch import ConvOffset2D, DeformConv2dPack  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from deformops_torch import ConvOffset2D, DeformConv2dPack
 
 # The deformed convs from the last to the first: (block name, stride, padding before the input).
 GEOMETRY = (("conv22", 2, 0), ("conv21", 1, 1), ("conv12", 2, 0))

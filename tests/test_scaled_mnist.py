@@ -21,9 +21,9 @@ pytest.importorskip("scipy")
 pytest.importorskip("tqdm")
 pytest.importorskip("matplotlib")
 
-import mnist_data  # noqa: E402
-import mnist_models  # noqa: E402
-import mnist_plots  # noqa: E402
+import mnist_data
+import mnist_models
+import mnist_plots
 
 
 def _keras_202_transform(image, zx, zy, tx, ty):
@@ -100,7 +100,7 @@ def test_scaled_mnist_runs_end_to_end(tmp_path):
         [sys.executable, os.path.join(ROOT, "examples", "scaled_mnist.py"), "--cnn-images", "320",
          "--finetune-images", "96", "--test-images", "100", "--test-draws", "2",
          "--out", str(tmp_path)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads((tmp_path / "scaled_mnist.json").read_text())
     assert set(res["results"]) == set("abcdef")

@@ -1,0 +1,155 @@
+"""The PyTorch side of the scaled-MNIST experiment: training, evaluation and the variants.
+
+``run(args, data)`` trains the phase-1 CNN and fine-tunes each variant; see scaled_mnist.py for
+the protocol. Results follow the schema of :func:`scaled_mnist_results.summarize`.
+"""
+
+import copy
+import time
+
+import mnist_data
+import mnist_models
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scaled_mnist_results import BATCH, EVAL_BATCH, LR_CNN, LR_FINETUNE, VARIANTS, summarize
+from tqdm import tqdm
+
+
+def _freeze_all_but(model, params):
+    keep = {id(p) for p in params}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+    return [p for p in model.parameters() if id(p) in keep]
+
+
+def train(model, params, images, labels, *, epochs, images_per_epoch, lr, bn_train, scale, rng,
+          desc):
+    """Adam on ``params`` only (everything else frozen); returns the history and step times.
+
+    ``bn_train`` False keeps BatchNorm in eval mode (running statistics frozen); ``scale`` draws
+    a fresh scaled version of the epoch's images.
+    """
+    params = _freeze_all_but(model, params)
+    opt = torch.optim.Adam(params, lr)
+    history, step_s = [], []
+    seen, run_loss, run_acc = 0, None, None
+    for epoch in range(epochs):
+        idx = rng.permutation(len(images))[:images_per_epoch]
+        x = images[idx]
+        if scale:
+            x = mnist_data.scale_images(x, rng)
+        x, y = torch.from_numpy(x[:, None]), torch.from_numpy(labels[idx])
+        model.train(bn_train)
+        bar = tqdm(range(0, len(x), BATCH), desc=f"{desc} epoch {epoch + 1}/{epochs}",
+                   unit="step", leave=False, mininterval=1.0)
+        for s in bar:
+            t0 = time.perf_counter()
+            xb, yb = x[s:s + BATCH], y[s:s + BATCH]
+            opt.zero_grad(set_to_none=True)
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb)
+            loss.backward()
+            opt.step()
+            step_s.append(time.perf_counter() - t0)
+            acc = (logits.argmax(1) == yb).float().mean().item()
+            run_loss = loss.item() if run_loss is None else 0.98 * run_loss + 0.02 * loss.item()
+            run_acc = acc if run_acc is None else 0.98 * run_acc + 0.02 * acc
+            seen += len(xb)
+            if (s // BATCH) % 25 == 0:
+                history.append((seen, run_loss, run_acc))
+                bar.set_postfix(loss=f"{run_loss:.3f}", acc=f"{100 * run_acc:.1f}%")
+        bar.close()
+        print(f"  {desc} epoch {epoch + 1}/{epochs}: running loss {run_loss:.3f}, "
+              f"accuracy {100 * run_acc:.1f}%")
+    # the median step, skipping the first steps (JIT compilation, allocator warm-up)
+    steady = step_s[min(20, len(step_s) // 2):]
+    return {"history": history, "step_ms": 1e3 * float(np.median(steady)) if steady else None}
+
+
+@torch.no_grad()
+def evaluate(model, images, labels, offset_stats=False):
+    """Accuracy (%) on (n, 28, 28) images; with ``offset_stats`` also the mean |offset| (px) that
+    the model's offset predictors output on them."""
+    model.eval()
+    layers = mnist_models.offset_layers(model) if offset_stats else []
+    sums = {"abs": 0.0, "count": 0}
+
+    def hook(module, inputs, output):
+        sums["abs"] += output.abs().sum().item()
+        sums["count"] += output.numel()
+
+    handles = [m.register_forward_hook(hook) for m in layers]
+    correct = 0
+    try:
+        for s in range(0, len(images), EVAL_BATCH):
+            xb = torch.from_numpy(images[s:s + EVAL_BATCH, None])
+            correct += (model(xb).argmax(1).numpy() == labels[s:s + EVAL_BATCH]).sum()
+    finally:
+        for h in handles:
+            h.remove()
+    mean_offset = sums["abs"] / sums["count"] if sums["count"] else None
+    return 100.0 * correct / len(images), mean_offset
+
+
+# ----------------------------------------------------------------------------------------------
+# the variants
+
+
+def finetune_setup(variant, cnn):
+    """Return (model, trainable parameters, BatchNorm in train mode) for a variant."""
+    if variant == "b":
+        model = copy.deepcopy(cnn)
+        return model, [p for bn in model.batchnorms() for p in bn.parameters()], True
+    if variant in ("c", "d"):
+        model = mnist_models.with_conv_offsets(cnn)
+        params = [p for m in mnist_models.offset_layers(model) for p in m.parameters()]
+        if variant == "d":
+            params += [p for bn in model.batchnorms() for p in bn.parameters()]
+        return model, params, variant == "d"
+    if variant == "e":
+        model = mnist_models.with_dcn(cnn)
+        return model, [p for m in mnist_models.offset_layers(model) for p in m.parameters()], False
+    if variant == "f":
+        model = copy.deepcopy(cnn)
+        return model, list(model.parameters()), True
+    raise ValueError(variant)
+
+
+def run(args, data):
+    """Phase 1 and every variant of ``args.variants``.
+
+    Returns ``(results, curves, models, phase1_step_ms)``: results per variant key, running
+    training curves per phase, the trained models, and the phase-1 median step time.
+    """
+    x_train, y_train, x_test, y_test, scaled_tests = data
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    print(f"phase 1: the regular CNN, {args.epochs_cnn} epoch(s) of {args.cnn_images} plain images")
+    cnn = mnist_models.CNN()
+    phase1 = train(cnn, list(cnn.parameters()), x_train, y_train, epochs=args.epochs_cnn,
+                   images_per_epoch=args.cnn_images, lr=LR_CNN, bn_train=True, scale=False,
+                   rng=rng, desc="phase 1")
+
+    results, curves, models = {}, {"phase 1": phase1["history"]}, {}
+    for key in args.variants:
+        torch.manual_seed(args.seed + 1)
+        if key == "a":
+            model, run_ = cnn, {"history": [], "step_ms": phase1["step_ms"]}
+        else:
+            model, params, bn_train = finetune_setup(key, cnn)
+            print(f"phase 2 ({key}) {VARIANTS[key]}: {args.epochs_finetune} epoch(s) of "
+                  f"{args.finetune_images} scaled images")
+            run_ = train(model, params, x_train, y_train, epochs=args.epochs_finetune,
+                         images_per_epoch=args.finetune_images, lr=LR_FINETUNE,
+                         bn_train=bn_train, scale=True, rng=np.random.default_rng(args.seed + 7),
+                         desc=f"({key})")
+            curves[f"({key})"] = run_["history"]
+        plain, _ = evaluate(model, x_test, y_test)
+        scaled = [evaluate(model, s, y_test, offset_stats=(i == 0))
+                  for i, s in enumerate(scaled_tests)]
+        results[key] = summarize(key, plain, [a for a, _ in scaled], scaled[0][1], run_["step_ms"])
+        models[key] = model
+    return results, curves, models, phase1["step_ms"]
