@@ -60,6 +60,9 @@ def _fill_chunk(cn, channels_last, g, p0, m, Wo, relative, H, W, mode, order, cv
     pixel (their value is ``bias``); returns how many there are.
     """
     n_empty = 0
+    # the grid position of point p0 + j, counted on (no integer division per point)
+    row = p0 // Wo
+    col = p0 - row * Wo
     for j in range(m):
         p = p0 + j
         if channels_last:
@@ -67,8 +70,12 @@ def _fill_chunk(cn, channels_last, g, p0, m, Wo, relative, H, W, mode, order, cv
         else:
             y, x = np.float64(cn[2 * g, p]), np.float64(cn[2 * g + 1, p])
         if relative:
-            y += p // Wo
-            x += p % Wo
+            y += row
+            x += col
+            col += 1
+            if col == Wo:
+                col = 0
+                row += 1
         ya, xa = point_taps(y, x, H, W, mode, order)
         taps = corner_taps(ya, xa, W, cval)
         _store_taps(taps, col0 + j, idx, wt, bias, empty)
