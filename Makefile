@@ -40,6 +40,7 @@ bench: $(BIN)/python
 	$(BIN)/python -m pip install -q -e ".[test]" $(TORCHVISION)
 	$(BIN)/python -m deformops.bench sample
 	$(BIN)/python -m deformops.bench conv
+	$(BIN)/python -m deformops.bench torch
 
 clean:
 	rm -rf $(VENV) build *.egg-info examples/out

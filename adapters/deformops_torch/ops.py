@@ -15,8 +15,8 @@ operator                               what it does
 ``deformops::deform_sample_backward``  :func:`deformops.deform_sample_backward`
 =====================================  =========================================================
 
-Tensors are detached and handed to deformops as NumPy (CPU) or CuPy (CUDA) views through DLPack,
-with no copy; on CUDA the kernels run on torch's current stream. Backward operators return an
+Tensors are detached and handed to deformops as NumPy views (CPU, ``Tensor.numpy``) or CuPy views
+(CUDA, DLPack), with no copy; on CUDA the kernels run on torch's current stream. Backward operators return an
 empty tensor for a gradient that is not needed (autograd turns it into None).
 
 Plain eager calls (not compiling or tracing, no torch function or dispatch mode, no functorch
