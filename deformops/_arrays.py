@@ -136,14 +136,10 @@ def check_dtypes(arrays, allowed=CPU_DTYPES, device="cpu"):
     for name, a in arrays.items():
         if a is None:
             continue
-        if device == "cuda":
-            ok = a.dtype.name in GPU_DTYPE_NAMES
-            names = ", ".join(GPU_DTYPE_NAMES)
-        else:
-            ok = a.dtype in allowed
-            names = ", ".join(str(d) for d in allowed)
+        ok = a.dtype.name in GPU_DTYPE_NAMES if device == "cuda" else a.dtype in allowed
         if not ok:
-            raise TypeError(f"{name} must have dtype {names}; got {a.dtype}")
+            names = (GPU_DTYPE_NAMES if device == "cuda" else [str(d) for d in allowed])
+            raise TypeError(f"{name} must have dtype {', '.join(names)}; got {a.dtype}")
         if first is None:
             first = (name, a.dtype)
         elif a.dtype != first[1]:
