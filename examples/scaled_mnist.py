@@ -47,7 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--full", action="store_true",
                    help="the original schedule: 10 + 20 epochs of all 60000 images")
     p.add_argument("--variants", default="abcdef", help="which variants to run (default all)")
-    p.add_argument("--threads", type=int, default=None, help="torch and Numba threads")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch or TensorFlow threads, and Numba threads")
     p.add_argument("--framework", choices=("torch", "keras"), default="torch",
                    help="PyTorch with deformops_torch, or Keras 3 with deformops_tf")
     p.add_argument("--data-root", default=None, help="a torchvision MNIST download root")
@@ -104,8 +105,12 @@ def main(argv=None):
     with open(os.path.join(args.out, "scaled_mnist.md"), "w") as f:
         f.write(table + "\n")
     if not args.no_plots:
-        import mnist_plots
-
+        try:
+            import mnist_plots
+        except ModuleNotFoundError as e:  # it imports torch (the sampling locations)
+            print(f"no pictures: mnist_plots needs {e.name}")
+            args.no_plots = True
+    if not args.no_plots:
         mnist_plots.plot_curves(curves, os.path.join(args.out, "scaled_mnist_curves.png"))
         traced = {k: models[k] for k in ("d", "e") if k in models}
         if traced and args.framework == "torch":
