@@ -21,18 +21,8 @@ import deformops_torch as dt  # noqa: E402
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny inputs: one Numba and one torch thread; dynamo's caches are cleared afterwards."""
-    import numba
-
-    numba_threads, torch_threads = numba.get_num_threads(), torch.get_num_threads()
-    numba.set_num_threads(1)
-    torch.set_num_threads(1)
-    yield
-    numba.set_num_threads(numba_threads)
-    torch.set_num_threads(torch_threads)
-    torch.compiler.reset()
+# tiny inputs: one Numba and one torch thread (see conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rand(seed, *shape, lo=-1.0, hi=1.0):

@@ -20,18 +20,8 @@ from torch import nn  # noqa: E402
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny inputs: one Numba and one torch thread (waking thread pools on a shared machine
-    costs more than these kernels)."""
-    import numba
-
-    numba_threads, torch_threads = numba.get_num_threads(), torch.get_num_threads()
-    numba.set_num_threads(1)
-    torch.set_num_threads(1)
-    yield
-    numba.set_num_threads(numba_threads)
-    torch.set_num_threads(torch_threads)
+# tiny inputs: one Numba and one torch thread (see conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rand(seed, *shape, lo=-1.0, hi=1.0):

@@ -29,20 +29,8 @@ import deformops_torch.ops as dt_ops  # noqa: E402
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny inputs: one Numba and one torch thread. On a shared machine, waking a thread pool
-    costs more than these kernels (2 threads under load: ~10 ms per call instead of ~0.1 ms);
-    the parallel paths are exercised by the core's own tests."""
-    import numba
-
-    numba_threads, torch_threads = numba.get_num_threads(), torch.get_num_threads()
-    numba.set_num_threads(1)
-    torch.set_num_threads(1)
-    yield
-    numba.set_num_threads(numba_threads)
-    torch.set_num_threads(torch_threads)
-MODES = ("grid-constant", "constant", "nearest", "reflect", "mirror", "wrap", "grid-wrap")
+# tiny inputs: one Numba and one torch thread (see conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def smooth(rng, shape, span=1):
