@@ -13,6 +13,14 @@ import sys
 import pytest
 from hypothesis import HealthCheck, settings
 
+# Triton (imported by torch._dynamo, e.g. through torchvision) segfaults at import when
+# TensorFlow was imported first (TF 2.21 with triton 3.8, the versions CI installs); imported
+# first, both work. The suite imports both frameworks in one process.
+try:
+    import triton  # noqa: F401
+except ImportError:
+    pass
+
 # Make tests/_oracles.py importable as ``_oracles`` whatever pytest's import mode.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
