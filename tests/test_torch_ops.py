@@ -32,6 +32,8 @@ F64 = torch.float64
 # tiny inputs: one Numba and one torch thread (see conftest.py)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+MODES = ("grid-constant", "constant", "nearest", "reflect", "mirror", "wrap", "grid-wrap")
+
 
 def smooth(rng, shape, span=1):
     """Offsets (or coordinate parts) whose fractional part is 0.5 +- [0.1, 0.3]: never within
