@@ -1,12 +1,11 @@
-"""Pictures of the scaled-MNIST experiment: training curves and traced sampling locations."""
+"""Pictures of the scaled-MNIST experiment: training curves (any framework) and traced sampling
+locations (PyTorch models; torch is imported only for those)."""
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-import torch
-from deformops_torch import ConvOffset2D, DeformConv2dPack
 
 # The deformed convs from the last to the first: (block name, stride, padding before the input).
 GEOMETRY = (("conv22", 2, 0), ("conv21", 1, 1), ("conv12", 2, 0))
@@ -31,10 +30,12 @@ def plot_curves(curves, path):
     plt.close(fig)
 
 
-@torch.no_grad()
 def _offset_maps(model, image):
     """Per deformed conv: ('dcn', (9, 2, Ho, Wo)) per-tap offsets, ('shift', (2, H, W))
     channel-mean ConvOffset2D offsets, or ('none', None)."""
+    import torch
+    from deformops_torch import ConvOffset2D, DeformConv2dPack
+
     found = {}
     handles = []
     for name, _, _ in GEOMETRY:
@@ -50,7 +51,8 @@ def _offset_maps(model, image):
                         name, ("dcn", o[0, :18].reshape(9, 2, *o.shape[2:])))))
     model.eval()
     try:
-        model(torch.from_numpy(image[None, None]))
+        with torch.no_grad():
+            model(torch.from_numpy(image[None, None]))
     finally:
         for h in handles:
             h.remove()

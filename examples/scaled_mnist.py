@@ -105,12 +105,8 @@ def main(argv=None):
     with open(os.path.join(args.out, "scaled_mnist.md"), "w") as f:
         f.write(table + "\n")
     if not args.no_plots:
-        try:
-            import mnist_plots
-        except ModuleNotFoundError as e:  # it imports torch (the sampling locations)
-            print(f"no pictures: mnist_plots needs {e.name}")
-            args.no_plots = True
-    if not args.no_plots:
+        import mnist_plots
+
         mnist_plots.plot_curves(curves, os.path.join(args.out, "scaled_mnist_curves.png"))
         traced = {k: models[k] for k in ("d", "e") if k in models}
         if traced and args.framework == "torch":
