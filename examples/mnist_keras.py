@@ -291,6 +291,8 @@ def run(args, data):
         plain, _ = evaluate(model, x_test, y_test)
         scaled = [evaluate(model, s, y_test, offset_stats=(i == 0))
                   for i, s in enumerate(scaled_tests)]
-        results[key] = summarize(key, plain, [a for a, _ in scaled], scaled[0][1], run_["step_ms"])
+        trained = 0 if key == "a" else sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+        results[key] = summarize(key, plain, [a for a, _ in scaled], scaled[0][1], run_["step_ms"],
+                                 n_trained=trained)
         models[key] = model
     return results, curves, models, phase1["step_ms"]

@@ -137,7 +137,7 @@ def run(args, data):
     for key in args.variants:
         torch.manual_seed(args.seed + 1)
         if key == "a":
-            model, run_ = cnn, {"history": [], "step_ms": phase1["step_ms"]}
+            model, run_, params = cnn, {"history": [], "step_ms": phase1["step_ms"]}, []
         else:
             model, params, bn_train = finetune_setup(key, cnn)
             print(f"phase 2 ({key}) {VARIANTS[key]}: {args.epochs_finetune} epoch(s) of "
@@ -150,6 +150,7 @@ def run(args, data):
         plain, _ = evaluate(model, x_test, y_test)
         scaled = [evaluate(model, s, y_test, offset_stats=(i == 0))
                   for i, s in enumerate(scaled_tests)]
-        results[key] = summarize(key, plain, [a for a, _ in scaled], scaled[0][1], run_["step_ms"])
+        results[key] = summarize(key, plain, [a for a, _ in scaled], scaled[0][1], run_["step_ms"],
+                                 n_trained=sum(p.numel() for p in params))
         models[key] = model
     return results, curves, models, phase1["step_ms"]
