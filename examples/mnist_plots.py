@@ -104,7 +104,8 @@ def plot_sampling_locations(models, plain, scaled, path):
     """Sampling locations of one conv22 unit for a few digits, plain (left) and scaled (right),
     one row per model, plus the regular grid without offsets."""
     images = list(plain) + list(scaled)
-    rows = [("regular CNN (no offsets)", None)] + list(models.items())
+    names = {"d": "(d) ConvOffset2D\n(channel mean)", "e": "(e) DCN per tap"}
+    rows = [("regular CNN\n(no offsets)", None)] + [(names.get(k, k), m) for k, m in models.items()]
     fig, axes = plt.subplots(len(rows), len(images), figsize=(1.6 * len(images), 1.8 * len(rows)),
                              squeeze=False)
     for r, (name, model) in enumerate(rows):
@@ -123,7 +124,7 @@ def plot_sampling_locations(models, plain, scaled, path):
             ax.set_xticks([])
             ax.set_yticks([])
             if c == 0:
-                ax.set_ylabel(name if len(name) < 14 else f"({name})", fontsize=8)
+                ax.set_ylabel(name, fontsize=8)
             if r == 0:
                 ax.set_title("plain" if c < len(plain) else "scaled", fontsize=8)
     fig.suptitle("Input positions read by one conv22 unit (green +), traced through conv22, "
