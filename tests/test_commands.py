@@ -46,3 +46,15 @@ def test_bench_conv_runs_on_a_tiny_shape():
               "--no-torch"])
     assert r.returncode == 0, r.stdout + r.stderr
     assert "| N2 4->4 6x6 v2 forward" in r.stdout
+
+
+def test_bench_jit_reports_cold_and_cached_first_calls():
+    """Both child processes run (cold cache, then the cache they filled) and every sampling
+    kernel of the dtype gets a row [oracle: the kernel list of DESIGN §2]."""
+    r = _run(["-m", "deformops.bench", "jit", "--dtype", "float32"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    for op in ("forward", "backward"):
+        for layout in ("NCHW", "NHWC"):
+            assert f"| sample {op} {layout}" in r.stdout
+    assert "| cold compile" in r.stdout and "| from cache" in r.stdout
+    assert "sampling kernels (4 calls), cold total:" in r.stdout

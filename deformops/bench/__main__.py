@@ -27,6 +27,7 @@ SUBCOMMANDS = {
     "torch": ".torch_step",
     "tf": ".tf",
     "gpu": ".gpu",
+    "jit": ".jit",
 }
 
 

@@ -53,6 +53,8 @@ class Measurement:
     first_ms: float
     repeat: int
     note: str = ""
+    # the timed calls in order (rounds of measure_interleaved), for paired comparisons
+    times_ms: tuple[float, ...] = ()
 
 
 @dataclasses.dataclass
@@ -172,9 +174,19 @@ def measure_interleaved(tasks: Sequence[Task], *, dtype: str, repeat: int,
             first_ms=f,
             repeat=repeat,
             note=t.note,
+            times_ms=tuple(ts),
         )
         for t, f, ts in zip(tasks, first, times, strict=True)
     ]
+
+
+def paired_median(a: Measurement, b: Measurement, fn) -> float:
+    """Median over the rounds of ``fn(a_i, b_i)`` (e.g. a ratio or a difference) for two
+    measurements of one :func:`measure_interleaved` call: a slow spell of the machine hits both
+    calls of a round alike, so paired values are far steadier than ratios of medians."""
+    if not a.times_ms or len(a.times_ms) != len(b.times_ms):
+        raise ValueError("paired_median needs two measurements of the same interleaved rounds")
+    return statistics.median(fn(x, y) for x, y in zip(a.times_ms, b.times_ms, strict=True))
 
 
 def positive_int(text: str) -> int:

@@ -1,0 +1,45 @@
+"""Helpers of the benchmark command that decide verdicts: paired medians and the timer that
+separates the PyTorch adapter's own time from the core's. Oracle: hand-computed values."""
+
+import time
+import types
+
+import pytest
+
+from deformops.bench import _timing
+from deformops.bench.torch_step import _CoreTimer
+
+
+def _m(times):
+    return _timing.Measurement(op="op", peer="p", dtype="float32", median_ms=0.0, min_ms=0.0,
+                               first_ms=0.0, repeat=len(times), times_ms=tuple(times))
+
+
+def test_paired_median_pairs_rounds():
+    # round 2 is a slow spell for both: the ratio of medians would say 1.5, the pairs say 1.1
+    a, b = _m([1.1, 22.0, 1.1, 1.1, 3.3]), _m([1.0, 20.0, 1.0, 1.0, 3.0])
+    assert _timing.paired_median(a, b, lambda x, y: x / y) == pytest.approx(1.1)
+    assert _timing.paired_median(a, b, lambda x, y: x - y) == pytest.approx(0.1)
+
+
+def test_paired_median_refuses_unpaired_measurements():
+    with pytest.raises(ValueError, match="same interleaved rounds"):
+        _timing.paired_median(_m([1.0, 2.0]), _m([1.0]), lambda x, y: x / y)
+    with pytest.raises(ValueError):
+        _timing.paired_median(_m([]), _m([]), lambda x, y: x / y)
+
+
+def test_core_timer_counts_inside_time_and_restores_functions():
+    def slow(*args, **kwargs):
+        time.sleep(0.02)
+        return args, kwargs
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    core = types.SimpleNamespace(deform_conv2d=slow, deform_conv2d_backward=failing)
+    with pytest.raises(RuntimeError, match="boom"), _CoreTimer(core) as timer:
+        assert core.deform_conv2d(1, k=2) == ((1,), {"k": 2})
+        assert timer.inside_ms >= 20.0
+        core.deform_conv2d_backward()
+    assert core.deform_conv2d is slow and core.deform_conv2d_backward is failing
