@@ -10,9 +10,10 @@ from deformops.bench import _timing
 from deformops.bench.torch_step import _CoreTimer
 
 
-def _m(times):
+def _m(times, rounds_id=1):
     return _timing.Measurement(op="op", peer="p", dtype="float32", median_ms=0.0, min_ms=0.0,
-                               first_ms=0.0, repeat=len(times), times_ms=tuple(times))
+                               first_ms=0.0, repeat=len(times), times_ms=tuple(times),
+                               rounds_id=rounds_id)
 
 
 def test_paired_median_pairs_rounds():
@@ -27,6 +28,27 @@ def test_paired_median_refuses_unpaired_measurements():
         _timing.paired_median(_m([1.0, 2.0]), _m([1.0]), lambda x, y: x / y)
     with pytest.raises(ValueError):
         _timing.paired_median(_m([]), _m([]), lambda x, y: x / y)
+    with pytest.raises(ValueError):  # two different measure_interleaved calls
+        _timing.paired_median(_m([1.0]), _m([1.0], rounds_id=2), lambda x, y: x / y)
+
+
+def test_measure_interleaved_pairs_its_tasks_and_ratios_use_the_pairs():
+    calls = iter([1.0, 2.0] * 50)
+    ms = _timing.measure_interleaved(
+        [_timing.Task(lambda: next(calls), "op", "a"), _timing.Task(lambda: next(calls), "op", "b")],
+        dtype="float32", repeat=3)
+    other = _timing.measure_interleaved([_timing.Task(lambda: None, "op", "c")],
+                                        dtype="float32", repeat=3)
+    assert _timing.paired(*ms) and not _timing.paired(ms[0], other[0])
+    assert len(ms[0].times_ms) == 3
+    report = _timing.Report(command="t")
+    a = _m([2.0, 40.0, 2.0], rounds_id=7)
+    b = _m([1.0, 10.0, 1.0], rounds_id=7)
+    a.median_ms, b.median_ms = 3.0, 1.0  # their medians' ratio differs from the pairs' median
+    assert report.add_ratio("a / b", "op", "float32", a, b).value == pytest.approx(2.0)
+    b_unpaired = _m([1.0, 10.0, 1.0], rounds_id=8)
+    b_unpaired.median_ms = 1.0
+    assert report.add_ratio("a / b", "op", "float32", a, b_unpaired).value == pytest.approx(3.0)
 
 
 def test_core_timer_counts_inside_time_and_restores_functions():

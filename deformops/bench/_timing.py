@@ -20,6 +20,7 @@ import dataclasses
 import gc
 import importlib
 import importlib.metadata
+import itertools
 import json
 import math
 import os
@@ -53,8 +54,10 @@ class Measurement:
     first_ms: float
     repeat: int
     note: str = ""
-    # the timed calls in order (rounds of measure_interleaved), for paired comparisons
+    # the timed calls in order, and which measure_interleaved call they came from (0: none):
+    # measurements of one call were timed in the same rounds and can be compared pairwise
     times_ms: tuple[float, ...] = ()
+    rounds_id: int = 0
 
 
 @dataclasses.dataclass
@@ -128,6 +131,9 @@ class Task:
     note: str = ""
 
 
+_ROUNDS = itertools.count(1)  # ids of measure_interleaved calls
+
+
 def measure_interleaved(tasks: Sequence[Task], *, dtype: str, repeat: int,
                         settle_s: float = 0.0) -> list[Measurement]:
     """Time several callables in rounds (one call of each per round), so that a slow spell of
@@ -140,6 +146,7 @@ def measure_interleaved(tasks: Sequence[Task], *, dtype: str, repeat: int,
     """
     if repeat < 1:
         raise ValueError(f"repeat must be >= 1, got {repeat}")
+    rounds_id = next(_ROUNDS)
     first = []
     times: list[list[float]] = [[] for _ in tasks]
     gc.collect()
@@ -175,16 +182,24 @@ def measure_interleaved(tasks: Sequence[Task], *, dtype: str, repeat: int,
             repeat=repeat,
             note=t.note,
             times_ms=tuple(ts),
+            rounds_id=rounds_id,
         )
         for t, f, ts in zip(tasks, first, times, strict=True)
     ]
+
+
+def paired(a: Measurement, b: Measurement) -> bool:
+    """True when ``a`` and ``b`` were timed in the same rounds of one
+    :func:`measure_interleaved` call."""
+    return bool(a.rounds_id) and a.rounds_id == b.rounds_id and bool(a.times_ms) and len(
+        a.times_ms) == len(b.times_ms)
 
 
 def paired_median(a: Measurement, b: Measurement, fn) -> float:
     """Median over the rounds of ``fn(a_i, b_i)`` (e.g. a ratio or a difference) for two
     measurements of one :func:`measure_interleaved` call: a slow spell of the machine hits both
     calls of a round alike, so paired values are far steadier than ratios of medians."""
-    if not a.times_ms or len(a.times_ms) != len(b.times_ms):
+    if not paired(a, b):
         raise ValueError("paired_median needs two measurements of the same interleaved rounds")
     return statistics.median(fn(x, y) for x, y in zip(a.times_ms, b.times_ms, strict=True))
 
@@ -289,10 +304,15 @@ class Report:
         den: Measurement | None,
         target: tuple[str, float] | None = None,
     ) -> Ratio | None:
-        """Add ``num.median / den.median`` if both were measured."""
+        """Add ``num / den`` if both were measured: the median of the paired ratios when they
+        were timed in the same interleaved rounds, else the ratio of the medians."""
         if num is None or den is None or den.median_ms <= 0:
             return None
-        r = Ratio(name, op, dtype, num.median_ms / den.median_ms, target)
+        if paired(num, den):
+            value = paired_median(num, den, lambda a, b: a / b)
+        else:
+            value = num.median_ms / den.median_ms
+        r = Ratio(name, op, dtype, value, target)
         self.ratios.append(r)
         return r
 

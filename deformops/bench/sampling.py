@@ -199,8 +199,9 @@ def run(args) -> _timing.Report:
     if torch is not None:
         report.notes.append(
             "deformops and torch are timed in interleaved rounds (one call of "
-            "each per round); min ms is the least disturbed time on a busy "
-            "machine."
+            "each per round); their ratios are medians of the per-round ratios "
+            "(a slow spell of the machine hits both calls of a round); min ms is "
+            "the least disturbed time on a busy machine."
         )
     return report
 
