@@ -16,9 +16,15 @@ call of each (the Conv2D step in a block of its own afterwards):
 - tf op, eager / tf.function: ``deformops_tf.deform_conv2d`` on tensors under a
   ``tf.GradientTape`` with the gradients of all five inputs, eagerly and inside ``tf.function``
   (where it runs in a ``tf.py_function``, as in ``model.fit``);
+- py_function floor: the tf.function op's structure (custom gradient, a ``tf.py_function`` each
+  way) with do-nothing bodies: what any op built on ``tf.py_function`` pays, whatever it does;
+  the tf.function op minus this floor, per round, is deformops_tf's own part (information);
 - DeformConv2D step: one Keras training step (``model.train_on_batch``: the compiled
   ``train_step`` of ``model.fit``: forward, MSE loss, backward, SGD update) of a model that is
   one ``deformops_tf.DeformConv2D`` layer (its own offset/mask predictor conv included);
+- predictor step: the same step of a model that is the DeformConv2D layer's offset/mask
+  predictor alone (a ``Conv2D`` with 2K or 3K outputs); the DeformConv2D step minus this one,
+  per round, is what the deformable op itself costs inside ``model.fit`` (information);
 - Conv2D step: the same step of a ``keras.layers.Conv2D`` model of the same shape (the floor).
 
 Target: the layer's training step costs at most 1.2x the NumPy op (framework overhead, offset
@@ -29,6 +35,7 @@ the difference must be 0 up to summation order of the tape); the command exits 1
 
 from __future__ import annotations
 
+import statistics
 import time
 
 from . import _timing
@@ -45,6 +52,8 @@ CHECK_TOL = {"float32": 1e-5, "float64": 1e-12}  # relative to max |reference|
 NUMPY, NUMPY_NCHW = "numpy op", "numpy op NCHW"
 EAGER, GRAPH = "tf op eager", "tf op tf.function"
 LAYER, CONV = "DeformConv2D step", "Conv2D step"
+PRED = "predictor step"
+FLOOR = "py_function floor"
 TARGETS = {
     (GRAPH, NUMPY): ("<", 1.2),
     (LAYER, NUMPY): ("<", 1.2),
@@ -119,15 +128,52 @@ def _tf_op_fns(tf, dtf, arrays):
     return both, tf.function(both)
 
 
+def _py_function_floor(tf, arrays, out_shape):
+    """The tf.function op's structure with do-nothing bodies: a ``tf.custom_gradient`` whose
+    forward and backward are ``tf.py_function`` calls that only allocate their outputs (zeros),
+    under a GradientTape. What any op built on ``tf.py_function`` pays per forward + backward."""
+    x, offset, filters, bias, mask, grad_out = [None if a is None else tf.constant(a)
+                                                for a in arrays]
+    leaves = [a for a in (x, offset, filters, bias, mask) if a is not None]
+    dtype = x.dtype
+
+    @tf.custom_gradient
+    def op(*inputs):
+        out = tf.py_function(lambda *a: tf.zeros(out_shape, dtype), list(inputs), dtype)
+        out.set_shape(out_shape)
+
+        def grad(dy):
+            gs = tf.py_function(lambda *a: [tf.zeros_like(t) for t in a[1:]], [dy, *inputs],
+                                [dtype] * len(inputs))
+            for g, t in zip(gs, inputs):
+                g.set_shape(t.shape)
+            return gs
+
+        return out, grad
+
+    def both():
+        with tf.GradientTape() as tape:
+            tape.watch(leaves)
+            out = op(*leaves)
+        return out, tape.gradient(out, leaves, output_gradients=grad_out)
+
+    return tf.function(both)
+
+
 def _keras_steps(tf, keras, dtf, shape, dtype, x, seed):
-    """``train_on_batch`` callables of a DeformConv2D model and a Conv2D model."""
+    """``train_on_batch`` callables of a DeformConv2D model, a model of its offset/mask
+    predictor alone (a Conv2D with as many outputs: 3x3, 'same', 2K or 3K channels) and a
+    Conv2D model of the same shape."""
     N, Cin, Cout, H, W, has_mask = shape
     import numpy as np
 
-    y = np.random.default_rng(seed + 2).standard_normal((N, H, W, Cout)).astype(dtype)
+    n_pred = (3 if has_mask else 2) * 9
     steps = []
-    for layer in (dtf.DeformConv2D(Cout, 3, padding="same", use_mask=has_mask, dtype=dtype),
-                  keras.layers.Conv2D(Cout, 3, padding="same", dtype=dtype)):
+    for layer, channels in (
+            (dtf.DeformConv2D(Cout, 3, padding="same", use_mask=has_mask, dtype=dtype), Cout),
+            (keras.layers.Conv2D(n_pred, 3, padding="same", dtype=dtype), n_pred),
+            (keras.layers.Conv2D(Cout, 3, padding="same", dtype=dtype), Cout)):
+        y = np.random.default_rng(seed + 2).standard_normal((N, H, W, channels)).astype(dtype)
         keras.utils.set_random_seed(seed)
         inp = keras.Input((H, W, Cin), dtype=dtype)
         model = keras.Model(inp, layer(inp))
@@ -214,13 +260,16 @@ def _bench_case(report, tf, keras, dops, dtf, shape, dtype, repeat, seed):
     np_nchw = _numpy_fn(dops, nchw[0], nchw[1], nchw[2], nchw[3], nchw[4], nchw[5], "NCHW")
     eager, graph = _tf_op_fns(tf, dtf, (x, offset, filters, bias, mask, grad_out))
     _check(report, label, dtype, graph, np_both)
-    layer_step, conv_step = _keras_steps(tf, keras, dtf, shape, dtype, x, seed)
+    layer_step, pred_step, conv_step = _keras_steps(tf, keras, dtf, shape, dtype, x, seed)
     tasks = [
         Task(np_both, f"{label}", NUMPY, "NHWC, all 5 gradients"),
         Task(np_nchw, f"{label}", NUMPY_NCHW, "the core's native layout"),
         Task(eager, f"{label}", EAGER, "GradientTape, DLPack"),
         Task(graph, f"{label}", GRAPH, "tf.py_function inside"),
+        Task(_py_function_floor(tf, (x, offset, filters, bias, mask, grad_out), grad_out.shape),
+             f"{label}", FLOOR, "do-nothing py_function op, same structure"),
         Task(layer_step, f"{label}", LAYER, "train_on_batch, SGD"),
+        Task(pred_step, f"{label}", PRED, "its offset/mask predictor alone"),
         Task(conv_step, f"{label}", CONV, "train_on_batch, SGD"),
     ]
     timed = {}
@@ -235,6 +284,22 @@ def _bench_case(report, tf, keras, dops, dtf, shape, dtype, repeat, seed):
     timed[m.peer] = report.add(m)
     for (num, den), target in TARGETS.items():
         report.add_ratio(f"{num} / {den}", label, dtype, timed.get(num), timed.get(den), target)
+    # The deformable op's share of the Keras step: the step minus the step of its predictor
+    # alone (loss, update and the predictor conv cancel), per round, over the NumPy op.
+    layer, pred, numpy_op = timed.get(LAYER), timed.get(PRED), timed.get(NUMPY)
+    if layer is not None and pred is not None and numpy_op is not None and _timing.paired(
+            layer, numpy_op) and _timing.paired(pred, numpy_op):
+        value = statistics.median(
+            (a - b) / c for a, b, c in zip(layer.times_ms, pred.times_ms, numpy_op.times_ms,
+                                           strict=True))
+        report.ratios.append(Ratio(f"({LAYER} - {PRED}) / {NUMPY}", label, dtype, value))
+    graph, floor = timed.get(GRAPH), timed.get(FLOOR)
+    if graph is not None and floor is not None and numpy_op is not None and _timing.paired(
+            graph, numpy_op) and _timing.paired(floor, numpy_op):
+        value = statistics.median(
+            (a - b) / c for a, b, c in zip(graph.times_ms, floor.times_ms, numpy_op.times_ms,
+                                           strict=True))
+        report.ratios.append(Ratio(f"({GRAPH} - {FLOOR}) / {NUMPY}", label, dtype, value))
     for num in (GRAPH, LAYER):  # the least disturbed times, for busy machines
         a, b = timed.get(num), timed.get(NUMPY)
         if a is not None and b is not None and b.min_ms > 0:
