@@ -6,6 +6,8 @@ through CuPy). Any other object with ``__dlpack__`` is taken zero-copy: CPU memo
 or a framework at module level.
 """
 
+import contextlib
+
 import numpy as np
 
 # DLPack device types (dlpack.h)
@@ -19,6 +21,16 @@ LAYOUTS = ("NCHW", "NHWC")
 
 def _is_cupy(obj):
     return type(obj).__module__.split(".")[0] == "cupy"
+
+
+def device_of(a):
+    """Context: for a CuPy array, its GPU made the current device (CuPy allocates outputs,
+    caches compiled modules and launches kernels on the current device); nothing otherwise."""
+    if _is_cupy(a):
+        import cupy
+
+        return cupy.cuda.Device(a.device.id)
+    return contextlib.nullcontext()
 
 
 def as_array(obj, name):

@@ -29,6 +29,8 @@ import numpy as np
 
 from . import _arrays
 
+INT32_MAX = 2**31 - 1
+
 
 class DeformConv2dGrads(NamedTuple):
     """Gradients of :func:`deform_conv2d`; an entry is None when not requested (or no input)."""
@@ -51,6 +53,8 @@ def _pair(value, name, minimum):
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
     if min(pair) < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    if max(pair) > INT32_MAX:  # the CUDA kernels take them as 32-bit ints
+        raise ValueError(f"{name} must be <= {INT32_MAX}, got {value!r}")
     return pair
 
 
@@ -179,10 +183,12 @@ def deform_conv2d(x, offset, weight, bias=None, *, stride=1, padding=0, dilation
     NHWC inputs are currently converted to NCHW once per call.
     """
     a = _prepare(x, offset, weight, bias, mask, stride, padding, dilation, layout)
-    out = _arrays.xp_of(a["x"]).empty(a["out_shape"], a["x"].dtype)
-    if out.size:
-        a["backend"].deform_conv2d_forward(a["x"], a["offset"], a["weight"], a["bias"], a["mask"],
-                                           a["stride"], a["padding"], a["dilation"], out)
+    with _arrays.device_of(a["x"]):
+        out = _arrays.xp_of(a["x"]).empty(a["out_shape"], a["x"].dtype)
+        if out.size:
+            a["backend"].deform_conv2d_forward(a["x"], a["offset"], a["weight"], a["bias"],
+                                               a["mask"], a["stride"], a["padding"],
+                                               a["dilation"], out)
     return _to_layout(out, a["layout"])
 
 
@@ -213,24 +219,25 @@ def deform_conv2d_backward(grad_out, x, offset, weight, *, stride=1, padding=0, 
     a = _prepare(x, offset, weight, None, mask, stride, padding, dilation, layout,
                  grad_out=grad_out, backward=True)
     xk, off, wk, mk, go = a["x"], a["offset"], a["weight"], a["mask"], a["grad_out"]
-    xp = _arrays.xp_of(xk)
-    grad_x = xp.empty_like(xk) if need[0] else None
-    grad_offset = xp.empty_like(off) if need[1] else None
-    grad_weight = xp.empty_like(wk) if need[2] else None
-    grad_mask = xp.empty_like(mk) if need[3] and mk is not None else None
-    grad_bias = None
-    if need[4] and go.dtype.itemsize < 4:  # half types (CUDA): accumulate in float32
-        grad_bias = go.sum(axis=(0, 2, 3), dtype=np.float32).astype(go.dtype)
-    elif need[4]:
-        grad_bias = go.sum(axis=(0, 2, 3))
-    if go.size and any(g is not None for g in (grad_x, grad_offset, grad_weight, grad_mask)):
-        a["backend"].deform_conv2d_backward(go, xk, off, wk, mk, a["stride"], a["padding"],
-                                            a["dilation"], grad_x, grad_offset, grad_weight,
-                                            grad_mask)
-    else:
-        for g in (grad_x, grad_offset, grad_weight, grad_mask):
-            if g is not None:
-                g[...] = 0
+    with _arrays.device_of(xk):
+        xp = _arrays.xp_of(xk)
+        grad_x = xp.empty_like(xk) if need[0] else None
+        grad_offset = xp.empty_like(off) if need[1] else None
+        grad_weight = xp.empty_like(wk) if need[2] else None
+        grad_mask = xp.empty_like(mk) if need[3] and mk is not None else None
+        grad_bias = None
+        if need[4] and go.dtype.itemsize < 4:  # half types (CUDA): accumulate in float32
+            grad_bias = go.sum(axis=(0, 2, 3), dtype=np.float32).astype(go.dtype)
+        elif need[4]:
+            grad_bias = go.sum(axis=(0, 2, 3))
+        if go.size and any(g is not None for g in (grad_x, grad_offset, grad_weight, grad_mask)):
+            a["backend"].deform_conv2d_backward(go, xk, off, wk, mk, a["stride"], a["padding"],
+                                                a["dilation"], grad_x, grad_offset, grad_weight,
+                                                grad_mask)
+        else:
+            for g in (grad_x, grad_offset, grad_weight, grad_mask):
+                if g is not None:
+                    g[...] = 0
     N, _, Ho, Wo = a["out_shape"]
     layout = a["layout"]
     return DeformConv2dGrads(

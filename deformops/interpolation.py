@@ -101,22 +101,23 @@ def map_coordinates(input, coordinates, output=None, order=1, mode="constant", c
     for name, a in (("input", image), ("coordinates", coords)):
         if a.dtype.kind not in "biuf" and a.dtype.name != "bfloat16":
             raise TypeError(f"{name} must be real-valued; got dtype {a.dtype}")
-    shape = coords.shape[1:]
-    out = _output_array(output, shape, image.dtype, xp)
-    points = int(np.prod(shape))
-    H, W = image.shape
-    if points == 0:
+    with _arrays.device_of(image):  # a CuPy input's GPU: outputs and launches there
+        shape = coords.shape[1:]
+        out = _output_array(output, shape, image.dtype, xp)
+        points = int(np.prod(shape))
+        H, W = image.shape
+        if points == 0:
+            return out
+        if H == 0 or W == 0:
+            raise ValueError(f"input has an empty shape {image.shape}: there is nothing to sample")
+        both32 = image.dtype == np.float32 and coords.dtype == np.float32
+        dtype = np.float32 if both32 else np.float64
+        x_k = xp.ascontiguousarray(image, dtype).reshape(1, 1, H, W)
+        coords_k = xp.ascontiguousarray(coords, dtype).reshape(1, 2, 1, points)
+        direct = out.dtype == dtype and out.flags.c_contiguous
+        result = out.reshape(1, 1, 1, points) if direct else xp.empty((1, 1, 1, points), dtype)
+        backend = backend or _arrays.backend("cpu")
+        backend.sample_forward(x_k, coords_k, result, order, code, cval, False, False)
+        if not direct:
+            _store(result.reshape(shape), out, xp)
         return out
-    if H == 0 or W == 0:
-        raise ValueError(f"input has an empty shape {image.shape}: there is nothing to sample")
-    both32 = image.dtype == np.float32 and coords.dtype == np.float32
-    dtype = np.float32 if both32 else np.float64
-    x_k = xp.ascontiguousarray(image, dtype).reshape(1, 1, H, W)
-    coords_k = xp.ascontiguousarray(coords, dtype).reshape(1, 2, 1, points)
-    direct = out.dtype == dtype and out.flags.c_contiguous
-    result = out.reshape(1, 1, 1, points) if direct else xp.empty((1, 1, 1, points), dtype)
-    backend = backend or _arrays.backend("cpu")
-    backend.sample_forward(x_k, coords_k, result, order, code, cval, False, False)
-    if not direct:
-        _store(result.reshape(shape), out, xp)
-    return out

@@ -108,12 +108,14 @@ def _forward(x, coords, order, mode, cval, layout, coords_name, relative):
     if cl:
         N, H, W, C = x_k.shape
         Ho, Wo = coords_k.shape[1:3]
-        out = xp.empty((N, Ho, Wo, C), x_k.dtype)
+        shape = (N, Ho, Wo, C)
     else:
         N, C = x_k.shape[:2]
         Ho, Wo = coords_k.shape[2:]
-        out = xp.empty((N, C, Ho, Wo), x_k.dtype)
-    backend.sample_forward(x_k, coords_k, out, order, mode, cval, relative, cl)
+        shape = (N, C, Ho, Wo)
+    with _arrays.device_of(x_k):
+        out = xp.empty(shape, x_k.dtype)
+        backend.sample_forward(x_k, coords_k, out, order, mode, cval, relative, cl)
     return _from_kernel_order(out, cl, layout)
 
 
@@ -125,9 +127,11 @@ def _backward(grad_out, x, coords, order, mode, cval, layout, needs_input_grad, 
         x, coords, layout, coords_name, relative, backward=True, grad_out=grad_out
     )
     xp = _arrays.xp_of(x_k)
-    grad_x = xp.empty_like(x_k) if need_x else None
-    grad_coords = xp.empty_like(coords_k) if need_coords else None
-    backend.sample_backward(go_k, x_k, coords_k, grad_x, grad_coords, order, mode, cval, relative, cl)
+    with _arrays.device_of(x_k):
+        grad_x = xp.empty_like(x_k) if need_x else None
+        grad_coords = xp.empty_like(coords_k) if need_coords else None
+        backend.sample_backward(go_k, x_k, coords_k, grad_x, grad_coords, order, mode, cval,
+                                relative, cl)
     return (
         None if grad_x is None else _from_kernel_order(grad_x, cl, layout),
         None if grad_coords is None else _from_kernel_order(grad_coords, cl, layout),

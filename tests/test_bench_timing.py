@@ -17,10 +17,11 @@ def _m(times, rounds_id=1):
 
 
 def test_paired_median_pairs_rounds():
-    # round 2 is a slow spell for both: the ratio of medians would say 1.5, the pairs say 1.1
-    a, b = _m([1.1, 22.0, 1.1, 1.1, 3.3]), _m([1.0, 20.0, 1.0, 1.0, 3.0])
-    assert _timing.paired_median(a, b, lambda x, y: x / y) == pytest.approx(1.1)
-    assert _timing.paired_median(a, b, lambda x, y: x - y) == pytest.approx(0.1)
+    # rounds 2 and 3 are slow spells for both calls: the medians' ratio (40 / 10) is 4, and
+    # the medians' difference 30; the paired values say 2 and 1
+    a, b = _m([2.0, 40.0, 80.0]), _m([1.0, 10.0, 79.0])
+    assert _timing.paired_median(a, b, lambda x, y: x / y) == pytest.approx(2.0)
+    assert _timing.paired_median(a, b, lambda x, y: x - y) == pytest.approx(1.0)
 
 
 def test_paired_median_refuses_unpaired_measurements():
@@ -65,3 +66,11 @@ def test_core_timer_counts_inside_time_and_restores_functions():
         assert timer.inside_ms >= 20.0
         core.deform_conv2d_backward()
     assert core.deform_conv2d is slow and core.deform_conv2d_backward is failing
+
+
+def test_measure_interleaved_alternates_the_order():
+    seen = []
+    tasks = [_timing.Task(lambda k=k: seen.append(k), "op", str(k)) for k in range(3)]
+    _timing.measure_interleaved(tasks, dtype="float32", repeat=3, alternate=True)
+    # one warm-up call each, then rounds 0 .. 2 with round 1 reversed
+    assert seen == [0, 1, 2, 0, 1, 2, 2, 1, 0, 0, 1, 2]

@@ -459,7 +459,7 @@ def test_nan_pixels_reach_only_the_samples_that_read_them(order, mode, layout, d
     x[:, 1::2, H - 1, W - 1] = np.nan
     c = make_coords(rng, N, G, 5, 6, H, W, mixed_coords, weights=(2, 1, 1, 1))
     c[:, :, 0, :3] = -5.0  # far outside: no corner inside
-    c[:, :, 1, :2] = [[0.0, 0.0], [0.5, 0.5]][0]  # exactly on pixel 0
+    c[:, :, 1, :2] = 0.0  # exactly on pixel 0
     x_l, c_l = to_layout(x, layout).astype(dtype), to_layout(c, layout).astype(dtype)
     got = dops.sample(x_l, c_l, order=order, mode=mode, cval=0.25, layout=layout)
     ref = scipy_sample(x_l, c_l, order, mode, 0.25, layout)

@@ -135,14 +135,16 @@ _ROUNDS = itertools.count(1)  # ids of measure_interleaved calls
 
 
 def measure_interleaved(tasks: Sequence[Task], *, dtype: str, repeat: int,
-                        settle_s: float = 0.0) -> list[Measurement]:
+                        settle_s: float = 0.0, alternate: bool = False) -> list[Measurement]:
     """Time several callables in rounds (one call of each per round), so that a slow spell of
     the machine (another process, frequency changes) hits all of them alike and their ratios stay
     meaningful. Each task first gets one warm-up call (``first_ms``), in order; the report is the
     median of ``repeat`` rounds. The garbage collector is off while timing (as in :mod:`timeit`)
     and each result is dropped before the next call. ``settle_s`` seconds of sleep before each
     call let the thread pools of the previous call (OpenMP, BLAS) stop spin-waiting, so that one
-    peer's idle threads do not slow the next one down.
+    peer's idle threads do not slow the next one down. ``alternate`` runs every other round in
+    reverse order, so that what one call leaves behind (spinning threads, warm caches) falls on
+    each peer alike.
     """
     if repeat < 1:
         raise ValueError(f"repeat must be >= 1, got {repeat}")
@@ -160,8 +162,9 @@ def measure_interleaved(tasks: Sequence[Task], *, dtype: str, repeat: int,
             del res
             first.append(_ms(t0, t1))
             time.sleep(settle_s)
-        for _ in range(repeat):
-            for k, t in enumerate(tasks):
+        for r in range(repeat):
+            order = list(enumerate(tasks))
+            for k, t in (order[::-1] if alternate and r % 2 else order):
                 time.sleep(settle_s)
                 t0 = time.perf_counter_ns()
                 res = t.fn()
@@ -191,11 +194,12 @@ def measure_interleaved(tasks: Sequence[Task], *, dtype: str, repeat: int,
 def paired(a: Measurement, b: Measurement) -> bool:
     """True when ``a`` and ``b`` were timed in the same rounds of one
     :func:`measure_interleaved` call."""
-    return bool(a.rounds_id) and a.rounds_id == b.rounds_id and bool(a.times_ms) and len(
-        a.times_ms) == len(b.times_ms)
+    return (bool(a.rounds_id) and a.rounds_id == b.rounds_id
+            and bool(a.times_ms) and len(a.times_ms) == len(b.times_ms))
 
 
-def paired_median(a: Measurement, b: Measurement, fn) -> float:
+def paired_median(a: Measurement, b: Measurement,
+                  fn: Callable[[float, float], float]) -> float:
     """Median over the rounds of ``fn(a_i, b_i)`` (e.g. a ratio or a difference) for two
     measurements of one :func:`measure_interleaved` call: a slow spell of the machine hits both
     calls of a round alike, so paired values are far steadier than ratios of medians."""

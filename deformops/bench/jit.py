@@ -64,20 +64,30 @@ print(json.dumps(times))
 """
 
 
+CHILD_TIMEOUT_S = 600
+
+
 def add_arguments(parser) -> None:
-    pass
+    """No options of its own (``--dtype`` and ``--threads`` apply)."""
 
 
 def _child(cache_dir: str, dtypes, threads: int) -> dict[str, float]:
+    """Run :data:`_CHILD` in a fresh interpreter with Numba's cache in ``cache_dir``;
+    {label: seconds}. This package's parent directory goes first on its PYTHONPATH, so that
+    the child times this copy of deformops (a checkout or an install alike)."""
     env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir, NUMBA_NUM_THREADS=str(threads))
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     out = subprocess.run([sys.executable, "-c", _CHILD, ",".join(dtypes)], env=env,
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True, check=False, timeout=CHILD_TIMEOUT_S)
+    if out.returncode != 0:
+        raise RuntimeError(f"the timing process failed (exit {out.returncode}):\n"
+                           + out.stderr[-3000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def run(args) -> _timing.Report:
+    """Both processes, a row per kernel call and process, and the verdict on the cold total."""
     report = _timing.Report(command="jit")
     dtypes = args.dtypes
     report.config = {"dtypes": ",".join(dtypes), "threads": args.threads,

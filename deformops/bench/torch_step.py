@@ -20,12 +20,15 @@ float32 by default.
 2. Adapter overhead at the same cases: ``deformops_torch.deform_conv2d`` forward +
    ``torch.autograd.grad`` of all its inputs, against ``deformops.deform_conv2d`` +
    ``deform_conv2d_backward`` on the NumPy views of the same tensors, timed in alternating
-   rounds; target: at most 5% of the op's time (ratio of the minima).
+   rounds (every other round in reverse order); target: at most 5% of the op's time, judged
+   twice: end to end (median of the paired per-round ratios) and for the adapter's own part
+   (the time the torch call spends outside the core's two functions, timed around them).
 3. Per-call overhead on tiny inputs (N=1, 2 channels, 4x4), for each operator forward and
    forward+backward, the same comparison with many repeats and one thread (a thread pool's
    wake-up on a busy machine is noise of milliseconds); target: at most 50 us per call (the
-   forward+backward pair makes two calls). For context, forward+backward rows also show the
-   cost of the same autograd round trip through a do-nothing ``autograd.Function``.
+   forward+backward pair makes two calls), judged end to end and for the adapter's own part:
+   net of the same autograd round trip through a do-nothing ``autograd.Function`` (timed in
+   the same rounds), which any Python-level op pays.
 
 On a machine where ``torch.cuda.is_available()``, the training step is also timed on the GPU
 (rows with device "cuda"); a peer that fails there is reported as a note.
@@ -71,8 +74,8 @@ def add_arguments(parser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of the random data (default: 0)")
     g.add_argument(
         "--tiny-repeat", type=_timing.positive_int, default=TINY_REPEAT, metavar="N",
-        help=f"timed calls per tiny-input overhead measurement (default: {TINY_REPEAT}; the "
-        "minimum is used)")
+        help=f"timed rounds per tiny-input overhead measurement (default: {TINY_REPEAT}; the "
+        "median of the paired differences is used)")
     g.add_argument(
         "--tiny-threads", type=_timing.positive_int, default=TINY_THREADS, metavar="N",
         help=f"Numba and torch threads for the tiny-input overheads (default: {TINY_THREADS})")
@@ -92,14 +95,15 @@ class TorchReport(_timing.Report):
 
     def add_overhead(self, case, what, dtype, torch_m, core_m, limit, unit, floor_m=None,
                      own=None):
-        """One row: ``torch_m`` vs ``core_m``, timed in the same interleaved rounds, as the
-        median over the rounds of the paired ratio (``unit`` "%", of the core's time) or of the
-        paired difference (``unit`` "us", ``limit`` per call already multiplied by the number of
-        calls). The verdict is on the adapter's own part: ``own`` when given (measured apart,
-        in ``unit``), else the paired overhead net of ``floor_m`` (same rounds: a do-nothing
-        autograd Function's forward + backward, which any Python-level torch op pays), else
-        the paired overhead itself."""
-        t, c = torch_m.median_ms, core_m.median_ms
+        """One row: ``torch_m`` vs ``core_m``, timed in the same interleaved rounds, end to end
+        as the median over the rounds of the paired ratio (``unit`` "%", of the core's time) or
+        difference (``unit`` "us", ``limit`` per call already multiplied by the number of
+        calls), and the adapter's own part: ``own`` (measured apart, in ``unit``) or, with
+        ``floor_m`` (unit "us", same rounds: a do-nothing autograd Function's forward +
+        backward, which any Python-level torch op pays), the end-to-end difference net of it.
+        Both are judged against ``limit``."""
+        if floor_m is not None and (unit != "us" or not _timing.paired(torch_m, floor_m)):
+            raise ValueError("floor_m needs unit 'us' and the rounds of torch_m")
         if unit == "%":
             value = 100 * (_timing.paired_median(torch_m, core_m, lambda a, b: a / b) - 1)
         else:
@@ -110,10 +114,10 @@ class TorchReport(_timing.Report):
                                              floor_m.times_ms, strict=True))
         if own is None:
             own = value
-        row = dict(case=case, what=what, dtype=dtype, torch_ms=t, core_ms=c, value=value,
-                   unit=unit, limit=limit, ok=bool(own <= limit),
-                   autograd_floor_us=None if floor_m is None else 1000 * floor_m.median_ms,
-                   own=own)
+        row = dict(case=case, what=what, dtype=dtype, torch_ms=torch_m.median_ms,
+                   core_ms=core_m.median_ms, value=value, unit=unit, limit=limit,
+                   ok=bool(value <= limit), own=own, own_ok=bool(own <= limit),
+                   autograd_floor_us=None if floor_m is None else 1000 * floor_m.median_ms)
         self.overheads.append(row)
         return row
 
@@ -125,14 +129,15 @@ class TorchReport(_timing.Report):
             self.notes = notes
         rows = [(o["case"], o["what"], o["dtype"], _timing.fmt_ms(o["torch_ms"]),
                  _timing.fmt_ms(o["core_ms"]), f"{o['value']:.1f} {o['unit']}",
+                 "ok" if o["ok"] else "MISS",
                  "-" if o["autograd_floor_us"] is None else f"{o['autograd_floor_us']:.1f} us",
-                 f"{o['own']:.1f} {o['unit']}",
-                 f"<= {o['limit']:g} {o['unit']}", "ok" if o["ok"] else "MISS")
+                 f"{o['own']:.1f} {o['unit']}", "ok" if o["own_ok"] else "MISS",
+                 f"<= {o['limit']:g} {o['unit']}")
                 for o in self.overheads]
         table = _timing.markdown_table(
             ("adapter overhead", "calls", "dtype", "torch median ms", "core median ms",
-             "end to end (paired median)", "autograd floor", "adapter's own", "target",
-             "verdict"), rows, align="lllrrrrrll")
+             "end to end (paired median)", "verdict", "autograd floor", "adapter's own",
+             "verdict", "target"), rows, align="lllrrrlrrll")
         parts = [text] + ([table] if self.overheads else [])
         if self.notes:
             parts.append("\n".join(f"- {n}" for n in self.notes))
@@ -324,7 +329,7 @@ class _CoreTimer:
     NAMES = ("deform_conv2d", "deform_conv2d_backward")
 
     def __init__(self, dops):
-        self.dops, self.inside_ms, self._saved = dops, 0.0, {}
+        self.dops, self.inside_ms, self.calls, self._saved = dops, 0.0, 0, {}
 
     def _wrap(self, fn):
         def timed(*args, **kwargs):
@@ -333,6 +338,7 @@ class _CoreTimer:
                 return fn(*args, **kwargs)
             finally:
                 self.inside_ms += (time.perf_counter_ns() - t0) / 1e6
+                self.calls += 1
         return timed
 
     def __enter__(self):
@@ -352,11 +358,15 @@ def _outside_core_percent(dops, with_torch, repeat):
     shares = []
     with _CoreTimer(dops) as timer:
         for _ in range(repeat):
-            timer.inside_ms = 0.0
+            timer.inside_ms, timer.calls = 0.0, 0
             t0 = time.perf_counter_ns()
             res = with_torch()
             total = (time.perf_counter_ns() - t0) / 1e6
             del res
+            if timer.calls != len(_CoreTimer.NAMES):  # one forward, one backward
+                raise RuntimeError(f"deformops_torch made {timer.calls} timed core calls, "
+                                   f"expected {len(_CoreTimer.NAMES)}: it no longer calls "
+                                   "deformops.<op> at call time")
             shares.append(100 * (total - timer.inside_ms) / timer.inside_ms)
     return statistics.median(shares)
 
@@ -369,7 +379,7 @@ def _bench_overhead(report, torch, dops, dt, shape, dtype, repeat, seed):
     rounds = max(repeat, OVERHEAD_REPEAT)
     m_t, m_c = _timing.measure_interleaved(
         [Task(with_torch, op, "deformops_torch"), Task(with_core, op, "deformops (NumPy)")],
-        dtype=dtype, repeat=rounds)
+        dtype=dtype, repeat=rounds, alternate=True)
     report.add(m_t)
     report.add(m_c)
     report.add_overhead(label, "deform_conv2d fwd+bwd", dtype, m_t, m_c,
@@ -413,7 +423,7 @@ def _bench_tiny(report, torch, dops, dt, dtype, repeat, seed):
             n_inputs = 5 if name == "deform_conv2d" else 2
             tasks.append(Task(_autograd_floor(torch, n_inputs, (N, Cout, H, W), dtype), op,
                               "autograd floor", f"no-op Function, {n_inputs} inputs"))
-        ms = _timing.measure_interleaved(tasks, dtype=dtype, repeat=repeat)
+        ms = _timing.measure_interleaved(tasks, dtype=dtype, repeat=repeat, alternate=True)
         for m in ms:
             report.add(m)
         n_calls = 1 if calls == "forward" else 2
@@ -489,12 +499,11 @@ def run(args) -> _timing.Report:
         f"with a target of {PER_CALL_TARGET_US:g} us per call (forward+backward = 2 calls). "
         "'autograd floor' is forward + torch.autograd.grad through a do-nothing "
         "autograd.Function with as many inputs, timed in the same rounds: what any Python-level "
-        "torch op pays for autograd, whatever it does. The verdict is on the adapter's own "
-        "part (DLPack conversion and dispatch): on tiny inputs the end-to-end overhead, net of "
-        "the autograd floor for forward+backward; at the conv cases the time the torch call "
-        "spends outside the core's deform_conv2d and deform_conv2d_backward (timed around "
-        "them), because the end-to-end ratio of two 40-120 ms calls moves by several percent "
-        "from run to run on this kind of machine.",
+        "torch op pays for autograd, whatever it does. Two verdicts: end to end, and the "
+        "adapter's own part (DLPack conversion and dispatch): on tiny inputs the end-to-end "
+        "overhead, net of the autograd floor for forward+backward; at the conv cases the time "
+        "the torch call spends outside the core's deform_conv2d and deform_conv2d_backward "
+        "(timed around them). Every other round runs in reverse order.",
         "first call (JIT): the warm-up call; it includes Numba compilation (or loading its "
         "cache) only for the first use of a kernel.",
     ]

@@ -161,8 +161,11 @@ def deform_conv2d_backward(grad_out, x, offset, weight, mask, stride, padding, d
         if need_w:
             col = col_buf[:g.Cin * g.K * t].reshape(g.Cin * g.K, t)
             _im2col(im2col, g, I, x, offset, mask, col, n0, nimg, p0, Tp)
-            tile_gw = _matmul(cp, go_g, col.reshape(g.groups, g.cpg_w * g.K, t).transpose(0, 2, 1))
-            gwa += tile_gw if tile_gw.dtype == acc else tile_gw.astype(acc)
+            col_t = col.reshape(g.groups, g.cpg_w * g.K, t).transpose(0, 2, 1)
+            if gwa.dtype == go_g.dtype:
+                gwa += _matmul(cp, go_g, col_t)
+            else:  # half types: the tile's product in float32 too, never rounded to half
+                gwa += cp.matmul(go_g.astype(gwa.dtype), col_t.astype(gwa.dtype))
         if not need_col_grad:
             continue
         gcol = gcol_buf[:g.Cin * g.K * t]
