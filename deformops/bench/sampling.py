@@ -199,7 +199,8 @@ def run(args) -> _timing.Report:
     if torch is not None:
         report.notes.append(
             "deformops and torch are timed in interleaved rounds (one call of "
-            "each per round); their ratios are medians of the per-round ratios "
+            "each per round, every other round in reverse order); their ratios are "
+            "medians of the per-round ratios "
             "(a slow spell of the machine hits both calls of a round); min ms is "
             "the least disturbed time on a busy machine."
         )
@@ -235,7 +236,7 @@ def _bench_dtype(report, dops, ndi, torch, x, coords, grad_out, fast, slow):
         tasks += _torch_tasks(report, torch, x, coords, grad_out, ref, dtype)
     # deformops and torch in interleaved rounds: a busy spell of the machine hits both alike
     timed = {
-        (m.op, m.peer): m for m in _timing.measure_interleaved(tasks, dtype=dtype, repeat=fast)
+        (m.op, m.peer): m for m in _timing.measure_interleaved(tasks, dtype=dtype, repeat=fast, alternate=True)
     }
     timed["forward", "deformops"].first_ms = first_fwd_ms
     for op in OPS:
