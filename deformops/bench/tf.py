@@ -243,6 +243,7 @@ def run(args) -> _timing.Report:
         "every row times forward + backward with the gradients of x, offset, filters, bias and "
         "mask; the Keras steps also run the loss, the offset predictor (DeformConv2D) and an SGD "
         "update. All but the Conv2D step are timed in rounds (one call of each per round, "
+        "every other round in reverse order, "
         f"{SETTLE_S * 1000:g} ms apart, after one warm-up call each), so that a slow spell of a "
         "shared machine hits them alike; the Conv2D step runs in a block of its own afterwards. "
         "'(min ms)' ratios compare the least disturbed calls. Targets: tf.function op / numpy "
@@ -277,7 +278,7 @@ def _bench_case(report, tf, keras, dops, dtf, shape, dtype, repeat, seed):
     # The deformops callables in rounds (a slow spell of a shared machine hits them alike), the
     # Conv2D step (TF's own thread pool) in a block of its own afterwards.
     for m in _timing.measure_interleaved(tasks[:-1], dtype=dtype, repeat=repeat,
-                                         settle_s=SETTLE_S):
+                                         settle_s=SETTLE_S, alternate=True):
         timed[m.peer] = report.add(m)
     time.sleep(0.3)
     (m,) = _timing.measure_interleaved(tasks[-1:], dtype=dtype, repeat=repeat)
