@@ -252,6 +252,18 @@ def run(args) -> _timing.Report:
     return report
 
 
+def _net_ratio(report, label, dtype, timed, peer, minus):
+    """Add ``(peer - minus) / numpy op``: the median over the rounds, all three timed in the
+    same rounds (information, no target)."""
+    a, b, c = timed.get(peer), timed.get(minus), timed.get(NUMPY)
+    if a is None or b is None or c is None or not (_timing.paired(a, c)
+                                                   and _timing.paired(b, c)):
+        return
+    value = statistics.median(
+        (x - y) / z for x, y, z in zip(a.times_ms, b.times_ms, c.times_ms, strict=True))
+    report.ratios.append(Ratio(f"({peer} - {minus}) / {NUMPY}", label, dtype, value))
+
+
 def _bench_case(report, tf, keras, dops, dtf, shape, dtype, repeat, seed):
     label = _label(shape)
     _timing.progress(f"[{dtype}] {label}")
@@ -285,22 +297,10 @@ def _bench_case(report, tf, keras, dops, dtf, shape, dtype, repeat, seed):
     timed[m.peer] = report.add(m)
     for (num, den), target in TARGETS.items():
         report.add_ratio(f"{num} / {den}", label, dtype, timed.get(num), timed.get(den), target)
-    # The deformable op's share of the Keras step: the step minus the step of its predictor
-    # alone (loss, update and the predictor conv cancel), per round, over the NumPy op.
-    layer, pred, numpy_op = timed.get(LAYER), timed.get(PRED), timed.get(NUMPY)
-    if layer is not None and pred is not None and numpy_op is not None and _timing.paired(
-            layer, numpy_op) and _timing.paired(pred, numpy_op):
-        value = statistics.median(
-            (a - b) / c for a, b, c in zip(layer.times_ms, pred.times_ms, numpy_op.times_ms,
-                                           strict=True))
-        report.ratios.append(Ratio(f"({LAYER} - {PRED}) / {NUMPY}", label, dtype, value))
-    graph, floor = timed.get(GRAPH), timed.get(FLOOR)
-    if graph is not None and floor is not None and numpy_op is not None and _timing.paired(
-            graph, numpy_op) and _timing.paired(floor, numpy_op):
-        value = statistics.median(
-            (a - b) / c for a, b, c in zip(graph.times_ms, floor.times_ms, numpy_op.times_ms,
-                                           strict=True))
-        report.ratios.append(Ratio(f"({GRAPH} - {FLOOR}) / {NUMPY}", label, dtype, value))
+    # The deformable op's share of the Keras step (its predictor alone taken out: loss, update
+    # and the predictor conv cancel), and the tf.function op net of TF's py_function floor.
+    _net_ratio(report, label, dtype, timed, LAYER, PRED)
+    _net_ratio(report, label, dtype, timed, GRAPH, FLOOR)
     for num in (GRAPH, LAYER):  # the least disturbed times, for busy machines
         a, b = timed.get(num), timed.get(NUMPY)
         if a is not None and b is not None and b.min_ms > 0:
