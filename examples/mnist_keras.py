@@ -1,7 +1,7 @@
 """The Keras 3 side of the scaled-MNIST experiment (``--framework keras``), with deformops_tf layers.
 
-``run(args, data)`` mirrors :func:`mnist_torch.run` step by step (same images in the same order,
-same schedule, same result schema); see scaled_mnist.py for the protocol. The CNN is the
+The same primitives as mnist_torch.py, run by scaled_mnist.py's driver step by step (same images
+in the same order, same schedule, same result schema); see scaled_mnist.py for the protocol. The CNN is the
 original's Keras model: conv11 (32) -> conv12 (64, stride 2) -> conv21 (128) -> conv22 (128,
 stride 2), 3x3 'same' with bias, each Conv -> ReLU -> BatchNormalization(epsilon=1e-3,
 momentum=0.99), global average pooling, Dense(10) (logits; the loss takes ``from_logits``).
@@ -27,7 +27,7 @@ import keras
 import mnist_data
 import numpy as np
 import tensorflow as tf
-from scaled_mnist_results import BATCH, EVAL_BATCH, LR_CNN, LR_FINETUNE, VARIANTS, summarize
+from scaled_mnist_results import BATCH, EVAL_BATCH, LR_CNN, LR_FINETUNE
 from tqdm import tqdm
 
 # name, filters, stride (as mnist_models.CONVS, channels last)
@@ -250,7 +250,7 @@ def finetune_setup(variant, cnn):
     return model
 
 
-def _set_threads(threads):
+def set_threads(threads):
     try:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(threads)
@@ -258,41 +258,37 @@ def _set_threads(threads):
         print(f"--threads: TensorFlow's thread pools are already set up ({e})")
 
 
-def run(args, data):
-    """Phase 1 and every variant of ``args.variants``, as :func:`mnist_torch.run`.
+def seed(value):
+    keras.utils.set_random_seed(value)
 
-    Returns ``(results, curves, models, phase1_step_ms)``: results per variant key, running
-    training curves per phase, the trained Keras models, and the phase-1 median step time.
-    """
-    x_train, y_train, x_test, y_test, scaled_tests = data
-    if args.threads:
-        _set_threads(args.threads)
-    keras.utils.set_random_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    print(f"phase 1: the regular CNN, {args.epochs_cnn} epoch(s) of {args.cnn_images} plain images")
-    cnn = build_cnn("regular")
-    phase1 = train(cnn, x_train, y_train, epochs=args.epochs_cnn,
-                   images_per_epoch=args.cnn_images, lr=LR_CNN, scale=False, rng=rng,
-                   desc="phase 1")
 
-    results, curves, models = {}, {"phase 1": phase1["history"]}, {}
-    for key in args.variants:
-        keras.utils.set_random_seed(args.seed + 1)
-        if key == "a":
-            model, run_ = cnn, {"history": [], "step_ms": phase1["step_ms"]}
-        else:
-            model = finetune_setup(key, cnn)
-            print(f"phase 2 ({key}) {VARIANTS[key]}: {args.epochs_finetune} epoch(s) of "
-                  f"{args.finetune_images} scaled images")
-            run_ = train(model, x_train, y_train, epochs=args.epochs_finetune,
-                         images_per_epoch=args.finetune_images, lr=LR_FINETUNE, scale=True,
-                         rng=np.random.default_rng(args.seed + 7), desc=f"({key})")
-            curves[f"({key})"] = run_["history"]
-        plain, _ = evaluate(model, x_test, y_test)
-        scaled = [evaluate(model, s, y_test, offset_stats=(i == 0))
-                  for i, s in enumerate(scaled_tests)]
-        trained = 0 if key == "a" else sum(int(np.prod(w.shape)) for w in model.trainable_weights)
-        results[key] = summarize(key, plain, [a for a, _ in scaled], scaled[0][1], run_["step_ms"],
-                                 n_trained=trained)
-        models[key] = model
-    return results, curves, models, phase1["step_ms"]
+def new_cnn():
+    return build_cnn("regular")
+
+
+def train_cnn(cnn, images, labels, args, rng):
+    """Phase 1: the whole CNN on plain images; returns the history and median step time."""
+    return train(cnn, images, labels, epochs=args.epochs_cnn, images_per_epoch=args.cnn_images,
+                 lr=LR_CNN, scale=False, rng=rng, desc="phase 1")
+
+
+variant_model = finetune_setup
+
+
+def finetune(key, cnn, images, labels, args, rng):
+    """Phase 2 of variant ``key`` on scaled images; returns (model, history and median step
+    time, number of parameters trained)."""
+    model = finetune_setup(key, cnn)
+    run = train(model, images, labels, epochs=args.epochs_finetune,
+                images_per_epoch=args.finetune_images, lr=LR_FINETUNE, scale=True, rng=rng,
+                desc=f"({key})")
+    return model, run, sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+
+
+def get_weights(model):
+    """Every variable (BatchNorm's moving statistics included) as NumPy arrays."""
+    return model.get_weights()
+
+
+def set_weights(model, weights):
+    model.set_weights(weights)

@@ -1,7 +1,7 @@
 """The PyTorch side of the scaled-MNIST experiment: training, evaluation and the variants.
 
-``run(args, data)`` trains the phase-1 CNN and fine-tunes each variant; see scaled_mnist.py for
-the protocol. Results follow the schema of :func:`scaled_mnist_results.summarize`.
+The primitives that scaled_mnist.py's driver runs the protocol with (phase 1, each variant's
+fine-tuning, evaluation, weights to store); see scaled_mnist.py for the protocol.
 """
 
 import copy
@@ -12,7 +12,7 @@ import mnist_models
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scaled_mnist_results import BATCH, EVAL_BATCH, LR_CNN, LR_FINETUNE, VARIANTS, summarize
+from scaled_mnist_results import BATCH, EVAL_BATCH, LR_CNN, LR_FINETUNE
 from tqdm import tqdm
 
 
@@ -116,41 +116,44 @@ def finetune_setup(variant, cnn):
     raise ValueError(variant)
 
 
-def run(args, data):
-    """Phase 1 and every variant of ``args.variants``.
+def set_threads(threads):
+    torch.set_num_threads(threads)
 
-    Returns ``(results, curves, models, phase1_step_ms)``: results per variant key, running
-    training curves per phase, the trained models, and the phase-1 median step time.
-    """
-    x_train, y_train, x_test, y_test, scaled_tests = data
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    print(f"phase 1: the regular CNN, {args.epochs_cnn} epoch(s) of {args.cnn_images} plain images")
-    cnn = mnist_models.CNN()
-    phase1 = train(cnn, list(cnn.parameters()), x_train, y_train, epochs=args.epochs_cnn,
-                   images_per_epoch=args.cnn_images, lr=LR_CNN, bn_train=True, scale=False,
-                   rng=rng, desc="phase 1")
 
-    results, curves, models = {}, {"phase 1": phase1["history"]}, {}
-    for key in args.variants:
-        torch.manual_seed(args.seed + 1)
-        if key == "a":
-            model, run_, params = cnn, {"history": [], "step_ms": phase1["step_ms"]}, []
-        else:
-            model, params, bn_train = finetune_setup(key, cnn)
-            print(f"phase 2 ({key}) {VARIANTS[key]}: {args.epochs_finetune} epoch(s) of "
-                  f"{args.finetune_images} scaled images")
-            run_ = train(model, params, x_train, y_train, epochs=args.epochs_finetune,
-                         images_per_epoch=args.finetune_images, lr=LR_FINETUNE,
-                         bn_train=bn_train, scale=True, rng=np.random.default_rng(args.seed + 7),
-                         desc=f"({key})")
-            curves[f"({key})"] = run_["history"]
-        plain, _ = evaluate(model, x_test, y_test)
-        scaled = [evaluate(model, s, y_test, offset_stats=(i == 0))
-                  for i, s in enumerate(scaled_tests)]
-        results[key] = summarize(key, plain, [a for a, _ in scaled], scaled[0][1], run_["step_ms"],
-                                 n_trained=sum(p.numel() for p in params))
-        models[key] = model
-    return results, curves, models, phase1["step_ms"]
+def seed(value):
+    torch.manual_seed(value)
+
+
+def new_cnn():
+    return mnist_models.CNN()
+
+
+def train_cnn(cnn, images, labels, args, rng):
+    """Phase 1: the whole CNN on plain images; returns the history and median step time."""
+    return train(cnn, list(cnn.parameters()), images, labels, epochs=args.epochs_cnn,
+                 images_per_epoch=args.cnn_images, lr=LR_CNN, bn_train=True, scale=False,
+                 rng=rng, desc="phase 1")
+
+
+def variant_model(key, cnn):
+    """The untrained fine-tuning model of ``key`` (to load stored weights into)."""
+    return finetune_setup(key, cnn)[0]
+
+
+def finetune(key, cnn, images, labels, args, rng):
+    """Phase 2 of variant ``key`` on scaled images; returns (model, history and median step
+    time, number of parameters trained)."""
+    model, params, bn_train = finetune_setup(key, cnn)
+    run = train(model, params, images, labels, epochs=args.epochs_finetune,
+                images_per_epoch=args.finetune_images, lr=LR_FINETUNE, bn_train=bn_train,
+                scale=True, rng=rng, desc=f"({key})")
+    return model, run, sum(p.numel() for p in params)
+
+
+def get_weights(model):
+    """Every parameter and buffer (BatchNorm statistics included) as NumPy arrays."""
+    return {name: t.detach().numpy().copy() for name, t in model.state_dict().items()}
+
+
+def set_weights(model, weights):
+    model.load_state_dict({name: torch.from_numpy(a) for name, a in weights.items()})

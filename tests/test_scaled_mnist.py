@@ -109,3 +109,36 @@ def test_scaled_mnist_runs_end_to_end(tmp_path):
     for name in ("scaled_mnist.md", "scaled_mnist_curves.png", "scaled_mnist_sampling.png"):
         assert (tmp_path / name).stat().st_size > 100
     assert "training step (batch 32)" in r.stdout
+
+
+def _run_example(out, *args):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [ROOT, os.path.join(ROOT, "adapters"), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "scaled_mnist.py"), "--cnn-images", "160",
+         "--finetune-images", "64", "--test-images", "50", "--test-draws", "1", "--no-plots",
+         "--threads", "1", "--out", str(out), *args],
+        check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout, json.loads((out / "scaled_mnist.json").read_text())
+
+
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    """Oracle: an uninterrupted run of the same settings. A run stopped after phase 1 and (b),
+    then resumed for (b) and (e), must load those parts (not train them again) and train (e)
+    exactly as a run that never stopped; other settings must not load them."""
+    pytest.importorskip("mnist")
+    _, whole = _run_example(tmp_path / "whole", "--variants", "e")
+    first, _ = _run_example(tmp_path / "split", "--variants", "b")
+    assert "resumed phase1" not in first
+    out, resumed = _run_example(tmp_path / "split", "--variants", "be", "--resume")
+    assert "resumed phase1" in out and "resumed variant_b" in out
+    assert "phase 1: the regular CNN" not in out and "phase 2 (b)" not in out
+    assert resumed["meta"]["resumed"] == ["phase1", "variant_b"]
+    assert set(resumed["meta"]["part_s"]) == {"phase 1", "(b)", "(e)"}
+    for field in ("mnist", "scaled", "mean_offset_px", "trained_parameters"):
+        assert resumed["results"]["e"][field] == whole["results"]["e"][field], field
+    assert resumed["curves"]["(e)"] == whole["curves"]["(e)"]
+    # other settings: nothing of the stored parts applies
+    out, _ = _run_example(tmp_path / "split", "--variants", "b", "--resume", "--seed", "1")
+    assert "resumed phase1" not in out and "phase 2 (b)" in out
