@@ -195,6 +195,26 @@ def test_prime_batch_over_32_tiny_images():
     _check_big(cfg, 11)
 
 
+@pytest.mark.parametrize("tile_bytes", [1, 40_000])
+def test_tiles_that_cut_images_into_pieces(monkeypatch, tile_bytes):
+    """A small tile budget cuts each image into pieces of 64 (the minimum) or about 200 columns,
+    which share one channels-last copy of their image and whose row blocks end inside an image;
+    forward and every gradient [oracle: naive loop, float64 finite differences' reference]."""
+    from deformops.backends.cpu import deform_conv as cpu
+
+    monkeypatch.setattr(cpu, "TILE_BYTES", tile_bytes)
+    cfg = _cfg(N=3, Cin=6, Cout=4, H=17, W=19, kh=3, kw=3, groups=2, G=3, stride=1, padding=1,
+               dilation=1)
+    x, offset, weight, bias, mask, gout = _check_big(cfg, 12)
+    monkeypatch.setattr(cpu, "TILE_BYTES", 8 << 20)
+    whole = run_backward(gout, x, offset, weight, mask, cfg)
+    monkeypatch.setattr(cpu, "TILE_BYTES", tile_bytes)
+    pieces = run_backward(gout, x, offset, weight, mask, cfg)
+    for name in GRAD_NAMES:
+        np.testing.assert_allclose(pieces[name], whole[name], rtol=1e-12, atol=1e-12,
+                                   err_msg=name)
+
+
 def test_prime_batch_over_32_split_in_uneven_tiles():
     """N = 37 with wide columns (Cin*K + Cout = 432): with an 8 MiB tile budget the batch is cut
     into tiles of whole images that do not divide N; forward and input/weight gradients
@@ -515,12 +535,18 @@ def test_readonly_and_dlpack_inputs():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_bit_identical_across_runs_and_thread_counts(dtype):
-    """Two runs, and 1 vs 2 Numba threads, give bit-identical forward and gradients
+@pytest.mark.parametrize("size", ["small", "several row blocks"])
+def test_bit_identical_across_runs_and_thread_counts(dtype, size):
+    """Two runs, and 1 vs 2 Numba threads, give bit-identical forward and gradients; the larger
+    case has several row blocks per tile (matmul and store split among threads)
     [oracle: first run]."""
     rng = np.random.default_rng(9)
-    cfg = _cfg(N=5, Cin=8, Cout=6, H=11, W=9, kh=3, kw=2, groups=2, G=4, stride=(1, 2),
-               padding=1, dilation=(2, 1))
+    if size == "small":
+        cfg = _cfg(N=5, Cin=8, Cout=6, H=11, W=9, kh=3, kw=2, groups=2, G=4, stride=(1, 2),
+                   padding=1, dilation=(2, 1))
+    else:
+        cfg = _cfg(N=3, Cin=16, Cout=24, H=29, W=27, kh=3, kw=3, groups=1, G=2, stride=1,
+                   padding=1, dilation=1)
     x, offset, weight, bias, mask, gout = make_arrays(rng, cfg, "mixed")
 
     def both():

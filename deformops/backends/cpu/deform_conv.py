@@ -5,31 +5,35 @@ images when an image has at most ``T`` pixels, else pieces of one image. For eac
 
 1. ``_tile_taps``: the bilinear taps of every (offset group g, kernel tap k, column j), with the
    zero-padding rule of torchvision (``mode='grid-constant'``, ``cval=0``), and the mask;
-2. ``_im2col``: columns ``col[c*K + k, j] = mask * bilinear(x[n, c], y, x)`` (parallel over
-   blocks of four channels, which share each load of the taps);
-3. a BLAS matmul per conv group: ``out[:, j] = W_g @ col_g`` (:func:`_matmul`: single-threaded
-   BLAS calls on column blocks, one per thread).
+2. forward: ``_to_channels_last`` copies the tile's images to (H*W, Cin) (once per image), and
+   ``_im2row`` samples ``rows[gr, j, k*cpg_w + c] = mask * bilinear(x[n, c], y, x)``: each tap
+   reads a run of contiguous channels, so the channel loop is a vector loop;
+3. ``_rows_matmul_store``: ``rows @ W`` per conv group by blocks of ROW_BLOCK rows (one BLAS
+   call each, Numba's np.dot), each block stored transposed into the NCHW output (+ bias).
 
-The backward recomputes the taps and columns of a tile once, then ``grad_W += grad_out @ colᵀ``
-and ``grad_col = Wᵀ @ grad_out``; ``_col2im`` scatters grad_col into grad_input with one task
-per block of input channels (no two threads write one element), and ``_offset_mask_grad`` sums over the
-channels of a group for each (g, k, j) (no atomics). Every result is independent of the number
-of Numba threads.
+The backward recomputes the taps and NCHW columns ``col[c*K + k, j]`` (``_im2col``) of a tile,
+then ``_backward_matmuls``: ``grad_Wᵀ = col @ grad_outᵀ`` and ``grad_col = Wᵀ @ grad_out`` by
+blocks of COL_BLOCK rows; ``_col2im`` scatters grad_col into grad_input with one task per block
+of input channels (no two threads write one element), and ``_offset_mask_grad`` sums over the
+channels of a group for each (g, k, j) (no atomics).
+
+Every matmul runs single-threaded BLAS inside Numba's parallel loops, on blocks that do not
+depend on the thread count: results are bit-identical for any number of Numba threads, and no
+thread of another pool competes with Numba's workers (which spin-wait between loops, for
+300000 rounds by default when torch's OpenMP runtime was loaded first).
 
 Workspace per call (bytes, s = itemsize, K = kh*kw, G offset groups), bounded independently of
-N: ``T * (s * (Cin*K + Cout) + G*K*(32 + 9*s))`` for the forward, plus
-``T * s * (Cin*K + Cout + 8*G*K)`` for the backward, with
-``T = clamp(TILE_BYTES / (s * (Cin*K + Cout)), 64, max(N*P, 64))`` and TILE_BYTES = 8 MiB
-(about 19 MB in all at the benchmark shapes).
+N: ``T * (s * (Cin*K + Cout) + G*K*(32 + 9*s)) + s * Cin*H*W*max(1, T // P)`` for the forward
+(the last term: the tile's images channels last), plus ``T * s * (Cin*K + Cout + 8*G*K)`` for
+the backward, with ``T = clamp(TILE_BYTES / (s * (Cin*K + Cout)), 64, max(N*P, 64))`` and
+TILE_BYTES = 8 MiB (about 19 MB in all at the benchmark shapes).
 """
 
 import functools
-import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
-import numba
 import numpy as np
+import scipy.linalg.cython_blas  # noqa: F401  (Numba's np.dot; loaded before BLAS is limited)
 from numba import njit, prange
 
 from ._taps import corner_slopes, corner_taps, zero_padding_taps
@@ -38,6 +42,10 @@ from ._taps import corner_slopes, corner_taps, zero_padding_taps
 TILE_BYTES = 8 << 20
 # Columns per task of the tap and offset-gradient loops.
 CHUNK = 64
+# Rows per task (and per BLAS call) of the forward's matmul.
+ROW_BLOCK = 256
+# Rows of the column matrix per task (and per BLAS call) of the backward's matmuls.
+COL_BLOCK = 64
 
 
 @njit(parallel=True, cache=True)
@@ -99,6 +107,124 @@ def _channel_block(task, cpg):
     g = task // nbpg
     c0 = g * cpg + (task % nbpg) * 4
     return g, c0, min(c0 + 4, (g + 1) * cpg)
+
+
+@njit(parallel=True, cache=True)
+def _to_channels_last(x, n0, nimg, xh):
+    """xh[b, i, c] = x[n0 + b, c, i] for b < nimg: images (Cin, H*W) to (H*W, Cin)."""
+    Cin, HW = x.shape[1], x.shape[2]
+    nblocks = (HW + CHUNK - 1) // CHUNK
+    for task in prange(nimg * nblocks):
+        b = task // nblocks
+        i0 = (task % nblocks) * CHUNK
+        i1 = min(i0 + CHUNK, HW)
+        dst = xh[b]
+        for c in range(Cin):
+            src = x[n0 + b, c]
+            for i in range(i0, i1):
+                dst[i, c] = src[i]
+
+
+@njit(parallel=True, cache=True)
+def _im2row(xh, Tp, t, idx, wm, empty, rows):
+    """rows[gr, j, k*cpg_w + c'] = sum_t wm * xh[j // Tp, idx, gr*cpg_w + c'] for the tile's
+    columns j < t (conv group gr, its channel c', tap k), 0 where ``empty`` is set.
+
+    ``xh`` holds the tile's images channels last, so each tap reads (and each row writes) runs
+    of contiguous channels: the channel loop is a vector loop. One task per chunk of columns.
+    """
+    Cin = xh.shape[2]
+    G, K = idx.shape[0], idx.shape[1]
+    cpg = Cin // G
+    cpg_w = Cin // rows.shape[0]
+    nchunks = (t + CHUNK - 1) // CHUNK
+    for task in prange(nchunks):
+        for j in range(task * CHUNK, min(task * CHUNK + CHUNK, t)):
+            src = xh[j // Tp]
+            for g in range(G):
+                for k in range(K):
+                    c, c_end = g * cpg, (g + 1) * cpg
+                    while c < c_end:  # runs of channels of one conv group
+                        gr = c // cpg_w
+                        n = min(c_end, (gr + 1) * cpg_w) - c
+                        # loops from 0 over slices: provably non-negative indices, no
+                        # wraparound checks, so LLVM vectorizes them
+                        start = k * cpg_w + c - gr * cpg_w
+                        d = rows[gr, j, start:start + n]
+                        if empty[g, k, j]:  # the gather read pixels with weight 0
+                            for i in range(n):
+                                d[i] = 0.0
+                        else:
+                            r0 = src[idx[g, k, 0, j], c:c + n]
+                            r1 = src[idx[g, k, 1, j], c:c + n]
+                            r2 = src[idx[g, k, 2, j], c:c + n]
+                            r3 = src[idx[g, k, 3, j], c:c + n]
+                            w0, w1 = wm[g, k, 0, j], wm[g, k, 1, j]
+                            w2, w3 = wm[g, k, 2, j], wm[g, k, 3, j]
+                            for i in range(n):
+                                d[i] = w0 * r0[i] + w1 * r1[i] + w2 * r2[i] + w3 * r3[i]
+                        c += n
+
+
+@njit(cache=True)
+def _store_rows(res, lo, hi, Tp, p0, bias, has_bias, o0, of):
+    """of[j // Tp, o0 + o, p0 + j % Tp] = res[j, o] (+ bias) for rows lo <= j < hi: a
+    transposed store in blocks of 16 rows, so that each block is read from L1 and each output
+    line is written whole."""
+    Cout_g = res.shape[1]
+    j0 = lo
+    while j0 < hi:
+        b = j0 // Tp
+        j1 = min(hi, j0 + 16, (b + 1) * Tp)  # rows of one image
+        q0 = p0 + j0 - b * Tp
+        m = j1 - j0
+        block = res[j0:j1]
+        for o in range(Cout_g):
+            add = bias[o0 + o] if has_bias else 0.0
+            d = of[b, o0 + o, q0:q0 + m]  # indices from 0: no wraparound checks
+            for i in range(m):
+                d[i] = block[i, o] + add
+        j0 = j1
+
+
+@njit(parallel=True, cache=True)
+def _rows_matmul_store(rows, w_rows, res, t, Tp, p0, bias, has_bias, of):
+    """res[gr, j] = rows[gr, j] @ w_rows[gr] for rows j < t, stored transposed into ``of``
+    (nimg, Cout, P) at output channels of conv group gr (+ bias).
+
+    One task per block of ROW_BLOCK rows: a single-threaded BLAS call per conv group (Numba's
+    np.dot), then the store while the block is in cache. The blocks do not depend on the number
+    of threads, so neither does the result. BLAS runs on the threads of Numba's pool, which are
+    spinning anyway between parallel loops.
+    """
+    groups, Cout_g = rows.shape[0], w_rows.shape[2]
+    for blk in prange((t + ROW_BLOCK - 1) // ROW_BLOCK):
+        lo = blk * ROW_BLOCK
+        hi = min(t, lo + ROW_BLOCK)
+        for gr in range(groups):
+            np.dot(rows[gr, lo:hi], w_rows[gr], res[gr, lo:hi])
+            _store_rows(res[gr], lo, hi, Tp, p0, bias, has_bias, gr * Cout_g, of)
+
+
+@njit(parallel=True, cache=True)
+def _backward_matmuls(w_t, go, col, grad_col, grad_w_t, need_w, need_col):
+    """Per conv group gr: grad_col[gr] = w_t[gr] @ go[gr] and grad_w_t[gr] = col[gr] @ go[gr]ᵀ
+    (w_t: (groups, Kc, Cout_g); go: (groups, Cout_g, t); col, grad_col: (groups, Kc, t)).
+
+    One task per (gr, block of COL_BLOCK rows): single-threaded BLAS (Numba's np.dot) on the
+    threads of Numba's pool. The blocks do not depend on the number of threads, so neither does
+    the result.
+    """
+    groups, Kc = w_t.shape[0], w_t.shape[1]
+    nblocks = (Kc + COL_BLOCK - 1) // COL_BLOCK
+    for task in prange(groups * nblocks):
+        gr = task // nblocks
+        lo = (task % nblocks) * COL_BLOCK
+        hi = min(Kc, lo + COL_BLOCK)
+        if need_col:
+            np.dot(w_t[gr, lo:hi], go[gr], grad_col[gr, lo:hi])
+        if need_w:
+            np.dot(col[gr, lo:hi], go[gr].T, grad_w_t[gr, lo:hi])
 
 
 @njit(parallel=True, cache=True)
@@ -280,30 +406,10 @@ def _one_blas_thread():
 
     Idle BLAS threads spin-wait after each matmul and steal the cores that the Numba kernels
     between the matmuls run on (measured: 3x slower on 2 cores), so BLAS runs single-threaded
-    and :func:`_matmul` splits each product among threads of its own, which sleep when idle.
-    The previous limits are restored.
+    (NumPy's and SciPy's, which Numba's np.dot calls) and the kernels split each product into
+    blocks among Numba's threads. The previous limits are restored.
     """
     return _blas_controller().limit(limits=1, user_api="blas")
-
-
-@functools.lru_cache(maxsize=None)
-def _matmul_pool():
-    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="deformops-gemm")
-
-
-def _matmul(a, b, out):
-    """``np.matmul(a, b, out=out)`` with the columns of ``b`` and ``out`` split among
-    ``numba.get_num_threads()`` threads that each call single-threaded BLAS. Each output element
-    is still one whole dot product, so the split does not change the result."""
-    parts = min(numba.get_num_threads(), out.shape[-1] // 128)
-    if parts <= 1:
-        np.matmul(a, b, out=out)
-        return
-    bounds = np.linspace(0, out.shape[-1], parts + 1).astype(int)
-    jobs = [_matmul_pool().submit(np.matmul, a, b[..., lo:hi], out=out[..., lo:hi])
-            for lo, hi in zip(bounds[:-1], bounds[1:])]
-    for job in jobs:
-        job.result()
 
 
 def _tiles(N, P, T):
@@ -317,8 +423,8 @@ def _tiles(N, P, T):
 class _Workspace:
     """Tile buffers of a call, allocated once and reused by every tile."""
 
-    def __init__(self, dtype, Cin, Cout, G, K, T, slopes, backward):
-        self.key = (np.dtype(dtype), Cin, Cout, G, K, T, slopes, backward)
+    def __init__(self, dtype, Cin, Cout, G, K, T, slopes, backward, groups=1):
+        self.key = (np.dtype(dtype), Cin, Cout, G, K, T, slopes, backward, groups)
         self.idx = np.empty((G, K, 4, T), np.uintp)
         self.wt = np.empty((G, K, 4, T), dtype)
         self.wm = np.empty((G, K, 4, T), dtype)
@@ -326,21 +432,33 @@ class _Workspace:
         self.empty = np.empty((G, K, T), np.uint8)
         shape = (G, K, 4, T) if slopes else (1, 1, 4, 1)
         self.ay, self.ax = np.empty(shape, dtype), np.empty(shape, dtype)
-        self.col = np.empty((Cin * K, T), dtype)
-        self.res = np.empty((Cout, T), dtype)
-        self.grad_col = np.empty((Cin * K, T), dtype) if backward else None
+        if backward:  # flat: each tile views exactly its t columns (contiguous for BLAS)
+            self.col = np.empty(Cin * K * T, dtype)
+            self.res = np.empty(Cout * T, dtype)
+            self.grad_col = np.empty(Cin * K * T, dtype)
+        else:  # the forward's columns are rows: (conv group, column, tap and channel)
+            self.rows = np.empty((groups, T, Cin * K // groups), dtype)
+            self.res = np.empty((groups, T, Cout // groups), dtype)
+        self._images = np.empty(0, dtype)
+
+    def images(self, nimg, HW, Cin):
+        """A (nimg, HW, Cin) buffer for a tile's images channels last (kept between calls)."""
+        if self._images.size < nimg * HW * Cin:
+            self._images = np.empty(nimg * HW * Cin, self._images.dtype)
+        return self._images[:nimg * HW * Cin].reshape(nimg, HW, Cin)
 
 
 _last_workspace = threading.local()
 
 
-def _workspace(*key):
-    """The calling thread's workspace for ``key``, kept from its previous call when the key is
-    the same: fresh buffers of several MB cost page faults on every call (about 10% of a small
-    convolution). Each thread holds at most one forward and one backward workspace."""
-    slot = "backward" if key[-1] else "forward"
+def _workspace(dtype, Cin, Cout, G, K, T, slopes, backward, groups=1):
+    """The calling thread's workspace for these sizes, kept from its previous call when they
+    are the same: fresh buffers of several MB cost page faults on every call (about 10% of a
+    small convolution). Each thread holds at most one forward and one backward workspace."""
+    key = (np.dtype(dtype), Cin, Cout, G, K, T, slopes, backward, groups)
+    slot = "backward" if backward else "forward"
     ws = getattr(_last_workspace, slot, None)
-    if ws is None or ws.key != (np.dtype(key[0]),) + key[1:]:
+    if ws is None or ws.key != key:
         ws = _Workspace(*key)
         setattr(_last_workspace, slot, ws)
     return ws
@@ -360,8 +478,22 @@ def _taps(ws, offset, mask, n0, Tp, p0, T, Wo, H, W, kh, kw, stride, padding, di
                ws.ax)
 
 
+def _weight_rows(weight, groups):
+    """(groups, K*cpg_w, Cout/groups): W of each conv group as the right factor of rows @ W,
+    its rows in the order (tap, channel) of :func:`_im2row`."""
+    Cout, cpg_w, kh, kw = weight.shape
+    w = weight.reshape(groups, Cout // groups, cpg_w, kh * kw)
+    return np.ascontiguousarray(w.transpose(0, 3, 2, 1)).reshape(groups, kh * kw * cpg_w,
+                                                                  Cout // groups)
+
+
 def deform_conv2d_forward(x, offset, weight, bias, mask, stride, padding, dilation, out):
-    """Fill ``out`` (N, Cout, Ho, Wo) from contiguous NCHW arrays (offset/mask as (N, ., P))."""
+    """Fill ``out`` (N, Cout, Ho, Wo) from contiguous NCHW arrays (offset/mask as (N, ., P)).
+
+    Per tile: taps, the tile's images channels last (once per image), ``rows = im2row``
+    (groups, T, K*Cin/groups), then ``rows @ W`` by blocks of rows, each block stored
+    transposed into ``out`` (+ bias).
+    """
     N, Cin, H, W = x.shape
     Cout, cpg_w, kh, kw = weight.shape
     Ho, Wo = out.shape[2], out.shape[3]
@@ -369,33 +501,25 @@ def deform_conv2d_forward(x, offset, weight, bias, mask, stride, padding, dilati
     groups = Cin // cpg_w
     G = offset.shape[1] // (2 * K)
     T = tile_columns(x.dtype, Cin, Cout, K, N * P)
-    ws = _workspace(x.dtype, Cin, Cout, G, K, T, False, False)
-    w_g = weight.reshape(groups, Cout // groups, cpg_w * K)
+    ws = _workspace(x.dtype, Cin, Cout, G, K, T, False, False, groups)
+    w_rows = _weight_rows(weight, groups)
     xf = x.reshape(N, Cin, H * W)
     of = out.reshape(N, Cout, P)
-    bias_col = None if bias is None else bias.reshape(1, Cout, 1)
+    has_bias = bias is not None
+    bias_vec = bias if has_bias else np.zeros(1, x.dtype)
+    held = None  # (n0, nimg) of the images in the channels-last buffer
     with _one_blas_thread():
         for n0, nimg, p0, Tp in _tiles(N, P, T):
-            _forward_tile(ws, xf, offset, mask, w_g, bias_col, of, n0, nimg, p0, Tp, Wo, H, W,
-                          kh, kw, stride, padding, dilation, groups)
-
-
-def _forward_tile(ws, xf, offset, mask, w_g, bias_col, of, n0, nimg, p0, Tp, Wo, H, W, kh, kw,
-                  stride, padding, dilation, groups):
-    """One tile of the forward: taps, columns, one matmul per conv group, store (+ bias)."""
-    Cout = of.shape[1]
-    cpg_w, K = w_g.shape[2] // (kh * kw), kh * kw
-    t = nimg * Tp
-    _taps(ws, offset, mask, n0, Tp, p0, t, Wo, H, W, kh, kw, stride, padding, dilation, False)
-    _im2col(xf, n0, nimg, Tp, ws.idx, ws.wm, ws.empty, ws.col)  # full buffers: one Numba type
-    col = ws.col[:, :t]
-    res = ws.res[:, :t]
-    _matmul(w_g, col.reshape(groups, cpg_w * K, t), res.reshape(groups, Cout // groups, t))
-    block = res.reshape(Cout, nimg, Tp).transpose(1, 0, 2)
-    if bias_col is None:
-        of[n0:n0 + nimg, :, p0:p0 + Tp] = block
-    else:
-        np.add(block, bias_col, out=of[n0:n0 + nimg, :, p0:p0 + Tp])
+            t = nimg * Tp
+            _taps(ws, offset, mask, n0, Tp, p0, t, Wo, H, W, kh, kw, stride, padding, dilation,
+                  False)
+            xh = ws.images(nimg, H * W, Cin)
+            if held != (n0, nimg):  # the pieces of one image share its copy
+                _to_channels_last(xf, n0, nimg, xh)
+                held = (n0, nimg)
+            _im2row(xh, Tp, t, ws.idx, ws.wm, ws.empty, ws.rows)  # full buffers: one type
+            _rows_matmul_store(ws.rows, w_rows, ws.res, t, Tp, p0, bias_vec, has_bias,
+                               of[n0:n0 + nimg])
 
 
 def deform_conv2d_backward(grad_out, x, offset, weight, mask, stride, padding, dilation,
@@ -413,39 +537,39 @@ def deform_conv2d_backward(grad_out, x, offset, weight, mask, stride, padding, d
     slopes = need_offset
     T = tile_columns(x.dtype, Cin, Cout, K, N * P)
     ws = _workspace(x.dtype, Cin, Cout, G, K, T, slopes, True)
-    w_g = weight.reshape(groups, Cout // groups, cpg_w * K)
-    w_gt = w_g.transpose(0, 2, 1)
+    Kc, Cout_g = cpg_w * K, Cout // groups
+    w_t = np.ascontiguousarray(weight.reshape(groups, Cout_g, Kc).transpose(0, 2, 1))
     xf = x.reshape(N, Cin, H * W)
     gof = grad_out.reshape(N, Cout, P)
     gxf = None
     if need_x:
         grad_x[...] = 0
         gxf = grad_x.reshape(N, Cin, H * W)
+    dummy = np.empty((1, 1, 1), x.dtype)
+    gw_t = np.empty((groups, Kc, Cout_g), x.dtype) if need_w else dummy
     if need_w:
         grad_weight[...] = 0
-        gwg = grad_weight.reshape(groups, Cout // groups, cpg_w * K)
-        gw_tile = np.empty_like(gwg)
-    dummy = np.empty((1, 1, 1), x.dtype)
+        gwg = grad_weight.reshape(groups, Cout_g, Kc)
     gof_off = grad_offset.reshape(N, 2 * G * K, P) if need_offset else dummy
     gof_msk = grad_mask.reshape(N, G * K, P) if need_mask else dummy
     with _one_blas_thread():
         for n0, nimg, p0, Tp in _tiles(N, P, T):
             t = nimg * Tp
             _taps(ws, offset, mask, n0, Tp, p0, t, Wo, H, W, kh, kw, stride, padding, dilation, slopes)
-            go = ws.res[:, :t]
+            go = ws.res[:Cout * t].reshape(Cout, t)
             go.reshape(Cout, nimg, Tp)[...] = gof[n0:n0 + nimg, :, p0:p0 + Tp].transpose(1, 0, 2)
-            go_g = go.reshape(groups, Cout // groups, t)
+            col = ws.col[:Cin * K * t].reshape(Cin * K, t)
+            gcol = ws.grad_col[:Cin * K * t].reshape(Cin * K, t)
             if need_w:
-                _im2col(xf, n0, nimg, Tp, ws.idx, ws.wm, ws.empty, ws.col)
-                col = ws.col[:, :t]
-                _matmul(go_g, col.reshape(groups, cpg_w * K, t).transpose(0, 2, 1), gw_tile)
-                gwg += gw_tile
-            if need_col_grad:
-                gcol = ws.grad_col[:, :t]
-                _matmul(w_gt, go_g, gcol.reshape(groups, cpg_w * K, t))
-                if need_x:
-                    _col2im(ws.grad_col, n0, nimg, Tp, ws.idx, ws.wm, gxf)
-                if need_offset or need_mask:
-                    _offset_mask_grad(xf, ws.grad_col, n0, Tp, p0, t, ws.idx, ws.wt, ws.msk,
-                                      ws.empty, ws.ay, ws.ax, gof_off, gof_msk, need_offset,
-                                      need_mask)
+                _im2col(xf, n0, nimg, Tp, ws.idx, ws.wm, ws.empty, col)
+            _backward_matmuls(w_t, go.reshape(groups, Cout_g, t),
+                              col.reshape(groups, Kc, t) if need_w else dummy,
+                              gcol.reshape(groups, Kc, t) if need_col_grad else dummy,
+                              gw_t, need_w, need_col_grad)
+            if need_w:
+                gwg += gw_t.transpose(0, 2, 1)
+            if need_x:
+                _col2im(gcol, n0, nimg, Tp, ws.idx, ws.wm, gxf)
+            if need_offset or need_mask:
+                _offset_mask_grad(xf, gcol, n0, Tp, p0, t, ws.idx, ws.wt, ws.msk, ws.empty,
+                                  ws.ay, ws.ax, gof_off, gof_msk, need_offset, need_mask)
