@@ -1,37 +1,41 @@
-"""Numba CPU kernels of ``deform_conv2d`` (DCNv1/v2) and its gradients, tiled.
+"""Numba CPU kernels of ``deform_conv2d`` (DCNv1/v2) and its gradients, tiled, channels last.
 
 The output pixels of the batch, flattened as (n, p), are cut into tiles of T columns: whole
-images when an image has at most ``T`` pixels, else pieces of one image. For each tile:
+images when an image has at most ``T`` pixels, else pieces of one image. Each tile's images are
+copied channels last once (``_rows_of``), so that every sample of a tap reads a run of
+contiguous channels and the channel loops are vector loops. For each tile:
 
 1. ``_tile_taps``: the bilinear taps of every (offset group g, kernel tap k, column j), with the
    zero-padding rule of torchvision (``mode='grid-constant'``, ``cval=0``), and the mask;
-2. forward: ``_to_channels_last`` copies the tile's images to (H*W, Cin) (once per image), and
-   ``_im2row`` samples ``rows[gr, j, k*cpg_w + c] = mask * bilinear(x[n, c], y, x)``: each tap
-   reads a run of contiguous channels, so the channel loop is a vector loop;
-3. ``_rows_matmul_store``: ``rows @ W`` per conv group by blocks of ROW_BLOCK rows (one BLAS
-   call each, Numba's np.dot), each block stored transposed into the NCHW output (+ bias).
+2. ``_im2row``: the im2col matrix as rows, ``rows[gr, j, k*cpg_w + c] = mask * bilinear(x[n,
+   gr*cpg_w + c], y, x)`` (conv group gr);
+3. forward, ``_rows_matmul_store``: ``rows @ W`` per conv group by blocks of ROW_BLOCK rows,
+   each block stored transposed into the NCHW output (+ bias);
+4. backward, ``_backward_rows``: ``grad_rows = grad_out @ Wᵀ`` and the weight gradient's part
+   ``rowsᵀ @ grad_out`` per block of rows (parts summed in block order); ``_row2im`` scatters
+   grad_rows into the input gradient of the tile's images, channels last, with one task per
+   run of channels (no two threads write one element), written back to NCHW once per image
+   (``_rows_to_images``); ``_offset_mask_grad`` reduces grad_rows with the images over the
+   channels of each offset group for each (g, k, j) (no atomics).
 
-The backward recomputes the taps and NCHW columns ``col[c*K + k, j]`` (``_im2col``) of a tile,
-then ``_backward_matmuls``: ``grad_Wᵀ = col @ grad_outᵀ`` and ``grad_col = Wᵀ @ grad_out`` by
-blocks of COL_BLOCK rows; ``_col2im`` scatters grad_col into grad_input with one task per block
-of input channels (no two threads write one element), and ``_offset_mask_grad`` sums over the
-channels of a group for each (g, k, j) (no atomics).
+Every matmul runs single-threaded BLAS (Numba's np.dot) inside Numba's parallel loops, on blocks
+that do not depend on the thread count: results are bit-identical for any number of Numba
+threads, and no thread of another pool competes with Numba's workers (which spin-wait between
+loops, for 300000 rounds by default when torch's OpenMP runtime was loaded first).
 
-Every matmul runs single-threaded BLAS inside Numba's parallel loops, on blocks that do not
-depend on the thread count: results are bit-identical for any number of Numba threads, and no
-thread of another pool competes with Numba's workers (which spin-wait between loops, for
-300000 rounds by default when torch's OpenMP runtime was loaded first).
-
-Workspace per call (bytes, s = itemsize, K = kh*kw, G offset groups), bounded independently of
-N: ``T * (s * (Cin*K + Cout) + G*K*(32 + 9*s)) + s * Cin*H*W*max(1, T // P)`` for the forward
-(the last term: the tile's images channels last), plus ``T * s * (Cin*K + Cout + 8*G*K)`` for
-the backward, with ``T = clamp(TILE_BYTES / (s * (Cin*K + Cout)), 64, max(N*P, 64))`` and
-TILE_BYTES = 8 MiB (about 19 MB in all at the benchmark shapes).
+Workspace per call (bytes, s = itemsize, K = kh*kw, G offset groups, I = Cin*H*W*max(1, T//P)
+for the tile's images), bounded independently of N: ``T * (s * (Cin*K + Cout) + G*K*(33 +
+9*s)) + s*I`` for the forward; for the backward ``T * (s * (2*Cin*K + Cout) + G*K*(33 + 17*s))
++ 2*s*I + s * 2*ceil(T/2048) * Cin*K*Cout/groups``, with ``T = clamp(TILE_BYTES / (s * (Cin*K +
+Cout)), 64, max(N*P, 64))`` and TILE_BYTES = 8 MiB (forward 9–10 MB, backward 19–21 MB at the
+benchmark shapes).
 """
 
 import functools
+import itertools
 import threading
 
+import numba
 import numpy as np
 import scipy.linalg.cython_blas  # noqa: F401  (Numba's np.dot; loaded before BLAS is limited)
 from numba import njit, prange
@@ -44,8 +48,8 @@ TILE_BYTES = 8 << 20
 CHUNK = 64
 # Rows per task (and per BLAS call) of the forward's matmul.
 ROW_BLOCK = 256
-# Rows of the column matrix per task (and per BLAS call) of the backward's matmuls.
-COL_BLOCK = 64
+# Twice the longest row block of the backward's matmuls (see _grad_blocks).
+GRAD_BLOCK = 2048
 
 
 @njit(parallel=True, cache=True)
@@ -100,29 +104,38 @@ def _tile_taps(offset, mask, has_mask, n0, Tp, p0, T, Wo, H, W, kh, kw, stride, 
                 oy, ox = p0 // Wo, p0 % Wo
 
 
-@njit(cache=True)
-def _channel_block(task, cpg):
-    """Channels [c0, c1) of parallel task ``task``: blocks of up to 4 channels of one group."""
-    nbpg = (cpg + 3) // 4
-    g = task // nbpg
-    c0 = g * cpg + (task % nbpg) * 4
-    return g, c0, min(c0 + 4, (g + 1) * cpg)
+@njit(parallel=True, cache=True)
+def _rows_of(src, n0, nimg, p0, Tp, dst):
+    """dst[c // Cg, b*Tp + q, c % Cg] = src[n0 + b, c, p0 + q] for b < nimg, q < Tp:
+    channels-first pixels (N, C, P) to rows (groups, pixel, channel of the group), with
+    ``Cg = dst.shape[2]``. One task per image and chunk of pixels."""
+    C, Cg = src.shape[1], dst.shape[2]
+    nblocks = (Tp + CHUNK - 1) // CHUNK
+    for task in prange(nimg * nblocks):
+        b = task // nblocks
+        q0 = (task % nblocks) * CHUNK
+        q1 = min(q0 + CHUNK, Tp)
+        for c in range(C):
+            s_ = src[n0 + b, c, p0 + q0:p0 + q1]  # slices from 0: no wraparound checks
+            d = dst[c // Cg, b * Tp + q0:b * Tp + q1, c % Cg]
+            for i in range(q1 - q0):
+                d[i] = s_[i]
 
 
 @njit(parallel=True, cache=True)
-def _to_channels_last(x, n0, nimg, xh):
-    """xh[b, i, c] = x[n0 + b, c, i] for b < nimg: images (Cin, H*W) to (H*W, Cin)."""
-    Cin, HW = x.shape[1], x.shape[2]
-    nblocks = (HW + CHUNK - 1) // CHUNK
+def _rows_to_images(src, n0, dst):
+    """dst[n0 + b, c, i] = src[b, i, c]: images channels last (nimg, HW, C) back to
+    channels first. One task per image and chunk of channels."""
+    nimg, HW, C = src.shape
+    nblocks = (C + 15) // 16
     for task in prange(nimg * nblocks):
         b = task // nblocks
-        i0 = (task % nblocks) * CHUNK
-        i1 = min(i0 + CHUNK, HW)
-        dst = xh[b]
-        for c in range(Cin):
-            src = x[n0 + b, c]
-            for i in range(i0, i1):
-                dst[i, c] = src[i]
+        c0 = (task % nblocks) * 16
+        for c in range(c0, min(c0 + 16, C)):
+            d = dst[n0 + b, c]
+            s_ = src[b, :, c]
+            for i in range(HW):
+                d[i] = s_[i]
 
 
 @njit(parallel=True, cache=True)
@@ -206,192 +219,116 @@ def _rows_matmul_store(rows, w_rows, res, t, Tp, p0, bias, has_bias, of):
             _store_rows(res[gr], lo, hi, Tp, p0, bias, has_bias, gr * Cout_g, of)
 
 
-@njit(parallel=True, cache=True)
-def _backward_matmuls(w_t, go, col, grad_col, grad_w_t, need_w, need_col):
-    """Per conv group gr: grad_col[gr] = w_t[gr] @ go[gr] and grad_w_t[gr] = col[gr] @ go[gr]ᵀ
-    (w_t: (groups, Kc, Cout_g); go: (groups, Cout_g, t); col, grad_col: (groups, Kc, t)).
-
-    One task per (gr, block of COL_BLOCK rows): single-threaded BLAS (Numba's np.dot) on the
-    threads of Numba's pool. The blocks do not depend on the number of threads, so neither does
-    the result.
-    """
-    groups, Kc = w_t.shape[0], w_t.shape[1]
-    nblocks = (Kc + COL_BLOCK - 1) // COL_BLOCK
-    for task in prange(groups * nblocks):
-        gr = task // nblocks
-        lo = (task % nblocks) * COL_BLOCK
-        hi = min(Kc, lo + COL_BLOCK)
-        if need_col:
-            np.dot(w_t[gr, lo:hi], go[gr], grad_col[gr, lo:hi])
-        if need_w:
-            np.dot(col[gr, lo:hi], go[gr].T, grad_w_t[gr, lo:hi])
+@njit(cache=True)
+def _grad_blocks(t):
+    """Row blocks of the backward's matmuls for a tile of t columns: an even number of equal
+    blocks of at most GRAD_BLOCK rows. The weight gradient sums over the rows, so its BLAS
+    calls run best on long blocks (measured on one core: 197 GFLOP/s at 1568 rows, 116 at
+    256); an even count keeps two threads busy. It depends on t only, not on the threads."""
+    return 2 * ((t + GRAD_BLOCK - 1) // GRAD_BLOCK)
 
 
 @njit(parallel=True, cache=True)
-def _im2col(x, n0, nimg, Tp, idx, wm, empty, col):
-    """col[c*K + k, j] = sum_t wm * x[n, c, idx] (wm: weights times mask) for the tile's columns,
-    and 0 where ``empty`` is set (see :func:`_tile_taps`; the gather read pixels with weight 0).
+def _backward_rows(rows, go_rows, w_cols, grad_rows, gw_parts, t, need_w, need_rows):
+    """Per conv group gr and block of rows lo..hi (:func:`_grad_blocks` equal blocks) of the tile:
+    ``grad_rows[gr, lo:hi] = go_rows[gr, lo:hi] @ w_cols[gr]`` and the block's part of the
+    weight gradient, ``gw_parts[blk, gr] = rows[gr, lo:hi]ᵀ @ go_rows[gr, lo:hi]``.
 
-    One task per block of four channels of a group, which share each load of the taps.
+    rows, grad_rows: (groups, T, Kc); go_rows: (groups, T, Cout_g); w_cols: (groups, Cout_g,
+    Kc); gw_parts: (blocks, groups, Kc, Cout_g). Single-threaded BLAS (Numba's np.dot) on the
+    threads of Numba's pool, on blocks that do not depend on the number of threads.
     """
-    Cin = x.shape[1]
-    G, K = idx.shape[0], idx.shape[1]
-    cpg = Cin // G
-    for task in prange(G * ((cpg + 3) // 4)):
-        g, c0, c1 = _channel_block(task, cpg)
-        for b in range(nimg):
+    groups = rows.shape[0]
+    nblocks = _grad_blocks(t)
+    for blk in prange(nblocks):
+        lo, hi = blk * t // nblocks, (blk + 1) * t // nblocks
+        for gr in range(groups):
+            if need_rows:
+                np.dot(go_rows[gr, lo:hi], w_cols[gr], grad_rows[gr, lo:hi])
+            if need_w:
+                np.dot(rows[gr, lo:hi].T, go_rows[gr, lo:hi], gw_parts[blk, gr])
+
+
+@njit(parallel=True, cache=True)
+def _row2im(grad_rows, Tp, t, idx, wm, runs, G, grad_xh):
+    """grad_xh[j // Tp, idx, c] += wm * grad_rows[gr, j, k*cpg_w + c'] for every column j < t,
+    tap k and corner: the scatter of the input gradient, channels last.
+
+    One task per run of channels (``runs``: (start, end) within one offset group and one conv
+    group, at most 16 channels): no two threads write one element, and each corner update is
+    a vector loop over the run.
+    """
+    Cin = grad_xh.shape[2]
+    K = idx.shape[1]
+    cpg, cpg_w = Cin // G, Cin // grad_rows.shape[0]
+    for task in prange(runs.shape[0]):
+        c0, c1 = runs[task, 0], runs[task, 1]
+        g, gr = c0 // cpg, c0 // cpg_w
+        n = c1 - c0
+        for j in range(t):
+            dst = grad_xh[j // Tp]
             for k in range(K):
-                ti, tw = idx[g, k], wm[g, k]
-                if c1 - c0 == 4:
-                    s0, s1, s2, s3 = x[n0 + b, c0], x[n0 + b, c0 + 1], x[n0 + b, c0 + 2], x[n0 + b, c0 + 3]
-                    r0, r1, r2, r3 = col[c0 * K + k], col[(c0 + 1) * K + k], col[(c0 + 2) * K + k], col[(c0 + 3) * K + k]
-                    for jj in range(Tp):
-                        j = b * Tp + jj
-                        i0, i1, i2, i3 = ti[0, j], ti[1, j], ti[2, j], ti[3, j]
-                        w0, w1, w2, w3 = tw[0, j], tw[1, j], tw[2, j], tw[3, j]
-                        r0[j] = w0 * s0[i0] + w1 * s0[i1] + w2 * s0[i2] + w3 * s0[i3]
-                        r1[j] = w0 * s1[i0] + w1 * s1[i1] + w2 * s1[i2] + w3 * s1[i3]
-                        r2[j] = w0 * s2[i0] + w1 * s2[i1] + w2 * s2[i2] + w3 * s2[i3]
-                        r3[j] = w0 * s3[i0] + w1 * s3[i1] + w2 * s3[i2] + w3 * s3[i3]
-                else:
-                    for c in range(c0, c1):
-                        src = x[n0 + b, c]
-                        row = col[c * K + k]
-                        for jj in range(Tp):
-                            j = b * Tp + jj
-                            row[j] = (tw[0, j] * src[ti[0, j]] + tw[1, j] * src[ti[1, j]]
-                                      + tw[2, j] * src[ti[2, j]] + tw[3, j] * src[ti[3, j]])
-                te = empty[g, k]
-                for jj in range(Tp):
-                    if te[b * Tp + jj]:
-                        for c in range(c0, c1):
-                            col[c * K + k, b * Tp + jj] = 0.0
+                start = k * cpg_w + c0 - gr * cpg_w
+                v = grad_rows[gr, j, start:start + n]
+                for corner in range(4):
+                    w = wm[g, k, corner, j]
+                    d = dst[idx[g, k, corner, j], c0:c1]
+                    for i in range(n):
+                        d[i] += w * v[i]
 
 
-@njit(parallel=True, cache=True)
-def _col2im(grad_col, n0, nimg, Tp, idx, wm, grad_x):
-    """grad_x[n, c] += scatter of grad_col[c*K + k, j] * wm (weights times mask).
-
-    One task per block of four channels of a group: no two threads write one element.
+@njit(parallel=True, cache=True, fastmath={"reassoc"})
+def _offset_mask_grad(xh, grad_rows, n0, Tp, p0, t, idx, wt, msk, empty, ay, ax, grad_offset,
+                      grad_mask, need_offset, need_mask, zero):
+    """Offset and mask gradients of the tile's columns, channels last: for each (column j,
+    offset group g, tap k) the four corner sums ``S_t = sum_c grad_rows[., j, .] * xh[., idx_t,
+    c]`` over the channels of g (dot products over contiguous runs), then d/dy, d/dx and the
+    mask gradient as their dot products with ay, ax and wt. One task per chunk of columns (no
+    atomics). grad_offset: (N, 2GK, P); grad_mask: (N, GK, P); ``zero``: 0 in the dtype of
+    the sums. The sums may be reassociated (vectorized); their order depends only on the
+    channel count, not on the threads.
     """
-    Cin = grad_x.shape[1]
+    Cin = xh.shape[2]
     G, K = idx.shape[0], idx.shape[1]
-    cpg = Cin // G
-    for task in prange(G * ((cpg + 3) // 4)):
-        g, c0, c1 = _channel_block(task, cpg)
-        for b in range(nimg):
-            for k in range(K):
-                ti, tw = idx[g, k], wm[g, k]
-                if c1 - c0 == 4:
-                    d0, d1, d2, d3 = (grad_x[n0 + b, c0], grad_x[n0 + b, c0 + 1],
-                                      grad_x[n0 + b, c0 + 2], grad_x[n0 + b, c0 + 3])
-                    r0, r1, r2, r3 = (grad_col[c0 * K + k], grad_col[(c0 + 1) * K + k],
-                                      grad_col[(c0 + 2) * K + k], grad_col[(c0 + 3) * K + k])
-                    for jj in range(Tp):
-                        j = b * Tp + jj
-                        i0, i1, i2, i3 = ti[0, j], ti[1, j], ti[2, j], ti[3, j]
-                        w0, w1, w2, w3 = tw[0, j], tw[1, j], tw[2, j], tw[3, j]
-                        v = r0[j]
-                        d0[i0] += w0 * v
-                        d0[i1] += w1 * v
-                        d0[i2] += w2 * v
-                        d0[i3] += w3 * v
-                        v = r1[j]
-                        d1[i0] += w0 * v
-                        d1[i1] += w1 * v
-                        d1[i2] += w2 * v
-                        d1[i3] += w3 * v
-                        v = r2[j]
-                        d2[i0] += w0 * v
-                        d2[i1] += w1 * v
-                        d2[i2] += w2 * v
-                        d2[i3] += w3 * v
-                        v = r3[j]
-                        d3[i0] += w0 * v
-                        d3[i1] += w1 * v
-                        d3[i2] += w2 * v
-                        d3[i3] += w3 * v
-                else:
-                    for c in range(c0, c1):
-                        dst = grad_x[n0 + b, c]
-                        row = grad_col[c * K + k]
-                        for jj in range(Tp):
-                            j = b * Tp + jj
-                            v = row[j]
-                            dst[ti[0, j]] += tw[0, j] * v
-                            dst[ti[1, j]] += tw[1, j] * v
-                            dst[ti[2, j]] += tw[2, j] * v
-                            dst[ti[3, j]] += tw[3, j] * v
-
-
-@njit(parallel=True, cache=True)
-def _offset_mask_grad(x, grad_col, n0, Tp, p0, T, idx, wt, msk, empty, ay, ax, grad_offset,
-                      grad_mask, need_offset, need_mask):
-    """Offset and mask gradients of the tile's columns: one task per (g, k, chunk of columns)
-    sums over the channels of group g (no atomics). grad_offset: (N, 2GK, P); grad_mask:
-    (N, GK, P).
-
-    Per column only the four corner sums S_t = sum_c grad_col[c*K + k, j] * x[n, c, idx_t] are
-    accumulated (four channels at a time, sharing the loads of the taps); d/dy, d/dx and the
-    mask gradient are then their dot products with ay, ax and wt.
-    """
-    Cin = x.shape[1]
-    G, K = idx.shape[0], idx.shape[1]
-    cpg = Cin // G
-    nchunks = (T + CHUNK - 1) // CHUNK
-    for task in prange(G * K * nchunks):
-        g = task // (K * nchunks)
-        k = (task // nchunks) % K
-        j0 = (task % nchunks) * CHUNK
-        j1 = min(j0 + CHUNK, T)
-        ti, tw, ta, tb = idx[g, k], wt[g, k], ay[g, k], ax[g, k]
-        S = np.zeros((4, CHUNK), x.dtype)
-        for n in range(n0 + j0 // Tp, n0 + (j1 - 1) // Tp + 1):
-            ja, jb = max(j0, (n - n0) * Tp), min(j1, (n - n0 + 1) * Tp)  # columns of image n
-            c, c_end = g * cpg, (g + 1) * cpg
-            while c + 4 <= c_end:
-                s0, s1, s2, s3 = x[n, c], x[n, c + 1], x[n, c + 2], x[n, c + 3]
-                r0, r1 = grad_col[c * K + k], grad_col[(c + 1) * K + k]
-                r2, r3 = grad_col[(c + 2) * K + k], grad_col[(c + 3) * K + k]
-                for j in range(ja, jb):
-                    i0, i1, i2, i3 = ti[0, j], ti[1, j], ti[2, j], ti[3, j]
-                    g0, g1, g2, g3 = r0[j], r1[j], r2[j], r3[j]
-                    jj = j - j0
-                    S[0, jj] += g0 * s0[i0] + g1 * s1[i0] + g2 * s2[i0] + g3 * s3[i0]
-                    S[1, jj] += g0 * s0[i1] + g1 * s1[i1] + g2 * s2[i1] + g3 * s3[i1]
-                    S[2, jj] += g0 * s0[i2] + g1 * s1[i2] + g2 * s2[i2] + g3 * s3[i2]
-                    S[3, jj] += g0 * s0[i3] + g1 * s1[i3] + g2 * s2[i3] + g3 * s3[i3]
-                c += 4
-            while c < c_end:
-                src, row = x[n, c], grad_col[c * K + k]
-                for j in range(ja, jb):
-                    gc = row[j]
-                    jj = j - j0
-                    S[0, jj] += gc * src[ti[0, j]]
-                    S[1, jj] += gc * src[ti[1, j]]
-                    S[2, jj] += gc * src[ti[2, j]]
-                    S[3, jj] += gc * src[ti[3, j]]
-                c += 1
-        n, q = n0 + j0 // Tp, j0 % Tp  # column j is image n, pixel p0 + q
-        for j in range(j0, j1):
-            jj = j - j0
-            p = p0 + q
-            s0, s1, s2, s3 = S[0, jj], S[1, jj], S[2, jj], S[3, jj]
-            code = empty[g, k, j]  # see _tile_taps; the sums of flagged samples read pixel 0
-            if need_offset:
-                m = msk[g, k, j] if code < 2 else 0.0
-                if code == 2:
-                    s0 = s1 = s2 = s3 = 0.0
-                grad_offset[n, g * 2 * K + 2 * k, p] = m * (ta[0, j] * s0 + ta[1, j] * s1
-                                                            + ta[2, j] * s2 + ta[3, j] * s3)
-                grad_offset[n, g * 2 * K + 2 * k + 1, p] = m * (tb[0, j] * s0 + tb[1, j] * s1
-                                                                + tb[2, j] * s2 + tb[3, j] * s3)
-            if need_mask:
-                grad_mask[n, g * K + k, p] = 0.0 if code else (tw[0, j] * s0 + tw[1, j] * s1
-                                                               + tw[2, j] * s2 + tw[3, j] * s3)
-            q += 1
-            if q == Tp:
-                q, n = 0, n + 1
+    cpg, cpg_w = Cin // G, Cin // grad_rows.shape[0]
+    for task in prange((t + CHUNK - 1) // CHUNK):
+        for j in range(task * CHUNK, min(task * CHUNK + CHUNK, t)):
+            b = j // Tp
+            n, p = n0 + b, p0 + j - b * Tp
+            src = xh[b]
+            for g in range(G):
+                for k in range(K):
+                    code = empty[g, k, j]  # see _tile_taps: flagged samples have value 0
+                    s0 = s1 = s2 = s3 = zero
+                    if code < 2:
+                        c, c_end = g * cpg, (g + 1) * cpg
+                        while c < c_end:  # runs of channels of one conv group
+                            gr = c // cpg_w
+                            m = min(c_end, (gr + 1) * cpg_w) - c
+                            start = k * cpg_w + c - gr * cpg_w
+                            v = grad_rows[gr, j, start:start + m]
+                            r0 = src[idx[g, k, 0, j], c:c + m]
+                            r1 = src[idx[g, k, 1, j], c:c + m]
+                            r2 = src[idx[g, k, 2, j], c:c + m]
+                            r3 = src[idx[g, k, 3, j], c:c + m]
+                            for i in range(m):
+                                s0 += v[i] * r0[i]
+                                s1 += v[i] * r1[i]
+                                s2 += v[i] * r2[i]
+                                s3 += v[i] * r3[i]
+                            c += m
+                    if need_offset:
+                        mk = msk[g, k, j]
+                        grad_offset[n, g * 2 * K + 2 * k, p] = mk * (
+                            ay[g, k, 0, j] * s0 + ay[g, k, 1, j] * s1
+                            + ay[g, k, 2, j] * s2 + ay[g, k, 3, j] * s3)
+                        grad_offset[n, g * 2 * K + 2 * k + 1, p] = mk * (
+                            ax[g, k, 0, j] * s0 + ax[g, k, 1, j] * s1
+                            + ax[g, k, 2, j] * s2 + ax[g, k, 3, j] * s3)
+                    if need_mask:
+                        grad_mask[n, g * K + k, p] = 0.0 if code else (
+                            wt[g, k, 0, j] * s0 + wt[g, k, 1, j] * s1
+                            + wt[g, k, 2, j] * s2 + wt[g, k, 3, j] * s3)
 
 
 @functools.lru_cache(maxsize=None)
@@ -432,20 +369,31 @@ class _Workspace:
         self.empty = np.empty((G, K, T), np.uint8)
         shape = (G, K, 4, T) if slopes else (1, 1, 4, 1)
         self.ay, self.ax = np.empty(shape, dtype), np.empty(shape, dtype)
-        if backward:  # flat: each tile views exactly its t columns (contiguous for BLAS)
-            self.col = np.empty(Cin * K * T, dtype)
-            self.res = np.empty(Cout * T, dtype)
-            self.grad_col = np.empty(Cin * K * T, dtype)
-        else:  # the forward's columns are rows: (conv group, column, tap and channel)
-            self.rows = np.empty((groups, T, Cin * K // groups), dtype)
+        # the im2col matrix as rows: (conv group, column, tap and channel of the group)
+        self.rows = np.empty((groups, T, Cin * K // groups), dtype)
+        if backward:
+            self.go_rows = np.empty((groups, T, Cout // groups), dtype)
+            self.grad_rows = np.empty((groups, T, Cin * K // groups), dtype)
+            nblocks = 2 * ((T + GRAD_BLOCK - 1) // GRAD_BLOCK)  # _grad_blocks(T)
+            self.gw_parts = np.empty((nblocks, groups, Cin * K // groups, Cout // groups),
+                                     dtype)
+        else:
             self.res = np.empty((groups, T, Cout // groups), dtype)
-        self._images = np.empty(0, dtype)
+        self._images = {"x": np.empty(0, dtype), "grad": np.empty(0, dtype)}
+
+    def _image_buffer(self, name, nimg, HW, Cin):
+        size = nimg * HW * Cin
+        if self._images[name].size < size:
+            self._images[name] = np.empty(size, self._images[name].dtype)
+        return self._images[name][:size].reshape(nimg, HW, Cin)
 
     def images(self, nimg, HW, Cin):
         """A (nimg, HW, Cin) buffer for a tile's images channels last (kept between calls)."""
-        if self._images.size < nimg * HW * Cin:
-            self._images = np.empty(nimg * HW * Cin, self._images.dtype)
-        return self._images[:nimg * HW * Cin].reshape(nimg, HW, Cin)
+        return self._image_buffer("x", nimg, HW, Cin)
+
+    def grad_images(self, nimg, HW, Cin):
+        """The same for their input gradient (backward)."""
+        return self._image_buffer("grad", nimg, HW, Cin)
 
 
 _last_workspace = threading.local()
@@ -515,61 +463,88 @@ def deform_conv2d_forward(x, offset, weight, bias, mask, stride, padding, dilati
                   False)
             xh = ws.images(nimg, H * W, Cin)
             if held != (n0, nimg):  # the pieces of one image share its copy
-                _to_channels_last(xf, n0, nimg, xh)
+                _rows_of(xf, n0, nimg, 0, H * W, xh.reshape(1, nimg * H * W, Cin))
                 held = (n0, nimg)
             _im2row(xh, Tp, t, ws.idx, ws.wm, ws.empty, ws.rows)  # full buffers: one type
             _rows_matmul_store(ws.rows, w_rows, ws.res, t, Tp, p0, bias_vec, has_bias,
                                of[n0:n0 + nimg])
 
 
+def _channel_runs(Cin, cpg, cpg_w, width):
+    """(start, end) runs of at most ``width`` channels, each within one offset group (``cpg``
+    channels) and one conv group (``cpg_w``)."""
+    cuts = sorted(set(range(0, Cin, cpg)) | set(range(0, Cin, cpg_w))
+                  | set(range(0, Cin, width)) | {Cin})
+    return np.array(list(itertools.pairwise(cuts)), np.intp)
+
+
 def deform_conv2d_backward(grad_out, x, offset, weight, mask, stride, padding, dilation,
                            grad_x, grad_offset, grad_weight, grad_mask):
-    """Fill the requested gradients (None = not needed); bias gradient is the caller's."""
+    """Fill the requested gradients (None = not needed); bias gradient is the caller's.
+
+    Per tile: taps (with their derivatives when the offset gradient is needed), the tile's
+    images and grad_out channels last, ``rows = im2row`` (weight gradient only), then
+    ``grad_rows = grad_out @ Wᵀ`` and the weight gradient by blocks of rows; grad_rows is
+    scattered into the input gradient of the tile's images (channels last, written back to
+    NCHW once per image) and reduced with the images into the offset and mask gradients.
+    """
     N, Cin, H, W = x.shape
     Cout, cpg_w, kh, kw = weight.shape
     Ho, Wo = grad_out.shape[2], grad_out.shape[3]
-    K, P = kh * kw, Ho * Wo
+    K, P, HW = kh * kw, Ho * Wo, H * W
     groups = Cin // cpg_w
     G = offset.shape[1] // (2 * K)
+    Kc, Cout_g = cpg_w * K, Cout // groups
     need_x, need_offset = grad_x is not None, grad_offset is not None
     need_w, need_mask = grad_weight is not None, grad_mask is not None
-    need_col_grad = need_x or need_offset or need_mask
-    slopes = need_offset
+    need_rows = need_x or need_offset or need_mask
+    need_images = need_w or need_offset or need_mask
     T = tile_columns(x.dtype, Cin, Cout, K, N * P)
-    ws = _workspace(x.dtype, Cin, Cout, G, K, T, slopes, True)
-    Kc, Cout_g = cpg_w * K, Cout // groups
-    w_t = np.ascontiguousarray(weight.reshape(groups, Cout_g, Kc).transpose(0, 2, 1))
-    xf = x.reshape(N, Cin, H * W)
+    ws = _workspace(x.dtype, Cin, Cout, G, K, T, need_offset, True, groups)
+    w_cols = np.ascontiguousarray(_weight_rows(weight, groups).transpose(0, 2, 1))
+    xf = x.reshape(N, Cin, HW)
     gof = grad_out.reshape(N, Cout, P)
-    gxf = None
-    if need_x:
-        grad_x[...] = 0
-        gxf = grad_x.reshape(N, Cin, H * W)
     dummy = np.empty((1, 1, 1), x.dtype)
-    gw_t = np.empty((groups, Kc, Cout_g), x.dtype) if need_w else dummy
-    if need_w:
-        grad_weight[...] = 0
-        gwg = grad_weight.reshape(groups, Cout_g, Kc)
     gof_off = grad_offset.reshape(N, 2 * G * K, P) if need_offset else dummy
     gof_msk = grad_mask.reshape(N, G * K, P) if need_mask else dummy
+    gxf = grad_x.reshape(N, Cin, HW) if need_x else None
+    gw = np.zeros((groups, Kc, Cout_g), x.dtype) if need_w else None
+    gw_parts = ws.gw_parts if need_w else np.empty((1, 1, 1, 1), x.dtype)
+    # Scatter tasks: runs of 64 channels when there are enough for every thread, else 32
+    # (shorter runs fall out of LLVM's vector loop: 16 measured 3x slower than 32). Which
+    # task a channel is in does not change its sums.
+    runs = _channel_runs(Cin, Cin // G, cpg_w, 64 if Cin >= 64 * numba.get_num_threads() else 32)
+    held = None  # (n0, nimg) of the images in the channels-last buffers
     with _one_blas_thread():
         for n0, nimg, p0, Tp in _tiles(N, P, T):
             t = nimg * Tp
-            _taps(ws, offset, mask, n0, Tp, p0, t, Wo, H, W, kh, kw, stride, padding, dilation, slopes)
-            go = ws.res[:Cout * t].reshape(Cout, t)
-            go.reshape(Cout, nimg, Tp)[...] = gof[n0:n0 + nimg, :, p0:p0 + Tp].transpose(1, 0, 2)
-            col = ws.col[:Cin * K * t].reshape(Cin * K, t)
-            gcol = ws.grad_col[:Cin * K * t].reshape(Cin * K, t)
+            _taps(ws, offset, mask, n0, Tp, p0, t, Wo, H, W, kh, kw, stride, padding, dilation,
+                  need_offset)
+            fresh = held != (n0, nimg)  # the pieces of one image share its buffers
+            if fresh and need_x and held is not None:  # the previous images are done
+                _rows_to_images(ws.grad_images(held[1], HW, Cin), held[0], gxf)
+            held = (n0, nimg)
+            xh = ws.images(nimg, HW, Cin)
+            gxh = ws.grad_images(nimg, HW, Cin) if need_x else dummy
+            if fresh and need_images:
+                _rows_of(xf, n0, nimg, 0, HW, xh.reshape(1, nimg * HW, Cin))
+            if fresh and need_x:
+                gxh[...] = 0
+            _rows_of(gof, n0, nimg, p0, Tp, ws.go_rows)
             if need_w:
-                _im2col(xf, n0, nimg, Tp, ws.idx, ws.wm, ws.empty, col)
-            _backward_matmuls(w_t, go.reshape(groups, Cout_g, t),
-                              col.reshape(groups, Kc, t) if need_w else dummy,
-                              gcol.reshape(groups, Kc, t) if need_col_grad else dummy,
-                              gw_t, need_w, need_col_grad)
+                _im2row(xh, Tp, t, ws.idx, ws.wm, ws.empty, ws.rows)
+            _backward_rows(ws.rows, ws.go_rows, w_cols, ws.grad_rows, gw_parts, t, need_w,
+                           need_rows)
             if need_w:
-                gwg += gw_t.transpose(0, 2, 1)
+                gw += gw_parts[:_grad_blocks(t)].sum(axis=0)
             if need_x:
-                _col2im(gcol, n0, nimg, Tp, ws.idx, ws.wm, gxf)
+                _row2im(ws.grad_rows, Tp, t, ws.idx, ws.wm, runs, G, gxh)
             if need_offset or need_mask:
-                _offset_mask_grad(xf, gcol, n0, Tp, p0, t, ws.idx, ws.wt, ws.msk, ws.empty,
-                                  ws.ay, ws.ax, gof_off, gof_msk, need_offset, need_mask)
+                _offset_mask_grad(xh, ws.grad_rows, n0, Tp, p0, t, ws.idx, ws.wt, ws.msk,
+                                  ws.empty, ws.ay, ws.ax, gof_off, gof_msk, need_offset,
+                                  need_mask, x.dtype.type(0))
+        if need_x and held is not None:
+            _rows_to_images(ws.grad_images(held[1], HW, Cin), held[0], gxf)
+    if need_w:
+        grad_weight[...] = gw.reshape(groups, K, cpg_w, Cout_g).transpose(0, 3, 2, 1).reshape(
+            Cout, cpg_w, kh, kw)
