@@ -138,6 +138,14 @@ def _rows_to_images(src, n0, dst):
                 d[i] = s_[i]
 
 
+@njit(cache=True, inline="always")
+def _group_run(c, c_end, k, cpg_w):
+    """The run of channels from c (before c_end) within one conv group: ``(gr, n, start)``,
+    conv group gr, n channels, and the run's first column in rows[gr, j] for tap k."""
+    gr = c // cpg_w
+    return gr, min(c_end, (gr + 1) * cpg_w) - c, k * cpg_w + c - gr * cpg_w
+
+
 @njit(parallel=True, cache=True)
 def _im2row(xh, Tp, t, idx, wm, empty, rows):
     """rows[gr, j, k*cpg_w + c'] = sum_t wm * xh[j // Tp, idx, gr*cpg_w + c'] for the tile's
@@ -158,11 +166,9 @@ def _im2row(xh, Tp, t, idx, wm, empty, rows):
                 for k in range(K):
                     c, c_end = g * cpg, (g + 1) * cpg
                     while c < c_end:  # runs of channels of one conv group
-                        gr = c // cpg_w
-                        n = min(c_end, (gr + 1) * cpg_w) - c
+                        gr, n, start = _group_run(c, c_end, k, cpg_w)
                         # loops from 0 over slices: provably non-negative indices, no
                         # wraparound checks, so LLVM vectorizes them
-                        start = k * cpg_w + c - gr * cpg_w
                         d = rows[gr, j, start:start + n]
                         if empty[g, k, j]:  # the gather read pixels with weight 0
                             for i in range(n):
@@ -303,9 +309,7 @@ def _offset_mask_grad(xh, grad_rows, n0, Tp, p0, t, idx, wt, msk, empty, ay, ax,
                     if code < 2:
                         c, c_end = g * cpg, (g + 1) * cpg
                         while c < c_end:  # runs of channels of one conv group
-                            gr = c // cpg_w
-                            m = min(c_end, (gr + 1) * cpg_w) - c
-                            start = k * cpg_w + c - gr * cpg_w
+                            gr, m, start = _group_run(c, c_end, k, cpg_w)
                             v = grad_rows[gr, j, start:start + m]
                             r0 = src[idx[g, k, 0, j], c:c + m]
                             r1 = src[idx[g, k, 1, j], c:c + m]
