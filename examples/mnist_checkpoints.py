@@ -5,6 +5,10 @@ trained weights (NumPy arrays), the training history and median step time, the v
 and the seconds the part took. ``--resume`` loads every part already stored for the same settings
 and runs only the rest. Every variant is seeded on its own from the phase-1 CNN, so a resumed run
 trains the same models as an uninterrupted one.
+
+Within a part, the PyTorch training also stores its state after every epoch but the last (weights,
+optimizer, random generator, running curves): a resumed run goes on from the last whole epoch and
+still trains exactly what an uninterrupted run would.
 """
 
 import hashlib
@@ -47,6 +51,10 @@ class Checkpoints:
         print(f"  resumed {part} from {self._path(part)}")
         return payload
 
+    def epochs(self, part):
+        """The per-epoch store of ``part`` (an :class:`EpochState`)."""
+        return EpochState(self, f"{part}.epoch")
+
     def save(self, part, payload):
         """Store ``payload`` (a picklable dict) for ``part``; the file appears whole or not at
         all, so a run stopped while writing leaves no broken checkpoint."""
@@ -55,3 +63,29 @@ class Checkpoints:
         with open(tmp, "wb") as f:
             pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL)
         os.replace(tmp, self._path(part))
+
+
+class EpochState:
+    """The training state of an unfinished part after its last whole epoch.
+
+    ``load()`` returns it (a dict) when resuming and one is stored, else None; ``save(state)``
+    replaces it; ``drop()`` removes it once the part itself is stored.
+    """
+
+    def __init__(self, store, name):
+        self.store, self.name = store, name
+
+    def load(self):
+        if not self.store.resume or not os.path.exists(self.store._path(self.name)):
+            return None
+        with open(self.store._path(self.name), "rb") as f:
+            state = pickle.load(f)
+        print(f"  resumed {self.name} after epoch {state['epoch']}")
+        return state
+
+    def save(self, state):
+        self.store.save(self.name, state)
+
+    def drop(self):
+        if os.path.exists(self.store._path(self.name)):
+            os.remove(self.store._path(self.name))

@@ -182,16 +182,34 @@ class _Progress(keras.callbacks.Callback):
               f"{self.run_loss:.3f}, accuracy {100 * self.run_acc:.1f}%")
 
 
-def train(model, images, labels, *, epochs, images_per_epoch, lr, scale, rng, desc):
+_PROGRESS_STATE = ("history", "step_s", "seen", "run_loss", "run_acc")
+
+
+def train(model, images, labels, *, epochs, images_per_epoch, lr, scale, rng, desc,
+          epoch_state=None):
     """Adam on ``model``'s trainable variables with ``model.fit``, one call per epoch on the
     epoch's images (a fresh permutation, freshly scaled with ``scale``); returns the history and
-    the median step time, as :func:`mnist_torch.train`. Set the layers' ``trainable`` first."""
-    model.compile(optimizer=keras.optimizers.Adam(lr),
+    the median step time, as :func:`mnist_torch.train` (``epoch_state`` too). Set the layers'
+    ``trainable`` first."""
+    t_start = time.perf_counter()
+    optimizer = keras.optimizers.Adam(lr)
+    model.compile(optimizer=optimizer,
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=[_BatchValue(_batch_loss, "batch_loss"),
                            _BatchValue(_batch_acc, "batch_acc")])
     progress = _Progress(desc, epochs)
-    for epoch in range(epochs):
+    first, earlier_s = 0, 0.0
+    state = epoch_state.load() if epoch_state is not None else None
+    if state is not None:
+        model.set_weights(state["model"])
+        optimizer.build(model.trainable_variables)
+        for var, value in zip(optimizer.variables, state["optimizer"], strict=True):
+            var.assign(value)
+        rng.bit_generator.state = state["rng"]
+        for name in _PROGRESS_STATE:
+            setattr(progress, name, state[name])
+        first, earlier_s = state["epoch"], state["seconds"]
+    for epoch in range(first, epochs):
         idx = rng.permutation(len(images))[:images_per_epoch]
         x = images[idx]
         if scale:
@@ -199,11 +217,19 @@ def train(model, images, labels, *, epochs, images_per_epoch, lr, scale, rng, de
         progress.start_epoch(epoch, len(x))
         model.fit(x[..., None], labels[idx], batch_size=BATCH, epochs=1, shuffle=False,
                   verbose=0, callbacks=[progress])
+        if epoch_state is not None and epoch + 1 < epochs:
+            epoch_state.save({
+                "epoch": epoch + 1, "model": model.get_weights(),
+                "optimizer": [np.array(v) for v in optimizer.variables],
+                "rng": rng.bit_generator.state,
+                **{name: getattr(progress, name) for name in _PROGRESS_STATE},
+                "seconds": earlier_s + time.perf_counter() - t_start})
     # the median step, skipping the first steps (tracing, allocator warm-up)
     step_s = progress.step_s
     steady = step_s[min(20, len(step_s) // 2):]
     return {"history": progress.history,
-            "step_ms": 1e3 * float(np.median(steady)) if steady else None}
+            "step_ms": 1e3 * float(np.median(steady)) if steady else None,
+            "earlier_s": earlier_s}
 
 
 def evaluate(model, images, labels, offset_stats=False):
@@ -266,22 +292,22 @@ def new_cnn():
     return build_cnn("regular")
 
 
-def train_cnn(cnn, images, labels, args, rng):
+def train_cnn(cnn, images, labels, args, rng, epoch_state=None):
     """Phase 1: the whole CNN on plain images; returns the history and median step time."""
     return train(cnn, images, labels, epochs=args.epochs_cnn, images_per_epoch=args.cnn_images,
-                 lr=LR_CNN, scale=False, rng=rng, desc="phase 1")
+                 lr=LR_CNN, scale=False, rng=rng, desc="phase 1", epoch_state=epoch_state)
 
 
 variant_model = finetune_setup
 
 
-def finetune(key, cnn, images, labels, args, rng):
+def finetune(key, cnn, images, labels, args, rng, epoch_state=None):
     """Phase 2 of variant ``key`` on scaled images; returns (model, history and median step
     time, number of parameters trained)."""
     model = finetune_setup(key, cnn)
     run = train(model, images, labels, epochs=args.epochs_finetune,
                 images_per_epoch=args.finetune_images, lr=LR_FINETUNE, scale=True, rng=rng,
-                desc=f"({key})")
+                desc=f"({key})", epoch_state=epoch_state)
     return model, run, sum(int(np.prod(w.shape)) for w in model.trainable_weights)
 
 

@@ -24,17 +24,29 @@ def _freeze_all_but(model, params):
 
 
 def train(model, params, images, labels, *, epochs, images_per_epoch, lr, bn_train, scale, rng,
-          desc):
+          desc, epoch_state=None):
     """Adam on ``params`` only (everything else frozen); returns the history and step times.
 
     ``bn_train`` False keeps BatchNorm in eval mode (running statistics frozen); ``scale`` draws
-    a fresh scaled version of the epoch's images.
+    a fresh scaled version of the epoch's images. ``epoch_state`` (an ``EpochState`` of
+    mnist_checkpoints, optional) stores the state after every epoch but the last and, when one
+    is stored, goes on from it; the result then equals an uninterrupted run's, and its
+    ``earlier_s`` holds the seconds the earlier runs spent.
     """
+    t_start = time.perf_counter()
     params = _freeze_all_but(model, params)
     opt = torch.optim.Adam(params, lr)
     history, step_s = [], []
-    seen, run_loss, run_acc = 0, None, None
-    for epoch in range(epochs):
+    seen, run_loss, run_acc, first, earlier_s = 0, None, None, 0, 0.0
+    state = epoch_state.load() if epoch_state is not None else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        rng.bit_generator.state = state["rng"]
+        history, step_s, seen, run_loss, run_acc = (state[k] for k in (
+            "history", "step_s", "seen", "run_loss", "run_acc"))
+        first, earlier_s = state["epoch"], state["seconds"]
+    for epoch in range(first, epochs):
         idx = rng.permutation(len(images))[:images_per_epoch]
         x = images[idx]
         if scale:
@@ -62,9 +74,16 @@ def train(model, params, images, labels, *, epochs, images_per_epoch, lr, bn_tra
         bar.close()
         print(f"  {desc} epoch {epoch + 1}/{epochs}: running loss {run_loss:.3f}, "
               f"accuracy {100 * run_acc:.1f}%")
+        if epoch_state is not None and epoch + 1 < epochs:
+            epoch_state.save({
+                "epoch": epoch + 1, "model": copy.deepcopy(model.state_dict()),
+                "optimizer": copy.deepcopy(opt.state_dict()), "rng": rng.bit_generator.state,
+                "history": history, "step_s": step_s, "seen": seen, "run_loss": run_loss,
+                "run_acc": run_acc, "seconds": earlier_s + time.perf_counter() - t_start})
     # the median step, skipping the first steps (JIT compilation, allocator warm-up)
     steady = step_s[min(20, len(step_s) // 2):]
-    return {"history": history, "step_ms": 1e3 * float(np.median(steady)) if steady else None}
+    return {"history": history, "step_ms": 1e3 * float(np.median(steady)) if steady else None,
+            "earlier_s": earlier_s}
 
 
 @torch.no_grad()
@@ -128,11 +147,11 @@ def new_cnn():
     return mnist_models.CNN()
 
 
-def train_cnn(cnn, images, labels, args, rng):
+def train_cnn(cnn, images, labels, args, rng, epoch_state=None):
     """Phase 1: the whole CNN on plain images; returns the history and median step time."""
     return train(cnn, list(cnn.parameters()), images, labels, epochs=args.epochs_cnn,
                  images_per_epoch=args.cnn_images, lr=LR_CNN, bn_train=True, scale=False,
-                 rng=rng, desc="phase 1")
+                 rng=rng, desc="phase 1", epoch_state=epoch_state)
 
 
 def variant_model(key, cnn):
@@ -140,13 +159,13 @@ def variant_model(key, cnn):
     return finetune_setup(key, cnn)[0]
 
 
-def finetune(key, cnn, images, labels, args, rng):
+def finetune(key, cnn, images, labels, args, rng, epoch_state=None):
     """Phase 2 of variant ``key`` on scaled images; returns (model, history and median step
     time, number of parameters trained)."""
     model, params, bn_train = finetune_setup(key, cnn)
     run = train(model, params, images, labels, epochs=args.epochs_finetune,
                 images_per_epoch=args.finetune_images, lr=LR_FINETUNE, bn_train=bn_train,
-                scale=True, rng=rng, desc=f"({key})")
+                scale=True, rng=rng, desc=f"({key})", epoch_state=epoch_state)
     return model, run, sum(p.numel() for p in params)
 
 

@@ -18,7 +18,8 @@ afresh each epoch; convs and dense frozen except in (f). Test accuracy on plain 
 Default (``make demo``): 1 + 1 epochs, fine-tuning epochs of 10000 images; ``--full`` runs the
 original's 10 + 20 epochs of 60000 images. Writes ``<out>/scaled_mnist.json``, ``.md`` and two
 pictures (training curves, sampling locations). Phase 1 and each variant are stored as they
-finish (``<out>/checkpoints``); ``--resume`` goes on from them after a stop.
+finish, and the part in training after each of its epochs (``<out>/checkpoints``); ``--resume``
+goes on from them after a stop.
 """
 
 import argparse
@@ -90,9 +91,13 @@ def run(fw, args, data, store):
         print(f"phase 1: the regular CNN, {args.epochs_cnn} epoch(s) of {args.cnn_images} "
               f"plain images")
         t0 = time.perf_counter()
-        phase1 = fw.train_cnn(cnn, x_train, y_train, args, np.random.default_rng(args.seed))
-        part = {"run": phase1, "weights": fw.get_weights(cnn), "seconds": time.perf_counter() - t0}
+        epochs = store.epochs("phase1")
+        phase1 = fw.train_cnn(cnn, x_train, y_train, args, np.random.default_rng(args.seed),
+                              epoch_state=epochs)
+        part = {"run": phase1, "weights": fw.get_weights(cnn),
+                "seconds": time.perf_counter() - t0 + phase1["earlier_s"]}
         store.save("phase1", part)
+        epochs.drop()
     else:
         fw.set_weights(cnn, part["weights"])
     phase1 = part["run"]
@@ -107,21 +112,25 @@ def run(fw, args, data, store):
         else:
             t0 = time.perf_counter()
             fw.seed(args.seed + 1)
+            epochs = store.epochs(f"variant_{key}")
             if key == "a":
-                model, run_, trained = cnn, {"history": None, "step_ms": phase1["step_ms"]}, 0
+                model, run_, trained = cnn, {"history": None, "step_ms": phase1["step_ms"],
+                                             "earlier_s": 0.0}, 0
             else:
                 print(f"phase 2 ({key}) {VARIANTS[key]}: {args.epochs_finetune} epoch(s) of "
                       f"{args.finetune_images} scaled images")
                 model, run_, trained = fw.finetune(key, cnn, x_train, y_train, args,
-                                                   np.random.default_rng(args.seed + 7))
+                                                   np.random.default_rng(args.seed + 7),
+                                                   epoch_state=epochs)
             plain, _ = fw.evaluate(model, x_test, y_test)
             scaled = [fw.evaluate(model, s, y_test, offset_stats=(i == 0))
                       for i, s in enumerate(scaled_tests)]
             result = summarize(key, plain, [a for a, _ in scaled], scaled[0][1], run_["step_ms"],
                                n_trained=trained)
             part = {"result": result, "curve": run_["history"], "weights": fw.get_weights(model),
-                    "seconds": time.perf_counter() - t0}
+                    "seconds": time.perf_counter() - t0 + run_["earlier_s"]}
             store.save(f"variant_{key}", part)
+            epochs.drop()
             models[key] = model
         results[key] = part["result"]
         part_s[f"({key})"] = part["seconds"]
