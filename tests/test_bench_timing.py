@@ -74,3 +74,22 @@ def test_measure_interleaved_alternates_the_order():
     _timing.measure_interleaved(tasks, dtype="float32", repeat=3, alternate=True)
     # one warm-up call each, then rounds 0 .. 2 with round 1 reversed
     assert seen == [0, 1, 2, 0, 1, 2, 2, 1, 0, 0, 1, 2]
+
+
+def test_measure_interleaved_min_time_adds_rounds_up_to_a_cap(monkeypatch):
+    """Oracle: the call count. Without min_s exactly ``repeat`` rounds; with it, rounds go on
+    until the timed calls add up to min_s (and stop right then), never past the cap."""
+    def call():
+        time.sleep(0.002)
+
+    (m,) = _timing.measure_interleaved([_timing.Task(call, "op", "p")], dtype="float32",
+                                       repeat=3)
+    assert m.repeat == len(m.times_ms) == 3
+    (m,) = _timing.measure_interleaved([_timing.Task(call, "op", "p")], dtype="float32",
+                                       repeat=3, min_s=0.03)
+    assert m.repeat == len(m.times_ms) > 3  # 3 sleeps of 2 ms are not 30 ms
+    assert sum(m.times_ms) >= 30 > sum(m.times_ms[:-1])
+    monkeypatch.setattr(_timing, "MAX_ROUNDS", 5)
+    (m,) = _timing.measure_interleaved([_timing.Task(call, "op", "p")], dtype="float32",
+                                       repeat=3, min_s=10.0)
+    assert m.repeat == 5

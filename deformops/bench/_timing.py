@@ -132,10 +132,12 @@ class Task:
 
 
 _ROUNDS = itertools.count(1)  # ids of measure_interleaved calls
+MAX_ROUNDS = 1000  # rounds of measure_interleaved with min_s
 
 
 def measure_interleaved(tasks: Sequence[Task], *, dtype: str, repeat: int,
-                        settle_s: float = 0.0, alternate: bool = False) -> list[Measurement]:
+                        settle_s: float = 0.0, alternate: bool = False,
+                        min_s: float = 0.0) -> list[Measurement]:
     """Time several callables in rounds (one call of each per round), so that a slow spell of
     the machine (another process, frequency changes) hits all of them alike and their ratios stay
     meaningful. Each task first gets one warm-up call (``first_ms``), in order; the report is the
@@ -144,7 +146,9 @@ def measure_interleaved(tasks: Sequence[Task], *, dtype: str, repeat: int,
     call let the thread pools of the previous call (OpenMP, BLAS) stop spin-waiting, so that one
     peer's idle threads do not slow the next one down. ``alternate`` runs every other round in
     reverse order, so that what one call leaves behind (spinning threads, warm caches) falls on
-    each peer alike.
+    each peer alike. With ``min_s``, rounds go on past ``repeat`` until the timed calls add up
+    to ``min_s`` seconds (at most MAX_ROUNDS), so that a fast call's median covers a spell of
+    the machine as long as a slow call's does.
     """
     if repeat < 1:
         raise ValueError(f"repeat must be >= 1, got {repeat}")
@@ -162,7 +166,8 @@ def measure_interleaved(tasks: Sequence[Task], *, dtype: str, repeat: int,
             del res
             first.append(_ms(t0, t1))
             time.sleep(settle_s)
-        for r in range(repeat):
+        r, spent_ns = 0, 0
+        while r < repeat or (spent_ns < min_s * 1e9 and r < MAX_ROUNDS):
             order = list(enumerate(tasks))
             for k, t in (order[::-1] if alternate and r % 2 else order):
                 time.sleep(settle_s)
@@ -171,6 +176,8 @@ def measure_interleaved(tasks: Sequence[Task], *, dtype: str, repeat: int,
                 t1 = time.perf_counter_ns()
                 del res
                 times[k].append(_ms(t0, t1))
+                spent_ns += t1 - t0
+            r += 1
     finally:
         if was_enabled:
             gc.enable()
@@ -182,7 +189,7 @@ def measure_interleaved(tasks: Sequence[Task], *, dtype: str, repeat: int,
             median_ms=statistics.median(ts),
             min_ms=min(ts),
             first_ms=f,
-            repeat=repeat,
+            repeat=len(ts),
             note=t.note,
             times_ms=tuple(ts),
             rounds_id=rounds_id,

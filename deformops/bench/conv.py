@@ -21,7 +21,8 @@ Measured per shape, each callable in its own block of back-to-back calls after o
 - ``torch.nn.functional.conv2d`` of the same shape, the floor of any deformable convolution:
   forward under ``no_grad`` and forward + backward (input, weight and bias gradients);
 - the peak extra memory of one forward+backward: for deformops the peak of ``tracemalloc``
-  (NumPy reports its allocations to it) minus the outputs; for torch the peak of the CPU
+  (NumPy reports its allocations to it) minus the outputs, the workspace that the backend
+  keeps between calls released first so that it counts; for torch the peak of the CPU
   allocations seen by ``torch.profiler`` (``profile_memory=True``) minus the outputs.
 
 Before timing, deformops is checked in float64 at a small version of each shape (N=2, channels
@@ -46,6 +47,7 @@ from ._timing import Check, Task
 HELP = "deform_conv2d / deform_conv2d_backward vs torchvision.ops.deform_conv2d and conv2d"
 
 REPEAT = 5  # these calls are slow
+MIN_TIME = 1.0  # seconds of timed calls per callable at least (fast calls get more rounds)
 DEFAULT_DTYPE = "float32"
 OFFSET_RANGE = 2.0  # offsets uniform in [-OFFSET_RANGE, OFFSET_RANGE] pixels
 KSIZE, STRIDE, PADDING, DILATION = 3, 1, 1, 1
@@ -102,6 +104,11 @@ def add_arguments(parser) -> None:
         "(default: 32,64,128,14,14,v1 8,64,64,56,56,v2 2,256,256,32,32,v2)",
     )
     g.add_argument("--seed", type=int, default=0, help="seed of the random data (default: 0)")
+    g.add_argument(
+        "--min-time", type=float, default=MIN_TIME, metavar="SECONDS",
+        help="time each callable for at least --repeat calls and this many seconds "
+        f"(default: {MIN_TIME:g})",
+    )
     g.add_argument(
         "--no-torchvision", action="store_true", help="skip the torchvision peer and its checks"
     )
@@ -297,25 +304,19 @@ class ConvReport(_timing.Report):
 
 
 class _Progress:
-    """A tqdm bar over the timed calls when tqdm is importable, else plain lines on stderr."""
+    """A tqdm bar over the timed callables when tqdm is importable, else plain lines on
+    stderr."""
 
     def __init__(self, total: int):
         mod, _ = _timing.optional_import("tqdm")
         self.bar = None
         if mod is not None and hasattr(mod, "tqdm"):
-            self.bar = mod.tqdm(total=total, unit="call", file=sys.stderr, leave=False)
+            self.bar = mod.tqdm(total=total, unit="callable", file=sys.stderr, leave=False)
 
-    def wrap(self, fn):
-        bar = self.bar
-        if bar is None:
-            return fn
-
-        def call():
-            res = fn()
-            bar.update(1)
-            return res
-
-        return call
+    def done(self) -> None:
+        """One callable timed."""
+        if self.bar is not None:
+            self.bar.update(1)
 
     def stage(self, text: str) -> None:
         if self.bar is None:
@@ -421,6 +422,12 @@ def _torch_peak(fn):
 
 
 def _memory_row(report, case, peer, dtype, fn, torch_based):
+    if not torch_based:
+        # the CPU backend keeps each thread's last workspace between calls: drop it, so that
+        # the peak counts it as a single call would
+        from deformops.backends.cpu.deform_conv import release_workspaces
+
+        release_workspaces()
     if torch_based:
         peak, res = _torch_peak(fn)
         method = "torch.profiler (profile_memory)"
@@ -523,6 +530,7 @@ def run(args) -> _timing.Report:
             "mask (v2)": "uniform in [0, 1]",
             "threads": args.threads,
             "repeat": repeat,
+            "min time (s)": args.min_time,
             "seed": args.seed,
         },
     )
@@ -560,11 +568,12 @@ def run(args) -> _timing.Report:
 
     # timings
     tasks_per_case = 2 + (2 if tvops is not None else 0) + (2 if torch is not None else 0)
-    prog = _Progress(len(args.dtypes) * len(shapes) * tasks_per_case * (repeat + 1))
+    prog = _Progress(len(args.dtypes) * len(shapes) * tasks_per_case)
     try:
         for dtype in args.dtypes:
             for shape in shapes:
-                _bench_case(report, prog, dops, torch, tvops, shape, dtype, repeat, args.seed)
+                _bench_case(report, prog, dops, torch, tvops, shape, dtype, repeat,
+                            args.min_time, args.seed)
     finally:
         prog.close()
 
@@ -572,7 +581,7 @@ def run(args) -> _timing.Report:
     return report
 
 
-def _bench_case(report, prog, dops, torch, tvops, shape, dtype, repeat, seed):
+def _bench_case(report, prog, dops, torch, tvops, shape, dtype, repeat, min_time, seed):
     """Check (vs torchvision, at this shape and dtype), time, ratios and memory of one case."""
     label = _label(shape)
     prog.stage(f"[{dtype}] {label}")
@@ -584,8 +593,8 @@ def _bench_case(report, prog, dops, torch, tvops, shape, dtype, repeat, seed):
     first_fwd_ms = (time.perf_counter_ns() - t0) / 1e6
 
     tasks = [
-        Task(prog.wrap(d_fwd), f"{label} {FWD}", "deformops"),
-        Task(prog.wrap(d_both), f"{label} {BOTH}", "deformops", "all 5 gradients"),
+        Task(d_fwd, f"{label} {FWD}", "deformops"),
+        Task(d_both, f"{label} {BOTH}", "deformops", "all 5 gradients"),
     ]
     if tvops is not None:
         t_fwd, t_both = _torchvision_fns(torch, tvops, x, offset, weight, bias, mask, grad_out)
@@ -594,24 +603,25 @@ def _bench_case(report, prog, dops, torch, tvops, shape, dtype, repeat, seed):
         grads = "input, offset, weight, mask, bias" if mask is not None else \
             "input, offset, weight, bias"
         tasks += [
-            Task(prog.wrap(t_fwd), f"{label} {FWD}", "torchvision", "no_grad"),
-            Task(prog.wrap(t_both), f"{label} {BOTH}", "torchvision", f"autograd: {grads}"),
+            Task(t_fwd, f"{label} {FWD}", "torchvision", "no_grad"),
+            Task(t_both, f"{label} {BOTH}", "torchvision", f"autograd: {grads}"),
         ]
     if torch is not None:
         c_fwd, c_both = _conv2d_fns(torch, x, weight, bias, grad_out)
         tasks += [
-            Task(prog.wrap(c_fwd), f"{label} {FWD}", "conv2d", "no_grad (floor)"),
-            Task(prog.wrap(c_both), f"{label} {BOTH}", "conv2d", "autograd: input, weight, bias"),
+            Task(c_fwd, f"{label} {FWD}", "conv2d", "no_grad (floor)"),
+            Task(c_both, f"{label} {BOTH}", "conv2d", "autograd: input, weight, bias"),
         ]
     del ref
     if prog.bar is None:
-        prog.line(f"  timing {len(tasks)} callables, {repeat + 1} calls each (1 warm-up), "
-                  "one callable after the other ...")
+        prog.line(f"  timing {len(tasks)} callables, 1 warm-up call then at least {repeat} "
+                  f"calls and {min_time:g} s each, one callable after the other ...")
     timed = {}
     for task in tasks:  # blocks, not rounds: see the note on spin-waiting thread pools
         time.sleep(0.3)
-        (m,) = _timing.measure_interleaved([task], dtype=dtype, repeat=repeat)
+        (m,) = _timing.measure_interleaved([task], dtype=dtype, repeat=repeat, min_s=min_time)
         timed[m.op, m.peer] = m
+        prog.done()
     timed[f"{label} {FWD}", "deformops"].first_ms = first_fwd_ms
     for peer in PEERS:
         for op in OPS:
@@ -649,7 +659,8 @@ def _add_notes(report, torch, dtypes, first_calls):
     if torch is not None:
         report.notes.append(
             "each callable is timed in its own block of back-to-back calls (a warm-up, then "
-            "--repeat calls), 0.3 s apart: interleaving peers would let one runtime's "
+            "at least --repeat calls and --min-time seconds; 'runs' in the table), 0.3 s "
+            "apart: interleaving peers would let one runtime's "
             "spin-waiting thread pools (OpenMP, BLAS) slow the next one down. min ms is the "
             "least disturbed time on a busy machine. Ratio targets: torchvision / deformops "
             ">= 5 for forward+backward; deformops / conv2d <= 3 forward, <= 4 forward+backward "

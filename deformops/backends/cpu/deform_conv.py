@@ -1,34 +1,40 @@
 """Numba CPU kernels of ``deform_conv2d`` (DCNv1/v2) and its gradients, tiled, channels last.
 
-The output pixels of the batch, flattened as (n, p), are cut into tiles of T columns: whole
-images when an image has at most ``T`` pixels, else pieces of one image. Each tile's images are
-copied channels last once (``_rows_of``), so that every sample of a tap reads a run of
-contiguous channels and the channel loops are vector loops. For each tile:
+The output pixels of the batch, flattened as (n, p), are cut into tiles of at most T columns:
+whole images when an image has at most ``T`` pixels, else pieces of one image (tiles of equal
+size). Each tile's images are copied channels last once (``_rows_of``), so that every sample of
+a tap reads a run of contiguous channels and the channel loops are vector loops.
 
-1. ``_tile_taps``: the bilinear taps of every (offset group g, kernel tap k, column j), with the
-   zero-padding rule of torchvision (``mode='grid-constant'``, ``cval=0``), and the mask;
-2. ``_im2row``: the im2col matrix as rows, ``rows[gr, j, k*cpg_w + c] = mask * bilinear(x[n,
-   gr*cpg_w + c], y, x)`` (conv group gr);
-3. forward, ``_rows_matmul_store``: ``rows @ W`` per conv group by blocks of ROW_BLOCK rows,
-   each block stored transposed into the NCHW output (+ bias);
-4. backward, ``_backward_rows``: ``grad_rows = grad_out @ Wᵀ`` and the weight gradient's part
-   ``rowsᵀ @ grad_out`` per block of rows (parts summed in block order); ``_row2im`` scatters
-   grad_rows into the input gradient of the tile's images, channels last, with one task per
-   run of channels (no two threads write one element), written back to NCHW once per image
-   (``_rows_to_images``); ``_offset_mask_grad`` reduces grad_rows with the images over the
-   channels of each offset group for each (g, k, j) (no atomics).
+Forward, ``_forward_tile``, by blocks of at most ROW_BLOCK columns (one task per thread, each
+with its own block buffers, which stay in the core's cache): the bilinear taps of each (offset
+group g, kernel tap k, column j), with torchvision's zero-padding rule (``mode='grid-constant'``,
+``cval=0``) and the mask; the block's im2col rows, ``rows[gr, j, k*cpg_w + c] = mask *
+bilinear(x[n, gr*cpg_w + c], y, x)`` (conv group gr); ``rows @ W`` per conv group, stored
+transposed into the NCHW output (+ bias).
+
+Backward, per tile:
+
+1. ``_tile_taps``: the taps of the whole tile, stored (with their derivatives when the offset
+   gradient is needed), and ``_im2row``: the tile's rows (weight gradient only);
+2. ``_backward_rows``: ``grad_rows = grad_out @ Wᵀ`` and the weight gradient's part
+   ``rowsᵀ @ grad_out`` per block of rows (parts summed in block order);
+3. ``_row2im`` scatters grad_rows into the input gradient of the tile's images, channels last,
+   with one task per run of channels (no two threads write one element), written back to NCHW
+   once per image (``_rows_to_images``); ``_offset_mask_grad`` reduces grad_rows with the
+   images over the channels of each offset group for each (g, k, j) (no atomics).
 
 Every matmul runs single-threaded BLAS (Numba's np.dot) inside Numba's parallel loops, on blocks
 that do not depend on the thread count: results are bit-identical for any number of Numba
 threads, and no thread of another pool competes with Numba's workers (which spin-wait between
 loops, for 300000 rounds by default when torch's OpenMP runtime was loaded first).
 
-Workspace per call (bytes, s = itemsize, K = kh*kw, G offset groups, I = Cin*H*W*max(1, T//P)
-for the tile's images), bounded independently of N: ``T * (s * (Cin*K + Cout) + G*K*(33 +
-9*s)) + s*I`` for the forward; for the backward ``T * (s * (2*Cin*K + Cout) + G*K*(33 + 17*s))
-+ 2*s*I + s * 2*ceil(T/2048) * Cin*K*Cout/groups``, with ``T = clamp(TILE_BYTES / (s * (Cin*K +
-Cout)), 64, max(N*P, 64))`` and TILE_BYTES = 8 MiB (forward 9–10 MB, backward 19–21 MB at the
-benchmark shapes).
+Workspace per call (bytes, s = itemsize, K = kh*kw, G offset groups, R = Numba's thread count,
+I = Cin*H*W*max(1, T//P) for the tile's images), bounded independently of N: ``R * s *
+ROW_BLOCK * (Cin*K + Cout) + s*I`` for the forward; for the backward ``T * (s * (2*Cin*K +
+Cout) + G*K*(33 + 17*s)) + 2*s*I + s * 2*ceil(T/2048) * Cin*K*Cout/groups``, with ``T =
+clamp(TILE_BYTES / (s * (Cin*K + Cout)), 64, max(N*P, 64))``, TILE_BYTES = 8 MiB and ROW_BLOCK
+= 256 (forward 2–7 MB on 2 threads, backward 19–21 MB at the benchmark shapes). Each thread
+keeps the workspace of its last call (:func:`release_workspaces` frees it).
 """
 
 import functools
@@ -46,23 +52,39 @@ from ._taps import corner_slopes, corner_taps, zero_padding_taps
 TILE_BYTES = 8 << 20
 # Columns per task of the tap and offset-gradient loops.
 CHUNK = 64
-# Rows per task (and per BLAS call) of the forward's matmul.
+# Most rows of a block of the forward (its im2col rows, and one BLAS call per conv group).
 ROW_BLOCK = 256
 # Twice the longest row block of the backward's matmuls (see _grad_blocks).
 GRAD_BLOCK = 2048
 
 
+@njit(cache=True, inline="always")
+def _column_taps(offset, mask, has_mask, n, p, oy, ox, g, ki, kj, k, K, H, W, stride, padding,
+                 dilation):
+    """Bilinear taps of offset group g, kernel tap k = (ki, kj) at output pixel p = (oy, ox) of
+    image n (the caller passes k with ki and kj: integer divisions cost more than the taps):
+    ``(i0, i1, i2, i3, w0, w1, w2, w3, m, empty, ya, xa)``: corner indices into the H*W plane
+    and weights, the mask m (1 without one), the axis taps ``ya, xa`` (for the derivatives) and
+    ``empty`` 2 for a sample with no corner inside the image, 1 for one that torchvision's rule
+    sets to 0 (y <= -1, y >= H, x <= -1 or x >= W) although a corner with weight 0 is inside,
+    else 0; the value of a flagged sample is 0 without reading any pixel. Offset channel of
+    (g, k) is g*2K + 2k (dy) and +1 (dx); mask channel g*K + k (torchvision's order)."""
+    y = oy * stride[0] - padding[0] + ki * dilation[0] + np.float64(offset[n, g * 2 * K + 2 * k, p])
+    x = ox * stride[1] - padding[1] + kj * dilation[1] + np.float64(offset[n, g * 2 * K + 2 * k + 1, p])
+    ya, xa = zero_padding_taps(y, x, H, W)
+    i0, i1, i2, i3, w0, w1, w2, w3, _, no_corner = corner_taps(ya, xa, W, 0.0)
+    outside = not (y > -1.0 and y < H and x > -1.0 and x < W)
+    m = np.float64(mask[n, g * K + k, p]) if has_mask else 1.0
+    return (i0, i1, i2, i3, w0, w1, w2, w3, m, 2 if no_corner else (1 if outside else 0), ya,
+            xa)
+
+
 @njit(parallel=True, cache=True)
 def _tile_taps(offset, mask, has_mask, n0, Tp, p0, T, Wo, H, W, kh, kw, stride, padding,
                dilation, idx, wt, wm, msk, empty, slopes, ay, ax):
-    """Taps of columns j < T of the tile: image n0 + j // Tp, output pixel p0 + j % Tp.
-
-    idx, wt, wm = wt * msk, ay, ax: (G, K, 4, T); msk, empty: (G, K, T). ``empty`` is 2 for
-    samples with no corner inside the image, 1 for samples that torchvision's rule sets to 0
-    (y <= -1, y >= H, x <= -1 or x >= W) although a corner with weight 0 is inside, else 0;
-    the value of a flagged sample is 0 without reading any pixel. Offset channel of (g, k) is
-    g*2K + 2k (dy) and +1 (dx); mask channel g*K + k (torchvision's order).
-    """
+    """Taps of columns j < T of the tile (image n0 + j // Tp, output pixel p0 + j % Tp),
+    stored for the backward's kernels: idx, wt, wm = wt * msk, ay, ax (the derivative weights,
+    with ``slopes``): (G, K, 4, T); msk, empty: (G, K, T) (see :func:`_column_taps`)."""
     K = kh * kw
     G = idx.shape[0]
     nchunks = (T + CHUNK - 1) // CHUNK
@@ -76,17 +98,12 @@ def _tile_taps(offset, mask, has_mask, n0, Tp, p0, T, Wo, H, W, kh, kw, stride, 
         p = p0 + q
         oy, ox = p // Wo, p % Wo
         for j in range(j0, min(j0 + CHUNK, T)):
-            y = oy * stride[0] - padding[0] + ki * dilation[0] + np.float64(offset[n, g * 2 * K + 2 * k, p])
-            x = ox * stride[1] - padding[1] + kj * dilation[1] + np.float64(offset[n, g * 2 * K + 2 * k + 1, p])
-            ya, xa = zero_padding_taps(y, x, H, W)
-            i0, i1, i2, i3, w0, w1, w2, w3, _, no_corner = corner_taps(ya, xa, W, 0.0)
-            # 2: no corner inside; 1: outside by torchvision's cutoff (y <= -1 ...), which
-            # zeroes the value but keeps the derivative from the corner inside; 0: inside
-            outside = not (y > -1.0 and y < H and x > -1.0 and x < W)
-            empty[g, k, j] = 2 if no_corner else (1 if outside else 0)
+            i0, i1, i2, i3, w0, w1, w2, w3, m, e, ya, xa = _column_taps(
+                offset, mask, has_mask, n, p, oy, ox, g, ki, kj, k, K, H, W, stride, padding,
+                dilation)
+            empty[g, k, j] = e
             idx[g, k, 0, j], idx[g, k, 1, j], idx[g, k, 2, j], idx[g, k, 3, j] = i0, i1, i2, i3
             wt[g, k, 0, j], wt[g, k, 1, j], wt[g, k, 2, j], wt[g, k, 3, j] = w0, w1, w2, w3
-            m = mask[n, g * K + k, p] if has_mask else 1.0
             msk[g, k, j] = m
             wm[g, k, 0, j], wm[g, k, 1, j], wm[g, k, 2, j], wm[g, k, 3, j] = w0 * m, w1 * m, w2 * m, w3 * m
             if slopes:
@@ -138,35 +155,26 @@ def _rows_to_images(src, n0, dst):
                 d[i] = s_[i]
 
 
-@njit(cache=True, inline="always")
-def _group_run(c, c_end, k, cpg_w):
-    """The run of channels from c (before c_end) within one conv group: ``(gr, n, start)``,
-    conv group gr, n channels, and the run's first column in rows[gr, j] for tap k."""
-    gr = c // cpg_w
-    return gr, min(c_end, (gr + 1) * cpg_w) - c, k * cpg_w + c - gr * cpg_w
-
-
 @njit(parallel=True, cache=True)
-def _im2row(xh, Tp, t, idx, wm, empty, rows):
+def _im2row(xh, Tp, t, idx, wm, empty, runs, first, rows):
     """rows[gr, j, k*cpg_w + c'] = sum_t wm * xh[j // Tp, idx, gr*cpg_w + c'] for the tile's
-    columns j < t (conv group gr, its channel c', tap k), 0 where ``empty`` is set.
+    columns j < t (conv group gr, its channel c', tap k), 0 where ``empty`` is set; ``runs``
+    and ``first``: the channel runs of each offset group (:func:`_group_runs`).
 
     ``xh`` holds the tile's images channels last, so each tap reads (and each row writes) runs
     of contiguous channels: the channel loop is a vector loop. One task per chunk of columns.
     """
-    Cin = xh.shape[2]
     G, K = idx.shape[0], idx.shape[1]
-    cpg = Cin // G
-    cpg_w = Cin // rows.shape[0]
+    cpg_w = xh.shape[2] // rows.shape[0]
     nchunks = (t + CHUNK - 1) // CHUNK
     for task in prange(nchunks):
         for j in range(task * CHUNK, min(task * CHUNK + CHUNK, t)):
             src = xh[j // Tp]
             for g in range(G):
                 for k in range(K):
-                    c, c_end = g * cpg, (g + 1) * cpg
-                    while c < c_end:  # runs of channels of one conv group
-                        gr, n, start = _group_run(c, c_end, k, cpg_w)
+                    for r in range(first[g], first[g + 1]):
+                        c, n, gr = runs[r, 0], runs[r, 1], runs[r, 2]
+                        start = k * cpg_w + runs[r, 3]
                         # loops from 0 over slices: provably non-negative indices, no
                         # wraparound checks, so LLVM vectorizes them
                         d = rows[gr, j, start:start + n]
@@ -182,12 +190,11 @@ def _im2row(xh, Tp, t, idx, wm, empty, rows):
                             w2, w3 = wm[g, k, 2, j], wm[g, k, 3, j]
                             for i in range(n):
                                 d[i] = w0 * r0[i] + w1 * r1[i] + w2 * r2[i] + w3 * r3[i]
-                        c += n
 
 
 @njit(cache=True)
 def _store_rows(res, lo, hi, Tp, p0, bias, has_bias, o0, of):
-    """of[j // Tp, o0 + o, p0 + j % Tp] = res[j, o] (+ bias) for rows lo <= j < hi: a
+    """of[j // Tp, o0 + o, p0 + j % Tp] = res[j - lo, o] (+ bias) for columns lo <= j < hi: a
     transposed store in blocks of 16 rows, so that each block is read from L1 and each output
     line is written whole."""
     Cout_g = res.shape[1]
@@ -197,7 +204,7 @@ def _store_rows(res, lo, hi, Tp, p0, bias, has_bias, o0, of):
         j1 = min(hi, j0 + 16, (b + 1) * Tp)  # rows of one image
         q0 = p0 + j0 - b * Tp
         m = j1 - j0
-        block = res[j0:j1]
+        block = res[j0 - lo:j1 - lo]
         for o in range(Cout_g):
             add = bias[o0 + o] if has_bias else 0.0
             d = of[b, o0 + o, q0:q0 + m]  # indices from 0: no wraparound checks
@@ -206,23 +213,76 @@ def _store_rows(res, lo, hi, Tp, p0, bias, has_bias, o0, of):
         j0 = j1
 
 
-@njit(parallel=True, cache=True)
-def _rows_matmul_store(rows, w_rows, res, t, Tp, p0, bias, has_bias, of):
-    """res[gr, j] = rows[gr, j] @ w_rows[gr] for rows j < t, stored transposed into ``of``
-    (nimg, Cout, P) at output channels of conv group gr (+ bias).
+@njit(cache=True, inline="always")
+def _row_blocks(t):
+    """Row blocks of the forward for a tile of t columns: an even number of equal blocks of at
+    most ROW_BLOCK rows (an even count keeps two threads equally busy). It depends on t only,
+    so every BLAS call, and the result, is the same for any number of threads."""
+    return 2 * ((t + 2 * ROW_BLOCK - 1) // (2 * ROW_BLOCK))
 
-    One task per block of ROW_BLOCK rows: a single-threaded BLAS call per conv group (Numba's
-    np.dot), then the store while the block is in cache. The blocks do not depend on the number
-    of threads, so neither does the result. BLAS runs on the threads of Numba's pool, which are
-    spinning anyway between parallel loops.
+
+@njit(parallel=True, cache=True)
+def _forward_tile(xh, offset, mask, has_mask, n0, Tp, p0, t, Wo, H, W, kh, kw, stride, padding,
+                  dilation, runs, first, w_rows, bias, has_bias, of, rows_ws, res_ws, wm_ws):
+    """out[n0 + j // Tp, :, p0 + j % Tp] for the tile's columns j < t, by blocks of rows.
+
+    For each block (:func:`_row_blocks`): the taps of its columns, computed where they are
+    used; the block's im2col rows, ``rows[gr, j - lo, k*cpg_w + c'] = mask * bilinear(x[n,
+    gr*cpg_w + c'], y, x)`` (conv group gr, its channel c', tap k), read from the images
+    channels last ``xh`` (runs of contiguous channels: vector loops); then ``rows @ W`` per conv
+    group (single-threaded BLAS, Numba's np.dot), stored transposed into ``of`` (nimg, Cout,
+    P) (+ bias); ``runs``, ``first``: the channel runs of each offset group
+    (:func:`_group_runs`). Slot s of the workspaces (rows_ws: (slots, groups, ROW_BLOCK, K*cpg_w),
+    res_ws: (slots, groups, ROW_BLOCK, Cout_g), wm_ws: (slots, 4)) serves blocks s, s + slots,
+    ...: it stays in the core's cache, and no two tasks share one.
     """
-    groups, Cout_g = rows.shape[0], w_rows.shape[2]
-    for blk in prange((t + ROW_BLOCK - 1) // ROW_BLOCK):
-        lo = blk * ROW_BLOCK
-        hi = min(t, lo + ROW_BLOCK)
-        for gr in range(groups):
-            np.dot(rows[gr, lo:hi], w_rows[gr], res[gr, lo:hi])
-            _store_rows(res[gr], lo, hi, Tp, p0, bias, has_bias, gr * Cout_g, of)
+    K = kh * kw
+    G = offset.shape[1] // (2 * K)
+    groups = w_rows.shape[0]
+    Cout_g = w_rows.shape[2]
+    cpg_w = xh.shape[2] // groups
+    slots = rows_ws.shape[0]
+    nblocks = _row_blocks(t)
+    kij = np.empty((K, 2), np.intp)
+    for k in range(K):
+        kij[k, 0], kij[k, 1] = k // kw, k % kw
+    for s in prange(slots):
+        rows, res, wm = rows_ws[s], res_ws[s], wm_ws[s]
+        for blk in range(s, nblocks, slots):
+            lo, hi = blk * t // nblocks, (blk + 1) * t // nblocks
+            for j in range(lo, hi):
+                b = j // Tp
+                p = p0 + j - b * Tp
+                oy = p // Wo
+                ox = p - oy * Wo
+                src = xh[b]
+                r = j - lo
+                for g in range(G):
+                    for k in range(K):
+                        ki, kj = kij[k, 0], kij[k, 1]  # a division per tap costs as much as it
+                        i0, i1, i2, i3, w0, w1, w2, w3, m, empty, _, _ = _column_taps(
+                            offset, mask, has_mask, n0 + b, p, oy, ox, g, ki, kj, k, K, H, W,
+                            stride, padding, dilation)
+                        # the weights in the data's type, as a stored tap would hold them
+                        wm[0], wm[1], wm[2], wm[3] = w0 * m, w1 * m, w2 * m, w3 * m
+                        for q in range(first[g], first[g + 1]):
+                            c, n, gr = runs[q, 0], runs[q, 1], runs[q, 2]
+                            start = k * cpg_w + runs[q, 3]
+                            # loops from 0 over slices: provably non-negative indices, no
+                            # wraparound checks, so LLVM vectorizes them
+                            d = rows[gr, r, start:start + n]
+                            if empty:  # 0 without reading a pixel
+                                for i in range(n):
+                                    d[i] = 0.0
+                            else:
+                                r0, r1 = src[i0, c:c + n], src[i1, c:c + n]
+                                r2, r3 = src[i2, c:c + n], src[i3, c:c + n]
+                                v0, v1, v2, v3 = wm[0], wm[1], wm[2], wm[3]
+                                for i in range(n):
+                                    d[i] = v0 * r0[i] + v1 * r1[i] + v2 * r2[i] + v3 * r3[i]
+            for gr in range(groups):
+                np.dot(rows[gr, :hi - lo], w_rows[gr], res[gr, :hi - lo])
+                _store_rows(res[gr], lo, hi, Tp, p0, bias, has_bias, gr * Cout_g, of)
 
 
 @njit(cache=True)
@@ -284,19 +344,20 @@ def _row2im(grad_rows, Tp, t, idx, wm, runs, G, grad_xh):
 
 
 @njit(parallel=True, cache=True, fastmath={"reassoc"})
-def _offset_mask_grad(xh, grad_rows, n0, Tp, p0, t, idx, wt, msk, empty, ay, ax, grad_offset,
-                      grad_mask, need_offset, need_mask, zero):
+def _offset_mask_grad(xh, grad_rows, n0, Tp, p0, t, idx, wt, msk, empty, ay, ax, runs, first,
+                      grad_offset, grad_mask, need_offset, need_mask, zero):
     """Offset and mask gradients of the tile's columns, channels last: for each (column j,
     offset group g, tap k) the four corner sums ``S_t = sum_c grad_rows[., j, .] * xh[., idx_t,
     c]`` over the channels of g (dot products over contiguous runs), then d/dy, d/dx and the
     mask gradient as their dot products with ay, ax and wt. One task per chunk of columns (no
-    atomics). grad_offset: (N, 2GK, P); grad_mask: (N, GK, P); ``zero``: 0 in the dtype of
+    atomics). ``runs``, ``first``: the channel runs of each offset group (:func:`_group_runs`);
+    grad_offset: (N, 2GK, P); grad_mask: (N, GK, P); ``zero``: 0 in the dtype of
     the sums. The sums may be reassociated (vectorized); their order depends only on the
     channel count, not on the threads.
     """
     Cin = xh.shape[2]
     G, K = idx.shape[0], idx.shape[1]
-    cpg, cpg_w = Cin // G, Cin // grad_rows.shape[0]
+    cpg_w = Cin // grad_rows.shape[0]
     for task in prange((t + CHUNK - 1) // CHUNK):
         for j in range(task * CHUNK, min(task * CHUNK + CHUNK, t)):
             b = j // Tp
@@ -307,9 +368,9 @@ def _offset_mask_grad(xh, grad_rows, n0, Tp, p0, t, idx, wt, msk, empty, ay, ax,
                     code = empty[g, k, j]  # see _tile_taps: flagged samples have value 0
                     s0 = s1 = s2 = s3 = zero
                     if code < 2:
-                        c, c_end = g * cpg, (g + 1) * cpg
-                        while c < c_end:  # runs of channels of one conv group
-                            gr, m, start = _group_run(c, c_end, k, cpg_w)
+                        for q in range(first[g], first[g + 1]):
+                            c, m, gr = runs[q, 0], runs[q, 1], runs[q, 2]
+                            start = k * cpg_w + runs[q, 3]
                             v = grad_rows[gr, j, start:start + m]
                             r0 = src[idx[g, k, 0, j], c:c + m]
                             r1 = src[idx[g, k, 1, j], c:c + m]
@@ -320,7 +381,6 @@ def _offset_mask_grad(xh, grad_rows, n0, Tp, p0, t, idx, wt, msk, empty, ay, ax,
                                 s1 += v[i] * r1[i]
                                 s2 += v[i] * r2[i]
                                 s3 += v[i] * r3[i]
-                            c += m
                     if need_offset:
                         mk = msk[g, k, j]
                         grad_offset[n, g * 2 * K + 2 * k, p] = mk * (
@@ -354,35 +414,46 @@ def _one_blas_thread():
 
 
 def _tiles(N, P, T):
-    """(n0, nimg, p0, Tp) tiles covering the N*P output columns, at most T columns each."""
+    """(n0, nimg, p0, Tp) tiles covering the N*P output columns, at most T columns each, of
+    sizes as equal as possible (so that no small last tile leaves a thread idle)."""
     if P <= T:
-        per = max(1, T // P)
-        return [(n0, min(per, N - n0), 0, P) for n0 in range(0, N, per)]
-    return [(n, 1, p0, min(T, P - p0)) for n in range(N) for p0 in range(0, P, T)]
+        ntiles = -(-N // max(1, T // P))
+        cuts = [i * N // ntiles for i in range(ntiles + 1)]
+        return [(n0, n1 - n0, 0, P) for n0, n1 in itertools.pairwise(cuts)]
+    npieces = -(-P // T)
+    cuts = [i * P // npieces for i in range(npieces + 1)]
+    return [(n, 1, p0, p1 - p0) for n in range(N) for p0, p1 in itertools.pairwise(cuts)]
 
 
 class _Workspace:
-    """Tile buffers of a call, allocated once and reused by every tile."""
+    """Tile buffers of a call, allocated once and reused by every tile.
 
-    def __init__(self, dtype, Cin, Cout, G, K, T, slopes, backward, groups=1):
-        self.key = (np.dtype(dtype), Cin, Cout, G, K, T, slopes, backward, groups)
-        self.idx = np.empty((G, K, 4, T), np.uintp)
-        self.wt = np.empty((G, K, 4, T), dtype)
-        self.wm = np.empty((G, K, 4, T), dtype)
-        self.msk = np.empty((G, K, T), dtype)
-        self.empty = np.empty((G, K, T), np.uint8)
-        shape = (G, K, 4, T) if slopes else (1, 1, 4, 1)
-        self.ay, self.ax = np.empty(shape, dtype), np.empty(shape, dtype)
-        # the im2col matrix as rows: (conv group, column, tap and channel of the group)
-        self.rows = np.empty((groups, T, Cin * K // groups), dtype)
-        if backward:
-            self.go_rows = np.empty((groups, T, Cout // groups), dtype)
-            self.grad_rows = np.empty((groups, T, Cin * K // groups), dtype)
-            nblocks = 2 * ((T + GRAD_BLOCK - 1) // GRAD_BLOCK)  # _grad_blocks(T)
-            self.gw_parts = np.empty((nblocks, groups, Cin * K // groups, Cout // groups),
-                                     dtype)
+    Forward: per slot of :func:`_forward_tile` (one per thread), a block's rows, its matmul
+    result and its four weights. Backward: the taps of a tile, its im2col rows, grad_out and
+    grad_rows as rows, and the weight gradient's parts.
+    """
+
+    def __init__(self, dtype, Cin, Cout, G, K, T, slopes, backward, groups=1, slots=1):
+        self.key = (np.dtype(dtype), Cin, Cout, G, K, T, slopes, backward, groups, slots)
+        Kc, Cout_g = Cin * K // groups, Cout // groups
+        if not backward:
+            self.rows = np.empty((slots, groups, ROW_BLOCK, Kc), dtype)
+            self.res = np.empty((slots, groups, ROW_BLOCK, Cout_g), dtype)
+            self.wm = np.empty((slots, 4), dtype)
         else:
-            self.res = np.empty((groups, T, Cout // groups), dtype)
+            self.idx = np.empty((G, K, 4, T), np.uintp)
+            self.wt = np.empty((G, K, 4, T), dtype)
+            self.wm = np.empty((G, K, 4, T), dtype)
+            self.msk = np.empty((G, K, T), dtype)
+            self.empty = np.empty((G, K, T), np.uint8)
+            shape = (G, K, 4, T) if slopes else (1, 1, 4, 1)
+            self.ay, self.ax = np.empty(shape, dtype), np.empty(shape, dtype)
+            # the im2col matrix as rows: (conv group, column, tap and channel of the group)
+            self.rows = np.empty((groups, T, Kc), dtype)
+            self.go_rows = np.empty((groups, T, Cout_g), dtype)
+            self.grad_rows = np.empty((groups, T, Kc), dtype)
+            nblocks = 2 * ((T + GRAD_BLOCK - 1) // GRAD_BLOCK)  # _grad_blocks(T)
+            self.gw_parts = np.empty((nblocks, groups, Kc, Cout_g), dtype)
         self._images = {"x": np.empty(0, dtype), "grad": np.empty(0, dtype)}
 
     def _image_buffer(self, name, nimg, HW, Cin):
@@ -403,17 +474,24 @@ class _Workspace:
 _last_workspace = threading.local()
 
 
-def _workspace(dtype, Cin, Cout, G, K, T, slopes, backward, groups=1):
+def _workspace(dtype, Cin, Cout, G, K, T, slopes, backward, groups=1, slots=1):
     """The calling thread's workspace for these sizes, kept from its previous call when they
     are the same: fresh buffers of several MB cost page faults on every call (about 10% of a
     small convolution). Each thread holds at most one forward and one backward workspace."""
-    key = (np.dtype(dtype), Cin, Cout, G, K, T, slopes, backward, groups)
+    key = (np.dtype(dtype), Cin, Cout, G, K, T, slopes, backward, groups, slots)
     slot = "backward" if backward else "forward"
     ws = getattr(_last_workspace, slot, None)
     if ws is None or ws.key != key:
         ws = _Workspace(*key)
         setattr(_last_workspace, slot, ws)
     return ws
+
+
+def release_workspaces():
+    """Free the workspaces that the calling thread kept from its last calls."""
+    for slot in ("forward", "backward"):
+        if hasattr(_last_workspace, slot):
+            delattr(_last_workspace, slot)
 
 
 def tile_columns(dtype, Cin, Cout, K, P):
@@ -442,9 +520,9 @@ def _weight_rows(weight, groups):
 def deform_conv2d_forward(x, offset, weight, bias, mask, stride, padding, dilation, out):
     """Fill ``out`` (N, Cout, Ho, Wo) from contiguous NCHW arrays (offset/mask as (N, ., P)).
 
-    Per tile: taps, the tile's images channels last (once per image), ``rows = im2row``
-    (groups, T, K*Cin/groups), then ``rows @ W`` by blocks of rows, each block stored
-    transposed into ``out`` (+ bias).
+    Per tile: the tile's images channels last (once per image), then :func:`_forward_tile`:
+    by blocks of rows, the taps, the block's im2col rows and ``rows @ W``, stored transposed
+    into ``out`` (+ bias).
     """
     N, Cin, H, W = x.shape
     Cout, cpg_w, kh, kw = weight.shape
@@ -453,25 +531,38 @@ def deform_conv2d_forward(x, offset, weight, bias, mask, stride, padding, dilati
     groups = Cin // cpg_w
     G = offset.shape[1] // (2 * K)
     T = tile_columns(x.dtype, Cin, Cout, K, N * P)
-    ws = _workspace(x.dtype, Cin, Cout, G, K, T, False, False, groups)
+    ws = _workspace(x.dtype, Cin, Cout, G, K, T, False, False, groups, numba.get_num_threads())
     w_rows = _weight_rows(weight, groups)
     xf = x.reshape(N, Cin, H * W)
     of = out.reshape(N, Cout, P)
-    has_bias = bias is not None
+    has_mask, has_bias = mask is not None, bias is not None
     bias_vec = bias if has_bias else np.zeros(1, x.dtype)
+    runs, first = _group_runs(Cin, G, groups)
     held = None  # (n0, nimg) of the images in the channels-last buffer
     with _one_blas_thread():
         for n0, nimg, p0, Tp in _tiles(N, P, T):
-            t = nimg * Tp
-            _taps(ws, offset, mask, n0, Tp, p0, t, Wo, H, W, kh, kw, stride, padding, dilation,
-                  False)
             xh = ws.images(nimg, H * W, Cin)
             if held != (n0, nimg):  # the pieces of one image share its copy
                 _rows_of(xf, n0, nimg, 0, H * W, xh.reshape(1, nimg * H * W, Cin))
                 held = (n0, nimg)
-            _im2row(xh, Tp, t, ws.idx, ws.wm, ws.empty, ws.rows)  # full buffers: one type
-            _rows_matmul_store(ws.rows, w_rows, ws.res, t, Tp, p0, bias_vec, has_bias,
-                               of[n0:n0 + nimg])
+            _forward_tile(xh, offset, mask if has_mask else offset, has_mask, n0, Tp, p0,
+                          nimg * Tp, Wo, H, W, kh, kw, stride, padding, dilation, runs, first,
+                          w_rows, bias_vec, has_bias, of[n0:n0 + nimg], ws.rows, ws.res, ws.wm)
+
+
+def _group_runs(Cin, G, groups):
+    """The channel runs of each offset group, cut where a conv group ends: ``(runs, first)``
+    with ``runs[q] = (c, n, gr, c - gr*cpg_w)``, n channels from c in conv group gr, the runs
+    of offset group g being ``first[g] <= q < first[g + 1]`` (a table, so that the kernels
+    divide nothing per tap)."""
+    cpg, cpg_w = Cin // G, Cin // groups
+    runs, first = [], [0]
+    for g in range(G):
+        c0, c1 = g * cpg, (g + 1) * cpg
+        cuts = sorted({c0, c1} | {c for c in range(0, Cin, cpg_w) if c0 < c < c1})
+        runs += [(c, e - c, c // cpg_w, c - c // cpg_w * cpg_w) for c, e in itertools.pairwise(cuts)]
+        first.append(len(runs))
+    return np.array(runs, np.intp).reshape(-1, 4), np.array(first, np.intp)
 
 
 def _channel_runs(Cin, cpg, cpg_w, width):
@@ -518,6 +609,7 @@ def deform_conv2d_backward(grad_out, x, offset, weight, mask, stride, padding, d
     # (shorter runs fall out of LLVM's vector loop: 16 measured 3x slower than 32). Which
     # task a channel is in does not change its sums.
     runs = _channel_runs(Cin, Cin // G, cpg_w, 64 if Cin >= 64 * numba.get_num_threads() else 32)
+    group_runs, first = _group_runs(Cin, G, groups)
     held = None  # (n0, nimg) of the images in the channels-last buffers
     with _one_blas_thread():
         for n0, nimg, p0, Tp in _tiles(N, P, T):
@@ -536,7 +628,7 @@ def deform_conv2d_backward(grad_out, x, offset, weight, mask, stride, padding, d
                 gxh[...] = 0
             _rows_of(gof, n0, nimg, p0, Tp, ws.go_rows)
             if need_w:
-                _im2row(xh, Tp, t, ws.idx, ws.wm, ws.empty, ws.rows)
+                _im2row(xh, Tp, t, ws.idx, ws.wm, ws.empty, group_runs, first, ws.rows)
             _backward_rows(ws.rows, ws.go_rows, w_cols, ws.grad_rows, gw_parts, t, need_w,
                            need_rows)
             if need_w:
@@ -545,8 +637,8 @@ def deform_conv2d_backward(grad_out, x, offset, weight, mask, stride, padding, d
                 _row2im(ws.grad_rows, Tp, t, ws.idx, ws.wm, runs, G, gxh)
             if need_offset or need_mask:
                 _offset_mask_grad(xh, ws.grad_rows, n0, Tp, p0, t, ws.idx, ws.wt, ws.msk,
-                                  ws.empty, ws.ay, ws.ax, gof_off, gof_msk, need_offset,
-                                  need_mask, x.dtype.type(0))
+                                  ws.empty, ws.ay, ws.ax, group_runs, first, gof_off, gof_msk,
+                                  need_offset, need_mask, x.dtype.type(0))
         if need_x and held is not None:
             _rows_to_images(ws.grad_images(held[1], HW, Cin), held[0], gxf)
     if need_w:
