@@ -93,3 +93,14 @@ def test_measure_interleaved_min_time_adds_rounds_up_to_a_cap(monkeypatch):
     (m,) = _timing.measure_interleaved([_timing.Task(call, "op", "p")], dtype="float32",
                                        repeat=3, min_s=10.0)
     assert m.repeat == 5
+
+
+def test_merge_blocks_takes_the_median_over_every_call():
+    """Oracle: the median and minimum of the concatenated calls, the first block's warm-up."""
+    a = _timing.Measurement("op", "p", "float32", 2.0, 1.0, 9.0, 3, times_ms=(1.0, 2.0, 3.0),
+                            rounds_id=4)
+    b = _timing.Measurement("op", "p", "float32", 10.0, 10.0, 7.0, 1, times_ms=(10.0,),
+                            rounds_id=5)
+    m = _timing.merge_blocks([a, b])
+    assert (m.median_ms, m.min_ms, m.first_ms, m.repeat) == (2.5, 1.0, 9.0, 4)
+    assert m.times_ms == (1.0, 2.0, 3.0, 10.0) and not _timing.paired(m, m)

@@ -198,6 +198,15 @@ def measure_interleaved(tasks: Sequence[Task], *, dtype: str, repeat: int,
     ]
 
 
+def merge_blocks(blocks: Sequence[Measurement]) -> Measurement:
+    """One measurement from several blocks of the same callable: the median and minimum over
+    all their timed calls; the first block's warm-up call is ``first_ms``."""
+    times = tuple(t for m in blocks for t in m.times_ms)
+    first = blocks[0]
+    return dataclasses.replace(first, median_ms=statistics.median(times), min_ms=min(times),
+                               repeat=len(times), times_ms=times, rounds_id=0)
+
+
 def paired(a: Measurement, b: Measurement) -> bool:
     """True when ``a`` and ``b`` were timed in the same rounds of one
     :func:`measure_interleaved` call."""

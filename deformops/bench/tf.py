@@ -7,8 +7,9 @@ bias on, float32, NHWC (TensorFlow's layout):
 - N=4, 16 -> 16 channels, 16x16, v2 (small: the fixed per-call cost shows).
 
 Data as ``python -m deformops.bench conv`` (offsets uniform in [-2, 2] px, mask uniform in
-[0, 1]), transposed to NHWC. Measured per shape, after one warm-up call each, in rounds of one
-call of each (the Conv2D step in a block of its own afterwards):
+[0, 1]), transposed to NHWC. Measured per shape, each callable in blocks of its own, as
+``model.fit`` runs its steps (two passes over the callables, the second in reverse order; per
+block one warm-up call, then at least --repeat/2 calls and --min-time/2 seconds):
 
 - numpy op: ``deformops.deform_conv2d`` + ``deform_conv2d_backward`` (all five gradients) on
   NumPy arrays in NHWC, the reference of the overhead ratios; and the same in NCHW, the core's
@@ -18,13 +19,13 @@ call of each (the Conv2D step in a block of its own afterwards):
   (where it runs in a ``tf.py_function``, as in ``model.fit``);
 - py_function floor: the tf.function op's structure (custom gradient, a ``tf.py_function`` each
   way) with do-nothing bodies: what any op built on ``tf.py_function`` pays, whatever it does;
-  the tf.function op minus this floor, per round, is deformops_tf's own part (information);
+  the tf.function op minus this floor is deformops_tf's own part (information);
 - DeformConv2D step: one Keras training step (``model.train_on_batch``: the compiled
   ``train_step`` of ``model.fit``: forward, MSE loss, backward, SGD update) of a model that is
   one ``deformops_tf.DeformConv2D`` layer (its own offset/mask predictor conv included);
 - predictor step: the same step of a model that is the DeformConv2D layer's offset/mask
-  predictor alone (a ``Conv2D`` with 2K or 3K outputs); the DeformConv2D step minus this one,
-  per round, is what the deformable op itself costs inside ``model.fit`` (information);
+  predictor alone (a ``Conv2D`` with 2K or 3K outputs); the DeformConv2D step minus this one
+  is what the deformable op itself costs inside ``model.fit`` (information);
 - Conv2D step: the same step of a ``keras.layers.Conv2D`` model of the same shape (the floor).
 
 Target: the layer's training step costs at most 1.2x the NumPy op (framework overhead, offset
@@ -35,7 +36,6 @@ the difference must be 0 up to summation order of the tape); the command exits 1
 
 from __future__ import annotations
 
-import statistics
 import time
 
 from . import _timing
@@ -44,7 +44,7 @@ from ._timing import Check, Ratio, Task
 HELP = "deformops_tf: DeformConv2D / deform_conv2d in TensorFlow vs the NumPy op and Conv2D"
 
 REPEAT = 10
-SETTLE_S = 0.02  # sleep before each timed call, so that idle thread pools stop spinning
+MIN_TIME = 1.0  # seconds of timed calls per callable at least
 DEFAULT_DTYPE = "float32"
 DEFAULT_SHAPES = ((8, 64, 64, 28, 28, True), (4, 16, 16, 16, 16, True))
 CHECK_TOL = {"float32": 1e-5, "float64": 1e-12}  # relative to max |reference|
@@ -78,6 +78,11 @@ def add_arguments(parser) -> None:
         "v2 = mask (default: 8,64,64,28,28,v2 4,16,16,16,16,v2)",
     )
     g.add_argument("--seed", type=int, default=0, help="seed of the random data (default: 0)")
+    g.add_argument(
+        "--min-time", type=float, default=MIN_TIME, metavar="SECONDS",
+        help="time each callable for at least --repeat calls and this many seconds "
+        f"(default: {MIN_TIME:g})",
+    )
 
 
 def _label(shape) -> str:
@@ -231,6 +236,7 @@ def run(args) -> _timing.Report:
             "layout": "NHWC",
             "threads": args.threads,
             "repeat": repeat,
+            "min time (s)": args.min_time,
             "seed": args.seed,
             "tensorflow": tf.__version__,
             "keras": keras.__version__,
@@ -238,14 +244,15 @@ def run(args) -> _timing.Report:
     )
     for dtype in args.dtypes:
         for shape in shapes:
-            _bench_case(report, tf, keras, dops, dtf, shape, dtype, repeat, args.seed)
+            _bench_case(report, tf, keras, dops, dtf, shape, dtype, repeat, args.min_time,
+                        args.seed)
     report.notes.append(
         "every row times forward + backward with the gradients of x, offset, filters, bias and "
         "mask; the Keras steps also run the loss, the offset predictor (DeformConv2D) and an SGD "
-        "update. All but the Conv2D step are timed in rounds (one call of each per round, "
-        "every other round in reverse order, "
-        f"{SETTLE_S * 1000:g} ms apart, after one warm-up call each), so that a slow spell of a "
-        "shared machine hits them alike; the Conv2D step runs in a block of its own afterwards. "
+        "update. Each callable is timed in blocks of its own, 0.3 s apart, as model.fit runs "
+        "its steps: two passes over the callables, the second in reverse order, each block one "
+        "warm-up call then at least --repeat/2 calls and --min-time/2 seconds; the median is "
+        "over both blocks' calls. Ratios are ratios of the medians. "
         "'(min ms)' ratios compare the least disturbed calls. Targets: tf.function op / numpy "
         "op < 1.2 and DeformConv2D step / numpy op < 1.2 (framework overhead at most 20%)."
     )
@@ -253,18 +260,15 @@ def run(args) -> _timing.Report:
 
 
 def _net_ratio(report, label, dtype, timed, peer, minus):
-    """Add ``(peer - minus) / numpy op``: the median over the rounds, all three timed in the
-    same rounds (information, no target)."""
+    """Add ``(peer - minus) / numpy op`` from the three medians (information, no target)."""
     a, b, c = timed.get(peer), timed.get(minus), timed.get(NUMPY)
-    if a is None or b is None or c is None or not (_timing.paired(a, c)
-                                                   and _timing.paired(b, c)):
+    if a is None or b is None or c is None or c.median_ms <= 0:
         return
-    value = statistics.median(
-        (x - y) / z for x, y, z in zip(a.times_ms, b.times_ms, c.times_ms, strict=True))
+    value = (a.median_ms - b.median_ms) / c.median_ms
     report.ratios.append(Ratio(f"({peer} - {minus}) / {NUMPY}", label, dtype, value))
 
 
-def _bench_case(report, tf, keras, dops, dtf, shape, dtype, repeat, seed):
+def _bench_case(report, tf, keras, dops, dtf, shape, dtype, repeat, min_time, seed):
     label = _label(shape)
     _timing.progress(f"[{dtype}] {label}")
     (x, offset, filters, bias, mask, grad_out), nchw = _make_case(shape, dtype, seed)
@@ -286,15 +290,22 @@ def _bench_case(report, tf, keras, dops, dtf, shape, dtype, repeat, seed):
         Task(conv_step, f"{label}", CONV, "train_on_batch, SGD"),
     ]
     timed = {}
-    time.sleep(0.3)
-    # The deformops callables in rounds (a slow spell of a shared machine hits them alike), the
-    # Conv2D step (TF's own thread pool) in a block of its own afterwards.
-    for m in _timing.measure_interleaved(tasks[:-1], dtype=dtype, repeat=repeat,
-                                         settle_s=SETTLE_S, alternate=True):
-        timed[m.peer] = report.add(m)
-    time.sleep(0.3)
-    (m,) = _timing.measure_interleaved(tasks[-1:], dtype=dtype, repeat=repeat)
-    timed[m.peer] = report.add(m)
+    # Each callable in a block of its own, as model.fit runs its steps. In rounds, calls from the
+    # main thread (the NumPy op, the eager op) and from TF's threads (tf.function bodies, handed
+    # to the adapter's worker thread) took turns, and each switch cost both sides the other
+    # thread's OpenMP team and workspace: the NumPy op measured 35 ms instead of 22, the
+    # tf.function op 40 instead of 25 (N=8, 64 channels, 28x28) -- a cost model.fit never pays.
+    # Two passes, the second in reverse order, each block half of --min-time: a slow spell of
+    # the machine, or what the previous block leaves behind, falls on each callable alike.
+    blocks = {}
+    for pass_tasks in (tasks, tasks[::-1]):
+        for task in pass_tasks:
+            time.sleep(0.3)
+            (m,) = _timing.measure_interleaved([task], dtype=dtype, repeat=max(1, repeat // 2),
+                                               min_s=min_time / 2)
+            blocks.setdefault(task.peer, []).append(m)
+    for task in tasks:
+        timed[task.peer] = report.add(_timing.merge_blocks(blocks[task.peer]))
     for (num, den), target in TARGETS.items():
         report.add_ratio(f"{num} / {den}", label, dtype, timed.get(num), timed.get(den), target)
     # The deformable op's share of the Keras step (its predictor alone taken out: loss, update
