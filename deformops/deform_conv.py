@@ -60,7 +60,8 @@ def _pair(value, name, minimum):
 
 def _prepare(x, offset, weight, bias, mask, stride, padding, dilation, layout, grad_out=None,
              backward=False):
-    """Validate and convert to contiguous NCHW arrays for the backend."""
+    """Validate and convert to contiguous arrays for the backend: NCHW, or NHWC as given
+    (``native``) for a backend whose kernels read NHWC (offset and mask then (N, Ho*Wo, .))."""
     layout = _arrays.check_layout(layout)
     arrays, device = _arrays.as_arrays(
         optional=("bias", "mask") + (() if backward else ("grad_out",)),
@@ -85,6 +86,8 @@ def _prepare(x, offset, weight, bias, mask, stride, padding, dilation, layout, g
     stride = _pair(stride, "stride", 1)
     padding = _pair(padding, "padding", 0)
     dilation = _pair(dilation, "dilation", 1)
+    native = nhwc and getattr(backend, "NATIVE_NHWC", False)  # kernels that read NHWC as it is
+    given = {"x": x, "offset": offset, "mask": mask, "grad_out": grad_out}
     if nhwc:
         x, offset = x.transpose(0, 3, 1, 2), offset.transpose(0, 3, 1, 2)
         mask = None if mask is None else mask.transpose(0, 3, 1, 2)
@@ -129,10 +132,15 @@ def _prepare(x, offset, weight, bias, mask, stride, padding, dilation, layout, g
         want = (N, Cout, Ho, Wo) if not nhwc else (N, Ho, Wo, Cout)
         raise ValueError(f"grad_out must have the output's shape {want}; got {_shape(grad_out, nhwc)}")
     c = _arrays.xp_of(x).ascontiguousarray
+    if native:
+        x, offset, mask, grad_out = (given[k] for k in ("x", "offset", "mask", "grad_out"))
+        shape, mask_shape = (N, Ho * Wo, G2K), (N, Ho * Wo, G * K)
+    else:
+        shape, mask_shape = (N, G2K, Ho * Wo), (N, G * K, Ho * Wo)
     return dict(
-        backend=backend, x=c(x), weight=c(weight), bias=bias, layout=layout,
-        offset=c(offset).reshape(N, G2K, Ho * Wo),
-        mask=None if mask is None else c(mask).reshape(N, G * K, Ho * Wo),
+        backend=backend, x=c(x), weight=c(weight), bias=bias, layout=layout, native=native,
+        offset=c(offset).reshape(shape),
+        mask=None if mask is None else c(mask).reshape(mask_shape),
         grad_out=None if grad_out is None else c(grad_out),
         stride=stride, padding=padding, dilation=dilation, out_shape=(N, Cout, Ho, Wo),
     )
@@ -144,6 +152,11 @@ def _shape(a, nhwc):
 
 def _to_layout(a, layout):
     return a.transpose(0, 2, 3, 1) if layout == "NHWC" else a
+
+
+def _nhwc_shape(shape):
+    N, C, H, W = shape
+    return (N, H, W, C)
 
 
 def deform_conv2d(x, offset, weight, bias=None, *, stride=1, padding=0, dilation=1, mask=None,
@@ -180,16 +193,20 @@ def deform_conv2d(x, offset, weight, bias=None, *, stride=1, padding=0, dilation
     corners 0 (``mode='grid-constant', cval=0`` of :func:`deformops.sample`). The CPU kernel
     builds im2col columns tile by tile (never for the whole batch) and multiplies them with BLAS;
     its workspace is bounded independently of N (see ``deformops.backends.cpu.deform_conv``).
-    NHWC inputs are currently converted to NCHW once per call.
+    The CPU kernels read and write NHWC as it is; the CUDA backend converts NHWC to NCHW once
+    per call.
     """
     a = _prepare(x, offset, weight, bias, mask, stride, padding, dilation, layout)
+    native = a["native"]
     with _arrays.device_of(a["x"]):
-        out = _arrays.xp_of(a["x"]).empty(a["out_shape"], a["x"].dtype)
+        shape = _nhwc_shape(a["out_shape"]) if native else a["out_shape"]
+        out = _arrays.xp_of(a["x"]).empty(shape, a["x"].dtype)
         if out.size:
             a["backend"].deform_conv2d_forward(a["x"], a["offset"], a["weight"], a["bias"],
                                                a["mask"], a["stride"], a["padding"],
-                                               a["dilation"], out)
-    return _to_layout(out, a["layout"])
+                                               a["dilation"], out,
+                                               **({"channels_last": True} if native else {}))
+    return out if native else _to_layout(out, a["layout"])
 
 
 def deform_conv2d_backward(grad_out, x, offset, weight, *, stride=1, padding=0, dilation=1,
@@ -219,6 +236,7 @@ def deform_conv2d_backward(grad_out, x, offset, weight, *, stride=1, padding=0, 
     a = _prepare(x, offset, weight, None, mask, stride, padding, dilation, layout,
                  grad_out=grad_out, backward=True)
     xk, off, wk, mk, go = a["x"], a["offset"], a["weight"], a["mask"], a["grad_out"]
+    native = a["native"]
     with _arrays.device_of(xk):
         xp = _arrays.xp_of(xk)
         grad_x = xp.empty_like(xk) if need[0] else None
@@ -229,16 +247,25 @@ def deform_conv2d_backward(grad_out, x, offset, weight, *, stride=1, padding=0, 
         if need[4] and go.dtype.itemsize < 4:  # half types (CUDA): accumulate in float32
             grad_bias = go.sum(axis=(0, 2, 3), dtype=np.float32).astype(go.dtype)
         elif need[4]:
-            grad_bias = go.sum(axis=(0, 2, 3))
+            grad_bias = go.sum(axis=(0, 1, 2) if native else (0, 2, 3))
         if go.size and any(g is not None for g in (grad_x, grad_offset, grad_weight, grad_mask)):
             a["backend"].deform_conv2d_backward(go, xk, off, wk, mk, a["stride"], a["padding"],
                                                 a["dilation"], grad_x, grad_offset, grad_weight,
-                                                grad_mask)
+                                                grad_mask,
+                                                **({"channels_last": True} if native else {}))
         else:
             for g in (grad_x, grad_offset, grad_weight, grad_mask):
                 if g is not None:
                     g[...] = 0
     N, _, Ho, Wo = a["out_shape"]
+    if native:  # already NHWC; offset and mask gradients (N, Ho*Wo, .)
+        return DeformConv2dGrads(
+            grad_x,
+            None if grad_offset is None else grad_offset.reshape(N, Ho, Wo, off.shape[2]),
+            grad_weight,
+            None if grad_mask is None else grad_mask.reshape(N, Ho, Wo, mk.shape[2]),
+            grad_bias,
+        )
     layout = a["layout"]
     return DeformConv2dGrads(
         None if grad_x is None else _to_layout(grad_x, layout),

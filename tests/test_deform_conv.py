@@ -209,10 +209,14 @@ def test_tiles_that_cut_images_into_pieces(monkeypatch, tile_bytes):
     monkeypatch.setattr(cpu, "TILE_BYTES", 8 << 20)
     whole = run_backward(gout, x, offset, weight, mask, cfg)
     monkeypatch.setattr(cpu, "TILE_BYTES", tile_bytes)
-    pieces = run_backward(gout, x, offset, weight, mask, cfg)
-    for name in GRAD_NAMES:
-        np.testing.assert_allclose(pieces[name], whole[name], rtol=1e-12, atol=1e-12,
-                                   err_msg=name)
+    for layout in LAYOUTS:  # NHWC: the pieces read and accumulate into the arrays themselves
+        pieces = run_backward(gout, x, offset, weight, mask, cfg, layout)
+        for name in GRAD_NAMES:
+            np.testing.assert_allclose(pieces[name], whole[name], rtol=1e-12, atol=1e-12,
+                                       err_msg=f"{name} {layout}")
+        np.testing.assert_allclose(run_forward(x, offset, weight, bias, mask, cfg, layout),
+                                   run_forward(x, offset, weight, bias, mask, cfg),
+                                   rtol=1e-12, atol=1e-12, err_msg=layout)
 
 
 def test_prime_batch_over_32_split_in_uneven_tiles():
@@ -534,9 +538,10 @@ def test_readonly_and_dlpack_inputs():
 # ====================================================================== 6. determinism
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("size", ["small", "several row blocks"])
-def test_bit_identical_across_runs_and_thread_counts(dtype, size):
+def test_bit_identical_across_runs_and_thread_counts(dtype, size, layout):
     """Two runs, and 1 vs 2 Numba threads, give bit-identical forward and gradients; the larger
     case has several row blocks per tile (matmul and store split among threads)
     [oracle: first run]."""
@@ -550,8 +555,8 @@ def test_bit_identical_across_runs_and_thread_counts(dtype, size):
     x, offset, weight, bias, mask, gout = make_arrays(rng, cfg, "mixed")
 
     def both():
-        f = run_forward(x, offset, weight, bias, mask, cfg, "NCHW", dtype)
-        g = run_backward(gout, x, offset, weight, mask, cfg, "NCHW", dtype)
+        f = run_forward(x, offset, weight, bias, mask, cfg, layout, dtype)
+        g = run_backward(gout, x, offset, weight, mask, cfg, layout, dtype)
         return [f] + [g[n] for n in GRAD_NAMES]
 
     first = both()

@@ -47,4 +47,7 @@ os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 from .deform_conv import deform_conv2d_backward, deform_conv2d_forward  # noqa: E402
 from .sampling import sample_backward, sample_forward  # noqa: E402
 
+# deform_conv2d reads and writes NHWC arrays as they are (channels_last=True)
+NATIVE_NHWC = True
+
 __all__ = ["sample_forward", "sample_backward", "deform_conv2d_forward", "deform_conv2d_backward"]

@@ -213,6 +213,19 @@ def _store_rows(res, lo, hi, Tp, p0, bias, has_bias, o0, of):
         j0 = j1
 
 
+@njit(cache=True)
+def _store_rows_nhwc(res, lo, hi, Tp, p0, bias, has_bias, o0, of):
+    """of[j // Tp, p0 + j % Tp, o0 + o] = res[j - lo, o] (+ bias) for columns lo <= j < hi:
+    the output channels last, one contiguous line per row."""
+    Cout_g = res.shape[1]
+    for j in range(lo, hi):
+        b = j // Tp
+        d = of[b, p0 + j - b * Tp, o0:o0 + Cout_g]
+        r = res[j - lo]
+        for o in range(Cout_g):
+            d[o] = r[o] + (bias[o0 + o] if has_bias else 0.0)
+
+
 @njit(cache=True, inline="always")
 def _row_blocks(t):
     """Row blocks of the forward for a tile of t columns: an even number of equal blocks of at
@@ -223,7 +236,8 @@ def _row_blocks(t):
 
 @njit(parallel=True, cache=True)
 def _forward_tile(xh, offset, mask, has_mask, n0, Tp, p0, t, Wo, H, W, kh, kw, stride, padding,
-                  dilation, runs, first, w_rows, bias, has_bias, of, rows_ws, res_ws, wm_ws):
+                  dilation, runs, first, w_rows, bias, has_bias, of, channels_last, rows_ws,
+                  res_ws, wm_ws):
     """out[n0 + j // Tp, :, p0 + j % Tp] for the tile's columns j < t, by blocks of rows.
 
     For each block (:func:`_row_blocks`): the taps of its columns, computed where they are
@@ -231,7 +245,8 @@ def _forward_tile(xh, offset, mask, has_mask, n0, Tp, p0, t, Wo, H, W, kh, kw, s
     gr*cpg_w + c'], y, x)`` (conv group gr, its channel c', tap k), read from the images
     channels last ``xh`` (runs of contiguous channels: vector loops); then ``rows @ W`` per conv
     group (single-threaded BLAS, Numba's np.dot), stored transposed into ``of`` (nimg, Cout,
-    P) (+ bias); ``runs``, ``first``: the channel runs of each offset group
+    P), or as it is into ``of`` (nimg, P, Cout) with ``channels_last`` (+ bias); ``offset``
+    and ``mask`` are (N, ., P) views (strided for NHWC); ``runs``, ``first``: the channel runs of each offset group
     (:func:`_group_runs`). Slot s of the workspaces (rows_ws: (slots, groups, ROW_BLOCK, K*cpg_w),
     res_ws: (slots, groups, ROW_BLOCK, Cout_g), wm_ws: (slots, 4)) serves blocks s, s + slots,
     ...: it stays in the core's cache, and no two tasks share one.
@@ -282,7 +297,10 @@ def _forward_tile(xh, offset, mask, has_mask, n0, Tp, p0, t, Wo, H, W, kh, kw, s
                                     d[i] = v0 * r0[i] + v1 * r1[i] + v2 * r2[i] + v3 * r3[i]
             for gr in range(groups):
                 np.dot(rows[gr, :hi - lo], w_rows[gr], res[gr, :hi - lo])
-                _store_rows(res[gr], lo, hi, Tp, p0, bias, has_bias, gr * Cout_g, of)
+                if channels_last:
+                    _store_rows_nhwc(res[gr], lo, hi, Tp, p0, bias, has_bias, gr * Cout_g, of)
+                else:
+                    _store_rows(res[gr], lo, hi, Tp, p0, bias, has_bias, gr * Cout_g, of)
 
 
 @njit(cache=True)
@@ -517,37 +535,54 @@ def _weight_rows(weight, groups):
                                                                   Cout // groups)
 
 
-def deform_conv2d_forward(x, offset, weight, bias, mask, stride, padding, dilation, out):
-    """Fill ``out`` (N, Cout, Ho, Wo) from contiguous NCHW arrays (offset/mask as (N, ., P)).
+def _channels_first_view(a):
+    """(N, P, C) channels last as the (N, C, P) view the kernels index (strided)."""
+    return None if a is None else a.transpose(0, 2, 1)
 
-    Per tile: the tile's images channels last (once per image), then :func:`_forward_tile`:
-    by blocks of rows, the taps, the block's im2col rows and ``rows @ W``, stored transposed
-    into ``out`` (+ bias).
+
+def deform_conv2d_forward(x, offset, weight, bias, mask, stride, padding, dilation, out,
+                          channels_last=False):
+    """Fill ``out`` (N, Cout, Ho, Wo) from contiguous NCHW arrays (offset/mask as (N, ., P)),
+    or, with ``channels_last``, ``out`` (N, Ho, Wo, Cout) from contiguous NHWC ones (x (N, H,
+    W, Cin), offset/mask (N, P, .)), read and written as they are.
+
+    Per tile: the tile's images channels last (a copy once per image for NCHW, the input
+    itself for NHWC), then :func:`_forward_tile`: by blocks of rows, the taps, the block's
+    im2col rows and ``rows @ W``, stored into ``out`` (+ bias).
     """
-    N, Cin, H, W = x.shape
+    if channels_last:
+        N, H, W, Cin = x.shape
+        Ho, Wo = out.shape[1], out.shape[2]
+        offset, mask = _channels_first_view(offset), _channels_first_view(mask)
+    else:
+        N, Cin, H, W = x.shape
+        Ho, Wo = out.shape[2], out.shape[3]
     Cout, cpg_w, kh, kw = weight.shape
-    Ho, Wo = out.shape[2], out.shape[3]
     K, P = kh * kw, Ho * Wo
     groups = Cin // cpg_w
     G = offset.shape[1] // (2 * K)
     T = tile_columns(x.dtype, Cin, Cout, K, N * P)
     ws = _workspace(x.dtype, Cin, Cout, G, K, T, False, False, groups, numba.get_num_threads())
     w_rows = _weight_rows(weight, groups)
-    xf = x.reshape(N, Cin, H * W)
-    of = out.reshape(N, Cout, P)
+    of = out.reshape(N, P, Cout) if channels_last else out.reshape(N, Cout, P)
     has_mask, has_bias = mask is not None, bias is not None
     bias_vec = bias if has_bias else np.zeros(1, x.dtype)
     runs, first = _group_runs(Cin, G, groups)
     held = None  # (n0, nimg) of the images in the channels-last buffer
     with _one_blas_thread():
         for n0, nimg, p0, Tp in _tiles(N, P, T):
-            xh = ws.images(nimg, H * W, Cin)
-            if held != (n0, nimg):  # the pieces of one image share its copy
-                _rows_of(xf, n0, nimg, 0, H * W, xh.reshape(1, nimg * H * W, Cin))
-                held = (n0, nimg)
+            if channels_last:
+                xh = x.reshape(N, H * W, Cin)[n0:n0 + nimg]
+            else:
+                xh = ws.images(nimg, H * W, Cin)
+                if held != (n0, nimg):  # the pieces of one image share its copy
+                    _rows_of(x.reshape(N, Cin, H * W), n0, nimg, 0, H * W,
+                             xh.reshape(1, nimg * H * W, Cin))
+                    held = (n0, nimg)
             _forward_tile(xh, offset, mask if has_mask else offset, has_mask, n0, Tp, p0,
                           nimg * Tp, Wo, H, W, kh, kw, stride, padding, dilation, runs, first,
-                          w_rows, bias_vec, has_bias, of[n0:n0 + nimg], ws.rows, ws.res, ws.wm)
+                          w_rows, bias_vec, has_bias, of[n0:n0 + nimg], channels_last, ws.rows,
+                          ws.res, ws.wm)
 
 
 def _group_runs(Cin, G, groups):
@@ -574,18 +609,25 @@ def _channel_runs(Cin, cpg, cpg_w, width):
 
 
 def deform_conv2d_backward(grad_out, x, offset, weight, mask, stride, padding, dilation,
-                           grad_x, grad_offset, grad_weight, grad_mask):
+                           grad_x, grad_offset, grad_weight, grad_mask, channels_last=False):
     """Fill the requested gradients (None = not needed); bias gradient is the caller's.
 
-    Per tile: taps (with their derivatives when the offset gradient is needed), the tile's
-    images and grad_out channels last, ``rows = im2row`` (weight gradient only), then
-    ``grad_rows = grad_out @ Wᵀ`` and the weight gradient by blocks of rows; grad_rows is
-    scattered into the input gradient of the tile's images (channels last, written back to
-    NCHW once per image) and reduced with the images into the offset and mask gradients.
+    Arrays as :func:`deform_conv2d_forward` (NCHW, or NHWC with ``channels_last``, the
+    gradients in the layout of their inputs). Per tile: taps (with their derivatives when the
+    offset gradient is needed), the tile's images and grad_out channels last (copies for NCHW,
+    views for NHWC), ``rows = im2row`` (weight gradient only), then ``grad_rows = grad_out @
+    Wᵀ`` and the weight gradient by blocks of rows; grad_rows is scattered into the input
+    gradient of the tile's images (channels last, written back to NCHW once per image) and
+    reduced with the images into the offset and mask gradients.
     """
-    N, Cin, H, W = x.shape
+    if channels_last:
+        N, H, W, Cin = x.shape
+        Ho, Wo = grad_out.shape[1], grad_out.shape[2]
+        offset, mask = _channels_first_view(offset), _channels_first_view(mask)
+    else:
+        N, Cin, H, W = x.shape
+        Ho, Wo = grad_out.shape[2], grad_out.shape[3]
     Cout, cpg_w, kh, kw = weight.shape
-    Ho, Wo = grad_out.shape[2], grad_out.shape[3]
     K, P, HW = kh * kw, Ho * Wo, H * W
     groups = Cin // cpg_w
     G = offset.shape[1] // (2 * K)
@@ -597,12 +639,14 @@ def deform_conv2d_backward(grad_out, x, offset, weight, mask, stride, padding, d
     T = tile_columns(x.dtype, Cin, Cout, K, N * P)
     ws = _workspace(x.dtype, Cin, Cout, G, K, T, need_offset, True, groups)
     w_cols = np.ascontiguousarray(_weight_rows(weight, groups).transpose(0, 2, 1))
-    xf = x.reshape(N, Cin, HW)
-    gof = grad_out.reshape(N, Cout, P)
     dummy = np.empty((1, 1, 1), x.dtype)
-    gof_off = grad_offset.reshape(N, 2 * G * K, P) if need_offset else dummy
-    gof_msk = grad_mask.reshape(N, G * K, P) if need_mask else dummy
-    gxf = grad_x.reshape(N, Cin, HW) if need_x else None
+    if channels_last:
+        gof_off = _channels_first_view(grad_offset) if need_offset else dummy
+        gof_msk = _channels_first_view(grad_mask) if need_mask else dummy
+    else:
+        gof_off = grad_offset.reshape(N, 2 * G * K, P) if need_offset else dummy
+        gof_msk = grad_mask.reshape(N, G * K, P) if need_mask else dummy
+    gxf = grad_x.reshape(N, Cin, HW) if need_x and not channels_last else None
     gw = np.zeros((groups, Kc, Cout_g), x.dtype) if need_w else None
     gw_parts = ws.gw_parts if need_w else np.empty((1, 1, 1, 1), x.dtype)
     # Scatter tasks: runs of 64 channels when there are enough for every thread, else 32
@@ -617,19 +661,31 @@ def deform_conv2d_backward(grad_out, x, offset, weight, mask, stride, padding, d
             _taps(ws, offset, mask, n0, Tp, p0, t, Wo, H, W, kh, kw, stride, padding, dilation,
                   need_offset)
             fresh = held != (n0, nimg)  # the pieces of one image share its buffers
-            if fresh and need_x and held is not None:  # the previous images are done
-                _rows_to_images(ws.grad_images(held[1], HW, Cin), held[0], gxf)
+            if fresh and need_x and held is not None and not channels_last:
+                _rows_to_images(ws.grad_images(held[1], HW, Cin), held[0], gxf)  # done
             held = (n0, nimg)
-            xh = ws.images(nimg, HW, Cin)
-            gxh = ws.grad_images(nimg, HW, Cin) if need_x else dummy
-            if fresh and need_images:
-                _rows_of(xf, n0, nimg, 0, HW, xh.reshape(1, nimg * HW, Cin))
+            if channels_last:  # the arrays themselves are channels last
+                xh = x.reshape(N, HW, Cin)[n0:n0 + nimg]
+                gxh = grad_x.reshape(N, HW, Cin)[n0:n0 + nimg] if need_x else dummy
+                go_tile = grad_out.reshape(N, P, Cout)[n0:n0 + nimg, p0:p0 + Tp]
+                if groups == 1:
+                    go_rows = go_tile.reshape(1, t, Cout)  # a view: whole images or one piece
+                else:
+                    go_rows = ws.go_rows
+                    go_rows[:, :t] = go_tile.reshape(t, groups, Cout_g).transpose(1, 0, 2)
+            else:
+                xh = ws.images(nimg, HW, Cin)
+                gxh = ws.grad_images(nimg, HW, Cin) if need_x else dummy
+                if fresh and need_images:
+                    _rows_of(x.reshape(N, Cin, HW), n0, nimg, 0, HW,
+                             xh.reshape(1, nimg * HW, Cin))
+                go_rows = ws.go_rows
+                _rows_of(grad_out.reshape(N, Cout, P), n0, nimg, p0, Tp, go_rows)
             if fresh and need_x:
                 gxh[...] = 0
-            _rows_of(gof, n0, nimg, p0, Tp, ws.go_rows)
             if need_w:
                 _im2row(xh, Tp, t, ws.idx, ws.wm, ws.empty, group_runs, first, ws.rows)
-            _backward_rows(ws.rows, ws.go_rows, w_cols, ws.grad_rows, gw_parts, t, need_w,
+            _backward_rows(ws.rows, go_rows, w_cols, ws.grad_rows, gw_parts, t, need_w,
                            need_rows)
             if need_w:
                 gw += gw_parts[:_grad_blocks(t)].sum(axis=0)
@@ -639,7 +695,7 @@ def deform_conv2d_backward(grad_out, x, offset, weight, mask, stride, padding, d
                 _offset_mask_grad(xh, ws.grad_rows, n0, Tp, p0, t, ws.idx, ws.wt, ws.msk,
                                   ws.empty, ws.ay, ws.ax, group_runs, first, gof_off, gof_msk,
                                   need_offset, need_mask, x.dtype.type(0))
-        if need_x and held is not None:
+        if need_x and held is not None and not channels_last:
             _rows_to_images(ws.grad_images(held[1], HW, Cin), held[0], gxf)
     if need_w:
         grad_weight[...] = gw.reshape(groups, K, cpg_w, Cout_g).transpose(0, 3, 2, 1).reshape(
