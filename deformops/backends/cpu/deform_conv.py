@@ -540,6 +540,16 @@ def _channels_first_view(a):
     return None if a is None else a.transpose(0, 2, 1)
 
 
+def _sizes(x, out, offset, mask, channels_last):
+    """((N, Cin, H, W), (Ho, Wo), offset, mask) of a call: the sizes from x and the output (or
+    its gradient) in either layout, offset and mask as the (N, ., P) views the kernels index."""
+    if channels_last:
+        N, H, W, Cin = x.shape
+        return ((N, Cin, H, W), out.shape[1:3], _channels_first_view(offset),
+                _channels_first_view(mask))
+    return x.shape, out.shape[2:4], offset, mask
+
+
 def deform_conv2d_forward(x, offset, weight, bias, mask, stride, padding, dilation, out,
                           channels_last=False):
     """Fill ``out`` (N, Cout, Ho, Wo) from contiguous NCHW arrays (offset/mask as (N, ., P)),
@@ -550,13 +560,7 @@ def deform_conv2d_forward(x, offset, weight, bias, mask, stride, padding, dilati
     itself for NHWC), then :func:`_forward_tile`: by blocks of rows, the taps, the block's
     im2col rows and ``rows @ W``, stored into ``out`` (+ bias).
     """
-    if channels_last:
-        N, H, W, Cin = x.shape
-        Ho, Wo = out.shape[1], out.shape[2]
-        offset, mask = _channels_first_view(offset), _channels_first_view(mask)
-    else:
-        N, Cin, H, W = x.shape
-        Ho, Wo = out.shape[2], out.shape[3]
+    (N, Cin, H, W), (Ho, Wo), offset, mask = _sizes(x, out, offset, mask, channels_last)
     Cout, cpg_w, kh, kw = weight.shape
     K, P = kh * kw, Ho * Wo
     groups = Cin // cpg_w
@@ -620,13 +624,7 @@ def deform_conv2d_backward(grad_out, x, offset, weight, mask, stride, padding, d
     gradient of the tile's images (channels last, written back to NCHW once per image) and
     reduced with the images into the offset and mask gradients.
     """
-    if channels_last:
-        N, H, W, Cin = x.shape
-        Ho, Wo = grad_out.shape[1], grad_out.shape[2]
-        offset, mask = _channels_first_view(offset), _channels_first_view(mask)
-    else:
-        N, Cin, H, W = x.shape
-        Ho, Wo = grad_out.shape[2], grad_out.shape[3]
+    (N, Cin, H, W), (Ho, Wo), offset, mask = _sizes(x, grad_out, offset, mask, channels_last)
     Cout, cpg_w, kh, kw = weight.shape
     K, P, HW = kh * kw, Ho * Wo, H * W
     groups = Cin // cpg_w
