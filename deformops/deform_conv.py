@@ -86,8 +86,13 @@ def _prepare(x, offset, weight, bias, mask, stride, padding, dilation, layout, g
     stride = _pair(stride, "stride", 1)
     padding = _pair(padding, "padding", 0)
     dilation = _pair(dilation, "dilation", 1)
-    native = nhwc and getattr(backend, "NATIVE_NHWC", False)  # kernels that read NHWC as it is
+    # Kernels that read NHWC as it is get NHWC arrays: for layout NHWC, and for NCHW views of
+    # channels-last memory (whose results are then NCHW views of NHWC arrays, as the sampling
+    # ops give).
+    native = getattr(backend, "NATIVE_NHWC", False) and (nhwc or _arrays.is_channels_last(x))
     given = {"x": x, "offset": offset, "mask": mask, "grad_out": grad_out}
+    if not nhwc:
+        given = {k: None if a is None else a.transpose(0, 2, 3, 1) for k, a in given.items()}
     if nhwc:
         x, offset = x.transpose(0, 3, 1, 2), offset.transpose(0, 3, 1, 2)
         mask = None if mask is None else mask.transpose(0, 3, 1, 2)
@@ -193,8 +198,9 @@ def deform_conv2d(x, offset, weight, bias=None, *, stride=1, padding=0, dilation
     corners 0 (``mode='grid-constant', cval=0`` of :func:`deformops.sample`). The CPU kernel
     builds im2col columns tile by tile (never for the whole batch) and multiplies them with BLAS;
     its workspace is bounded independently of N (see ``deformops.backends.cpu.deform_conv``).
-    The CPU kernels read and write NHWC as it is; the CUDA backend converts NHWC to NCHW once
-    per call.
+    The CPU kernels read and write NHWC as it is, also for NCHW views of channels-last memory
+    (the result is then an NCHW view of channels-last memory too); the CUDA backend converts
+    NHWC to NCHW once per call.
     """
     a = _prepare(x, offset, weight, bias, mask, stride, padding, dilation, layout)
     native = a["native"]
@@ -206,7 +212,9 @@ def deform_conv2d(x, offset, weight, bias=None, *, stride=1, padding=0, dilation
                                                a["mask"], a["stride"], a["padding"],
                                                a["dilation"], out,
                                                **({"channels_last": True} if native else {}))
-    return out if native else _to_layout(out, a["layout"])
+    if native:
+        return out if a["layout"] == "NHWC" else out.transpose(0, 3, 1, 2)
+    return _to_layout(out, a["layout"])
 
 
 def deform_conv2d_backward(grad_out, x, offset, weight, *, stride=1, padding=0, dilation=1,
@@ -258,12 +266,13 @@ def deform_conv2d_backward(grad_out, x, offset, weight, *, stride=1, padding=0, 
                 if g is not None:
                     g[...] = 0
     N, _, Ho, Wo = a["out_shape"]
-    if native:  # already NHWC; offset and mask gradients (N, Ho*Wo, .)
+    if native:  # NHWC; offset and mask gradients (N, Ho*Wo, .); NCHW views for layout NCHW
+        back = (lambda g: g) if a["layout"] == "NHWC" else (lambda g: g.transpose(0, 3, 1, 2))
         return DeformConv2dGrads(
-            grad_x,
-            None if grad_offset is None else grad_offset.reshape(N, Ho, Wo, off.shape[2]),
+            None if grad_x is None else back(grad_x),
+            None if grad_offset is None else back(grad_offset.reshape(N, Ho, Wo, off.shape[2])),
             grad_weight,
-            None if grad_mask is None else grad_mask.reshape(N, Ho, Wo, mk.shape[2]),
+            None if grad_mask is None else back(grad_mask.reshape(N, Ho, Wo, mk.shape[2])),
             grad_bias,
         )
     layout = a["layout"]

@@ -498,12 +498,21 @@ def test_noncontiguous_views_accepted():
     gv = np.ascontiguousarray(gout.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
     bv = np.stack([bias, -bias], axis=1)[:, 0]
     kw = conv_kwargs(cfg)
-    np.testing.assert_allclose(dops.deform_conv2d(xv, ov, wv, bv, mask=mv, **kw),
-                               dops.deform_conv2d(x, offset, weight, bias, mask=mask, **kw),
+    out = dops.deform_conv2d(xv, ov, wv, bv, mask=mv, **kw)
+    np.testing.assert_allclose(out, dops.deform_conv2d(x, offset, weight, bias, mask=mask, **kw),
                                rtol=1e-13, atol=1e-13)
     a = dops.deform_conv2d_backward(gv, xv, ov, wv, mask=mv, **kw)
     b = dops.deform_conv2d_backward(gout, x, offset, weight, mask=mask, **kw)
     for u, v, name in zip(a, b, GRAD_NAMES):
+        np.testing.assert_allclose(u, v, rtol=1e-13, atol=1e-13, err_msg=name)
+    # channels-last input runs the NHWC kernels: results are NCHW views of NHWC memory
+    for r in (out, a.grad_input, a.grad_offset, a.grad_mask):
+        assert r.transpose(0, 2, 3, 1).flags.c_contiguous
+    # a channels-last x with plain NCHW offset, mask and grad_out gives the same values
+    np.testing.assert_allclose(dops.deform_conv2d(xv, offset, weight, bias, mask=mask, **kw),
+                               out, rtol=1e-13, atol=1e-13)
+    c = dops.deform_conv2d_backward(gout, xv, offset, weight, mask=mask, **kw)
+    for u, v, name in zip(c, b, GRAD_NAMES):
         np.testing.assert_allclose(u, v, rtol=1e-13, atol=1e-13, err_msg=name)
 
 

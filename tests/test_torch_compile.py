@@ -133,12 +133,18 @@ def test_conv_offset_module_compiled_equals_eager():
     _assert_same(run(compiled), run(layer))
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("name", ["deform_conv2d", "sample", "deform_sample"])
-def test_opcheck(name):
-    """Registration of the operator and its backward: schema, fake kernel against the real one,
-    autograd registration, AOT dispatch [oracle: opcheck]."""
+def test_opcheck(name, channels_last):
+    """Registration of the operator and its backward: schema, fake kernel against the real one
+    (strides included: channels_last inputs give channels_last results), autograd
+    registration, AOT dispatch [oracle: opcheck]."""
     fn, make = OPS[name]
-    inputs = [t.requires_grad_() for t in make(3)]
+    inputs = make(3)
+    if channels_last:
+        inputs = [t.to(memory_format=torch.channels_last) if t is not None and t.dim() == 4
+                  else t for t in inputs]
+    inputs = [t.requires_grad_() for t in inputs]
     op = getattr(torch.ops.deformops, name)
     if name == "deform_conv2d":
         x, off, w, b, m = inputs

@@ -231,7 +231,8 @@ def test_sampling_channels_last(op, mode, dtype):
 
 
 def test_deform_conv2d_channels_last():
-    """channels_last input, offset and mask give the NCHW results [oracle: contiguous run]."""
+    """channels_last input, offset and mask give the NCHW results, in channels_last (the core's
+    NHWC kernels, no copy) [oracle: contiguous run]."""
     rng = np.random.default_rng(7)
     tensors, kw = conv_case(rng, N=2, Cin=4, Cout=3, H=5, W=6, mask=True, bias=True)
     leaves = [t.requires_grad_() for t in tensors]
@@ -241,6 +242,7 @@ def test_deform_conv2d_channels_last():
     assert not cl[0].is_contiguous()
     ref, out = call_conv(*leaves, kw), call_conv(*cl, kw)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
     go = torch.randn_like(ref)
     for a, r in zip(_grads(out, cl, go), _grads(ref, leaves, go)):
         torch.testing.assert_close(a, r, rtol=0, atol=1e-12)

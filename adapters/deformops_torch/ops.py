@@ -125,13 +125,21 @@ def _conv_backward_kernel(grad_out, input, offset, weight, mask, stride, padding
     return tuple(None if g is None else to_tensor(g) for g in grads)
 
 
+def _conv_format(input):
+    """Memory format of the results: a CPU channels_last input runs the core's NHWC kernels,
+    whose results are channels_last (CUDA converts to NCHW)."""
+    return (torch.channels_last if input.device.type == "cpu" and is_channels_last(input)
+            else torch.contiguous_format)
+
+
 @_deform_conv2d.register_fake
 def _(input, offset, weight, bias, mask, stride, padding, dilation):
     N, _, H, W = input.shape
     Cout, _, kh, kw = weight.shape
     Ho = _conv_out_size(H, kh, stride[0], padding[0], dilation[0])
     Wo = _conv_out_size(W, kw, stride[1], padding[1], dilation[1])
-    return input.new_empty((N, Cout, Ho, Wo))
+    return torch.empty((N, Cout, Ho, Wo), dtype=input.dtype, device=input.device,
+                       memory_format=_conv_format(input))
 
 
 @torch.library.custom_op("deformops::deform_conv2d_backward", mutates_args=(),
@@ -148,10 +156,12 @@ def _deform_conv2d_backward(grad_out: Tensor, input: Tensor, offset: Tensor, wei
 @_deform_conv2d_backward.register_fake
 def _(grad_out, input, offset, weight, mask, stride, padding, dilation, needs_input_grad):
     likes = (input, offset, weight, mask, grad_out.new_empty((weight.shape[0],)))
+    fmt = _conv_format(input)  # input, offset and mask gradients; weight and bias contiguous
+    formats = (fmt, fmt, torch.contiguous_format, fmt, torch.contiguous_format)
     return tuple(
-        torch.empty_like(t, memory_format=torch.contiguous_format) if need and t is not None
+        torch.empty_like(t, memory_format=f) if need and t is not None
         else input.new_empty(_EMPTY)
-        for t, need in zip(likes, needs_input_grad))
+        for t, need, f in zip(likes, needs_input_grad, formats))
 
 
 def _conv_setup_context(ctx, inputs, output):
