@@ -2,15 +2,16 @@
 
 The output pixels of the batch, flattened as (n, p), are cut into tiles of at most T columns:
 whole images when an image has at most ``T`` pixels, else pieces of one image (tiles of equal
-size). Each tile's images are copied channels last once (``_rows_of``), so that every sample of
-a tap reads a run of contiguous channels and the channel loops are vector loops.
+size). Each tile's images are copied channels last once (``_rows_of``; NHWC arrays are read
+as they are), so that every sample of a tap reads a run of contiguous channels and the channel
+loops are vector loops.
 
 Forward, ``_forward_tile``, by blocks of at most ROW_BLOCK columns (one task per thread, each
 with its own block buffers, which stay in the core's cache): the bilinear taps of each (offset
 group g, kernel tap k, column j), with torchvision's zero-padding rule (``mode='grid-constant'``,
 ``cval=0``) and the mask; the block's im2col rows, ``rows[gr, j, k*cpg_w + c] = mask *
 bilinear(x[n, gr*cpg_w + c], y, x)`` (conv group gr); ``rows @ W`` per conv group, stored
-transposed into the NCHW output (+ bias).
+transposed into the NCHW output, or as it is into an NHWC one (+ bias).
 
 Backward, per tile:
 
@@ -238,18 +239,20 @@ def _row_blocks(t):
 def _forward_tile(xh, offset, mask, has_mask, n0, Tp, p0, t, Wo, H, W, kh, kw, stride, padding,
                   dilation, runs, first, w_rows, bias, has_bias, of, channels_last, rows_ws,
                   res_ws, wm_ws):
-    """out[n0 + j // Tp, :, p0 + j % Tp] for the tile's columns j < t, by blocks of rows.
+    """The output of the tile's columns j < t (image n0 + j // Tp, pixel p0 + j % Tp), by
+    blocks of rows.
 
     For each block (:func:`_row_blocks`): the taps of its columns, computed where they are
     used; the block's im2col rows, ``rows[gr, j - lo, k*cpg_w + c'] = mask * bilinear(x[n,
     gr*cpg_w + c'], y, x)`` (conv group gr, its channel c', tap k), read from the images
     channels last ``xh`` (runs of contiguous channels: vector loops); then ``rows @ W`` per conv
     group (single-threaded BLAS, Numba's np.dot), stored transposed into ``of`` (nimg, Cout,
-    P), or as it is into ``of`` (nimg, P, Cout) with ``channels_last`` (+ bias); ``offset``
-    and ``mask`` are (N, ., P) views (strided for NHWC); ``runs``, ``first``: the channel runs of each offset group
-    (:func:`_group_runs`). Slot s of the workspaces (rows_ws: (slots, groups, ROW_BLOCK, K*cpg_w),
-    res_ws: (slots, groups, ROW_BLOCK, Cout_g), wm_ws: (slots, 4)) serves blocks s, s + slots,
-    ...: it stays in the core's cache, and no two tasks share one.
+    P), or as it is into ``of`` (nimg, P, Cout) with ``channels_last`` (+ bias). ``offset``
+    and ``mask`` are (N, ., P) views (strided for NHWC); ``runs``, ``first``: the channel runs
+    of each offset group (:func:`_group_runs`). Slot s of the workspaces (rows_ws: (slots,
+    groups, ROW_BLOCK, K*cpg_w), res_ws: (slots, groups, ROW_BLOCK, Cout_g), wm_ws: (slots,
+    4)) serves blocks s, s + slots, ...: it stays in the core's cache, and no two tasks share
+    one.
     """
     K = kh * kw
     G = offset.shape[1] // (2 * K)
