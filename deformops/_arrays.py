@@ -200,6 +200,30 @@ def to_kernel_order(a, channels_last):
     return xp_of(a).ascontiguousarray(m)
 
 
+ALIGN = 64  # bytes: results start on a cache line (and where TensorFlow can share them)
+
+
+def empty(xp, shape, dtype):
+    """An uninitialised C-contiguous result array; NumPy buffers start on an ALIGN-byte
+    boundary (NumPy's own aligns to 16 only; TensorFlow refuses to share a buffer that is not
+    64-byte aligned, so the TF adapter would copy it)."""
+    if xp is not np:
+        return xp.empty(shape, dtype)
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    buf = np.empty(nbytes + ALIGN, np.uint8)
+    start = (-buf.ctypes.data) % ALIGN
+    return buf[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def empty_like(xp, a):
+    """:func:`empty` with the shape and dtype of ``a`` when ``a`` is C-contiguous, else
+    ``xp.empty_like(a)`` (which keeps a's memory order)."""
+    if xp is np and a.flags.c_contiguous:
+        return empty(xp, a.shape, a.dtype)
+    return xp.empty_like(a)
+
+
 def is_channels_last(a):
     """True when a 4-D NCHW-indexed array is C-contiguous in (N, H, W, C) order and not in NCHW."""
     return (not a.flags.c_contiguous) and a.transpose(0, 2, 3, 1).flags.c_contiguous

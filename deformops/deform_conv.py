@@ -206,7 +206,7 @@ def deform_conv2d(x, offset, weight, bias=None, *, stride=1, padding=0, dilation
     native = a["native"]
     with _arrays.device_of(a["x"]):
         shape = _nhwc_shape(a["out_shape"]) if native else a["out_shape"]
-        out = _arrays.xp_of(a["x"]).empty(shape, a["x"].dtype)
+        out = _arrays.empty(_arrays.xp_of(a["x"]), shape, a["x"].dtype)
         if out.size:
             a["backend"].deform_conv2d_forward(a["x"], a["offset"], a["weight"], a["bias"],
                                                a["mask"], a["stride"], a["padding"],
@@ -247,10 +247,10 @@ def deform_conv2d_backward(grad_out, x, offset, weight, *, stride=1, padding=0, 
     native = a["native"]
     with _arrays.device_of(xk):
         xp = _arrays.xp_of(xk)
-        grad_x = xp.empty_like(xk) if need[0] else None
-        grad_offset = xp.empty_like(off) if need[1] else None
-        grad_weight = xp.empty_like(wk) if need[2] else None
-        grad_mask = xp.empty_like(mk) if need[3] and mk is not None else None
+        grad_x = _arrays.empty_like(xp, xk) if need[0] else None
+        grad_offset = _arrays.empty_like(xp, off) if need[1] else None
+        grad_weight = _arrays.empty_like(xp, wk) if need[2] else None
+        grad_mask = _arrays.empty_like(xp, mk) if need[3] and mk is not None else None
         grad_bias = None
         if need[4] and go.dtype.itemsize < 4:  # half types (CUDA): accumulate in float32
             grad_bias = go.sum(axis=(0, 2, 3), dtype=np.float32).astype(go.dtype)

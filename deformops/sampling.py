@@ -114,7 +114,7 @@ def _forward(x, coords, order, mode, cval, layout, coords_name, relative):
         Ho, Wo = coords_k.shape[2:]
         shape = (N, C, Ho, Wo)
     with _arrays.device_of(x_k):
-        out = xp.empty(shape, x_k.dtype)
+        out = _arrays.empty(xp, shape, x_k.dtype)
         backend.sample_forward(x_k, coords_k, out, order, mode, cval, relative, cl)
     return _from_kernel_order(out, cl, layout)
 
@@ -128,8 +128,8 @@ def _backward(grad_out, x, coords, order, mode, cval, layout, needs_input_grad, 
     )
     xp = _arrays.xp_of(x_k)
     with _arrays.device_of(x_k):
-        grad_x = xp.empty_like(x_k) if need_x else None
-        grad_coords = xp.empty_like(coords_k) if need_coords else None
+        grad_x = _arrays.empty_like(xp, x_k) if need_x else None
+        grad_coords = _arrays.empty_like(xp, coords_k) if need_coords else None
         backend.sample_backward(go_k, x_k, coords_k, grad_x, grad_coords, order, mode, cval,
                                 relative, cl)
     return (

@@ -826,3 +826,26 @@ def test_matches_torchvision_prime_batch():
     cfg = _cfg(N=37, Cin=6, Cout=4, H=4, W=5, kh=3, kw=3, groups=2, G=3, stride=1, padding=1,
                dilation=1)
     _torchvision_case(cfg, np.random.default_rng(17), "mixed", True, True)
+
+
+def test_results_start_on_a_cache_line():
+    """NumPy results of deform_conv2d and sample (outputs and gradients, both layouts) start on
+    a 64-byte boundary, which TensorFlow needs to share them without a copy
+    [oracle: the buffer address]."""
+    rng = np.random.default_rng(3)
+    cfg = _cfg(N=2, Cin=4, Cout=6, H=7, W=5, kh=3, kw=3, groups=1, G=2, stride=1, padding=1,
+               dilation=1)
+    x, offset, weight, bias, mask, gout = make_arrays(rng, cfg)
+    kw = conv_kwargs(cfg)
+    for layout in LAYOUTS:
+        cl = lambda a: to_layout(a, layout)  # noqa: E731
+        out = dops.deform_conv2d(cl(x), cl(offset), weight, bias, mask=cl(mask), layout=layout,
+                                 **kw)
+        grads = dops.deform_conv2d_backward(cl(gout), cl(x), cl(offset), weight, mask=cl(mask),
+                                            layout=layout, **kw)
+        coords = rng.uniform(-1, 6, (2, 4, 3, 3)) if layout == "NCHW" else \
+            rng.uniform(-1, 6, (2, 3, 3, 4))
+        s = dops.sample(cl(x), coords, layout=layout)
+        sg = dops.sample_backward(np.ones_like(s), cl(x), coords, layout=layout)
+        for r in (out, *grads[:4], s, *sg):
+            assert r.__array_interface__["data"][0] % 64 == 0
