@@ -10,17 +10,16 @@ here: this project's CI carries tensorflow-cpu only.)
 deformops → TF: TensorFlow aborts the whole process (``Check failed: IsAligned()``) when a kernel
 reads a tensor whose buffer is not 64-byte aligned, and ``tf.experimental.dlpack.from_dlpack``
 does not check. NumPy's allocator aligns to 16 bytes only, so an array is shared with TF only when
-it is C-contiguous and 64-byte aligned; any other array
+it is C-contiguous and 64-byte aligned (deformops allocates its results so); any other array
 is first copied into a buffer allocated 64-byte aligned here (one memcpy, as cheap as
 ``tf.convert_to_tensor``'s own copy).
 """
 
-import math
-
 import numpy as np
 import tensorflow as tf
+from deformops import _arrays
 
-ALIGN = 64  # bytes: TensorFlow's EIGEN_MAX_ALIGN_BYTES on AVX-512 machines
+ALIGN = _arrays.ALIGN  # bytes: TensorFlow's EIGEN_MAX_ALIGN_BYTES on AVX-512 machines
 
 _DL_CPU, _DL_CUDA_HOST = 1, 3
 
@@ -60,11 +59,7 @@ def to_core(t, perm=None):
 
 def aligned_empty(shape, dtype):
     """An uninitialised C-contiguous array whose buffer starts on a 64-byte boundary."""
-    dtype = np.dtype(dtype)
-    nbytes = math.prod(shape) * dtype.itemsize
-    buf = np.empty(nbytes + ALIGN, np.uint8)
-    start = (-buf.ctypes.data) % ALIGN
-    return buf[start:start + nbytes].view(dtype).reshape(shape)
+    return _arrays.empty(np, shape, dtype)
 
 
 def _shareable(a):
