@@ -144,49 +144,29 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
     assert "resumed phase1" not in out and "phase 2 (b)" in out
 
 
-class _StopAfterFirstSave(Exception):
-    pass
-
-
 def test_training_resumed_mid_part_equals_an_uninterrupted_one(tmp_path):
     """Oracle: the same fine-tuning without a stop. A run stopped right after storing its first
     epoch, then resumed from a model with other weights, must end with the same weights, curve
     and step count; the stored epoch is dropped once the part is stored."""
-    import argparse
-
     import mnist_torch
-    from mnist_checkpoints import Checkpoints, EpochState
+    from _resume import resume_args, whole_and_resumed
 
-    args = argparse.Namespace(
-        framework="torch", seed=0, epochs_cnn=1, epochs_finetune=3, cnn_images=0,
-        finetune_images=64, test_images=0, test_draws=0, out=str(tmp_path), resume=True)
+    args = resume_args(tmp_path, "torch")
     rng = np.random.default_rng(0)
     images = rng.random((96, 28, 28)).astype(np.float32)
     labels = rng.integers(0, 10, 96)
     torch.set_num_threads(1)
 
-    def finetune(epoch_state, init_seed=0):
+    def finetune(epoch_state, init_seed):
         torch.manual_seed(0)
         cnn = mnist_models.CNN()
         torch.manual_seed(init_seed)  # the offset layers' initialisation
         return mnist_torch.finetune("d", cnn, images, labels, args, np.random.default_rng(7),
                                     epoch_state=epoch_state)
 
-    whole, whole_run, _ = finetune(None)
-
-    class StopAfterSave(EpochState):
-        def save(self, state):
-            super().save(state)
-            raise _StopAfterFirstSave
-
-    store = Checkpoints(args)
-    with pytest.raises(_StopAfterFirstSave):
-        finetune(StopAfterSave(store, "variant_d.epoch"))
-    epoch_state = store.epochs("variant_d")
-    assert epoch_state.load()["epoch"] == 1
-    resumed, resumed_run, _ = finetune(epoch_state, init_seed=1)
+    (whole, whole_run, _), (resumed, resumed_run, _), epoch_state = whole_and_resumed(
+        args, finetune)
     assert resumed_run["history"] == whole_run["history"]
-    assert resumed_run["earlier_s"] > 0 and whole_run["earlier_s"] == 0
     for name, value in whole.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], value, rtol=0, atol=0, msg=name)
     epoch_state.drop()

@@ -137,3 +137,27 @@ def test_scaled_mnist_keras_runs_end_to_end(tmp_path):
     assert res["curves"]["phase 1"][0][0] == 32  # (images seen, loss, accuracy) every 25 steps
     assert (tmp_path / "scaled_mnist.md").stat().st_size > 100
     assert "training step (batch 32)" in r.stdout
+
+
+def test_training_resumed_mid_part_equals_an_uninterrupted_one(tmp_path):
+    """Oracle: the same Keras fine-tuning without a stop. A run stopped right after storing its
+    first epoch, then resumed into a model with other weights, must end with the same weights
+    (optimizer state included) and the same running curve."""
+    from _resume import resume_args, whole_and_resumed
+
+    args = resume_args(tmp_path, "keras")
+    rng = np.random.default_rng(0)
+    images = rng.random((96, 28, 28)).astype(np.float32)
+    labels = rng.integers(0, 10, 96)
+
+    def finetune(epoch_state, init_seed):
+        cnn = _random_cnn()
+        keras.utils.set_random_seed(init_seed)  # the offset layers' initialisation
+        return mnist_keras.finetune("d", cnn, images, labels, args, np.random.default_rng(7),
+                                    epoch_state=epoch_state)
+
+    (whole, whole_run, _), (resumed, resumed_run, _), _ = whole_and_resumed(args, finetune)
+    np.testing.assert_allclose(np.array(resumed_run["history"]),
+                               np.array(whole_run["history"]), rtol=1e-5, atol=1e-6)
+    for a, b in zip(resumed.get_weights(), whole.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
