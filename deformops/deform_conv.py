@@ -90,9 +90,6 @@ def _prepare(x, offset, weight, bias, mask, stride, padding, dilation, layout, g
     # channels-last memory (whose results are then NCHW views of NHWC arrays, as the sampling
     # ops give).
     native = getattr(backend, "NATIVE_NHWC", False) and (nhwc or _arrays.is_channels_last(x))
-    given = {"x": x, "offset": offset, "mask": mask, "grad_out": grad_out}
-    if not nhwc:
-        given = {k: None if a is None else a.transpose(0, 2, 3, 1) for k, a in given.items()}
     if nhwc:
         x, offset = x.transpose(0, 3, 1, 2), offset.transpose(0, 3, 1, 2)
         mask = None if mask is None else mask.transpose(0, 3, 1, 2)
@@ -138,7 +135,9 @@ def _prepare(x, offset, weight, bias, mask, stride, padding, dilation, layout, g
         raise ValueError(f"grad_out must have the output's shape {want}; got {_shape(grad_out, nhwc)}")
     c = _arrays.xp_of(x).ascontiguousarray
     if native:
-        x, offset, mask, grad_out = (given[k] for k in ("x", "offset", "mask", "grad_out"))
+        # the NCHW-indexed arrays checked above, back as NHWC views (the given arrays for NHWC)
+        x, offset, mask, grad_out = (None if a is None else a.transpose(0, 2, 3, 1)
+                                     for a in (x, offset, mask, grad_out))
         shape, mask_shape = (N, Ho * Wo, G2K), (N, Ho * Wo, G * K)
     else:
         shape, mask_shape = (N, G2K, Ho * Wo), (N, G * K, Ho * Wo)
