@@ -1,17 +1,19 @@
 """Numba CPU kernels for ``sample`` / ``deform_sample`` and their gradients.
 
-Every kernel takes C-contiguous arrays in one of two memory orders and is compiled lazily, once
-per (kernel, dtype), with read-only input types (so read-only arrays need no copy):
+Every kernel works on C-contiguous arrays in one of two memory orders and is compiled lazily,
+once per (kernel, dtype), as a serial C entry point that runs a range of tasks; ``._launch``
+runs it over all tasks on Numba's thread team (a ``prange`` loop per kernel took twice as long
+to compile, issue 2). Arguments are packed by ``._launch.pack`` (layouts in each kernel):
 
 - ``nchw``: x (N, C, H, W), coords (N, 2G, Ho, Wo), out (N, C, Ho, Wo);
 - ``nhwc``: x (N, H, W, C), coords (N, Ho, Wo, 2G), out (N, Ho, Wo, C).
 
-Parallel loops run over independent outputs, so no two threads write one element and results are
+Tasks write disjoint outputs, so no two threads write one element and results are
 bit-identical from run to run and for any number of threads:
 
 - forward and coordinate gradient: one task per (image, group, chunk of output points); the taps
   of the chunk are computed once and reused for every channel of the group;
-- input gradient: a first loop stores the taps of a block of images in a table, a second loop
+- input gradient: a first pass stores the taps of a block of images in a table, a second pass
   scatters with one task per input plane (NCHW) or per block of channels (NHWC).
 
 With ``relative=True`` the coordinates are offsets from the output grid (``deform_sample``):
@@ -21,9 +23,10 @@ the sample point of output (i, j) is ``(i + dy, j + dx)``.
 import functools
 
 import numpy as np
-from numba import njit, prange, types
+from numba import cfunc, njit, types
 
 from ._taps import CHUNK, corner_slopes, corner_taps, point_taps
+from ._launch import array4, float_at, launch, meta_array, pack
 
 # Tap indices are stored unsigned (np.uintp): Numba then skips the negative-index wraparound
 # check on every gather and scatter.
@@ -52,14 +55,16 @@ def _store_slopes(slopes, j, ay, ax, cst):
 
 @njit(cache=True)
 def _fill_chunk(cn, channels_last, g, p0, m, Wo, relative, H, W, mode, order, cval, col0,
-                idx, wt, bias, empty, slopes, ay, ax, cst):
-    """Taps (and, if ``slopes``, derivative coefficients) of points p0 .. p0+m-1 of group g.
+                idx, wt, bias, empty, ay, ax, cst):
+    """Taps (and, when ``cst`` has columns, derivative coefficients) of points p0 .. p0+m-1 of
+    group g. (A run-time condition: one compiled variant serves forward and backward.)
 
     ``cn`` holds one image's coordinates, (2G, P) or, if ``channels_last``, (P, 2G); point
     p0 + j goes to column col0 + j of the tap arrays. ``empty`` flags the points that read no
     pixel (their value is ``bias``); returns how many there are.
     """
     n_empty = 0
+    slopes = cst.shape[1] > 0
     # the grid position of point p0 + j, counted on (no integer division per point)
     row = p0 // Wo
     col = p0 - row * Wo
@@ -169,7 +174,14 @@ def _slope_sums(xf, gof, c0, c1, idx, ay, ax, cst, p0, m, acc):
         c += 1
 
 
-def _sample_forward_nchw(x, coords, out, order, mode, cval, relative):
+def _forward_nchw(t0, t1, first, maddr):
+    """Tasks t0 .. t1-1 of the NCHW forward: one per (image, group, chunk of points).
+
+    Packed: x, coords, out; order, mode, relative; cval (as :func:`sample_forward` packs them).
+    """
+    args = meta_array(maddr, 19)
+    x, coords, out = array4(args, 0, first), array4(args, 5, first), array4(args, 10, first)
+    order, mode, relative, cval = args[15], args[16], args[17] != 0, float_at(maddr, 18)
     N, C, H, W = x.shape
     G = coords.shape[1] // 2
     Ho, Wo = coords.shape[2], coords.shape[3]
@@ -179,17 +191,18 @@ def _sample_forward_nchw(x, coords, out, order, mode, cval, relative):
     cf = coords.reshape(N, 2 * G, P)
     of = out.reshape(N * C, P)
     nchunks = (P + CHUNK - 1) // CHUNK
-    for task in prange(N * G * nchunks):
+    idx = np.empty((4, CHUNK), np.uintp)
+    wt = np.empty((4, CHUNK), x.dtype)
+    bias = np.empty(CHUNK, x.dtype)
+    empty = np.empty(CHUNK, np.bool_)
+    no_slopes = np.empty((4, 0), x.dtype)
+    for task in range(t0, t1):
         n = task // (G * nchunks)
         g = (task // nchunks) % G
         p0 = (task % nchunks) * CHUNK
         m = min(CHUNK, P - p0)
-        idx = np.empty((4, CHUNK), np.uintp)
-        wt = np.empty((4, CHUNK), x.dtype)
-        bias = np.empty(CHUNK, x.dtype)
-        empty = np.empty(CHUNK, np.bool_)
         n_empty = _fill_chunk(cf[n], False, g, p0, m, Wo, relative, H, W, mode, order, cval,
-                              0, idx, wt, bias, empty, False, wt, wt, wt)
+                              0, idx, wt, bias, empty, no_slopes, no_slopes, no_slopes)
         c = n * C + g * cpg
         c_end = c + cpg
         while c + 4 <= c_end:  # four channels share each load of the taps
@@ -202,7 +215,11 @@ def _sample_forward_nchw(x, coords, out, order, mode, cval, relative):
             _set_empty(of, n * C + g * cpg, c_end, empty, bias, p0, m)
 
 
-def _sample_forward_nhwc(x, coords, out, order, mode, cval, relative):
+def _forward_nhwc(t0, t1, first, maddr):
+    """Tasks t0 .. t1-1 of the NHWC forward: one per (image, chunk of points), all groups."""
+    args = meta_array(maddr, 19)
+    x, coords, out = array4(args, 0, first), array4(args, 5, first), array4(args, 10, first)
+    order, mode, relative, cval = args[15], args[16], args[17] != 0, float_at(maddr, 18)
     N, H, W, C = x.shape
     Ho, Wo = coords.shape[1], coords.shape[2]
     G = coords.shape[3] // 2
@@ -212,17 +229,18 @@ def _sample_forward_nhwc(x, coords, out, order, mode, cval, relative):
     cf = coords.reshape(N, P, 2 * G)
     of = out.reshape(N, P, C)
     nchunks = (P + CHUNK - 1) // CHUNK
-    for task in prange(N * nchunks):
+    idx = np.empty((4, G * CHUNK), np.uintp)
+    wt = np.empty((4, G * CHUNK), x.dtype)
+    bias = np.empty(G * CHUNK, x.dtype)
+    empty = np.empty(G * CHUNK, np.bool_)
+    no_slopes = np.empty((4, 0), x.dtype)
+    for task in range(t0, t1):
         n = task // nchunks
         p0 = (task % nchunks) * CHUNK
         m = min(CHUNK, P - p0)
-        idx = np.empty((4, G * CHUNK), np.uintp)
-        wt = np.empty((4, G * CHUNK), x.dtype)
-        bias = np.empty(G * CHUNK, x.dtype)
-        empty = np.empty(G * CHUNK, np.bool_)
         for g in range(G):
             _fill_chunk(cf[n], True, g, p0, m, Wo, relative, H, W, mode, order, cval, g * CHUNK,
-                        idx, wt, bias, empty, False, wt, wt, wt)
+                        idx, wt, bias, empty, no_slopes, no_slopes, no_slopes)
         for j in range(m):
             dst = of[n, p0 + j]
             for g in range(G):
@@ -237,8 +255,20 @@ def _sample_forward_nhwc(x, coords, out, order, mode, cval, relative):
                         dst[c] = b + w0 * r0[c] + w1 * r1[c] + w2 * r2[c] + w3 * r3[c]
 
 
-def _sample_backward_nchw(grad_out, x, coords, grad_x, grad_coords, order, mode, cval, relative,
-                          need_x, need_coords):
+def _points_nchw(t0, t1, first, maddr):
+    """Tasks t0 .. t1-1 of the NCHW backward's first pass, one per (image, group, chunk of
+    points): the taps into the tables ``tidx``/``twt`` (N, G, 4, P) when ``need_x``, and the
+    coordinate gradient when ``need_coords``.
+
+    Packed: grad_out, x, coords, grad_coords, tidx (uintp), twt; order, mode, relative, need_x,
+    need_coords; cval (as :func:`sample_backward` packs them).
+    """
+    args = meta_array(maddr, 36)
+    grad_out, x, coords = array4(args, 0, first), array4(args, 5, first), array4(args, 10, first)
+    grad_coords, twt = array4(args, 15, first), array4(args, 25, first)
+    tidx = array4(args, 20, np.uintp)
+    order, mode, relative = args[30], args[31], args[32] != 0
+    need_x, need_coords, cval = args[33] != 0, args[34] != 0, float_at(maddr, 35)
     N, C, H, W = x.shape
     G = coords.shape[1] // 2
     Ho, Wo = coords.shape[2], coords.shape[3]
@@ -247,62 +277,83 @@ def _sample_backward_nchw(grad_out, x, coords, grad_x, grad_coords, order, mode,
     xf = x.reshape(N * C, H * W)
     cf = coords.reshape(N, 2 * G, P)
     gof = grad_out.reshape(N * C, P)
-    # grad_x / grad_coords are (0, 0, 0, 0) placeholders when not needed
-    gxf = grad_x.reshape(grad_x.shape[0] * grad_x.shape[1], grad_x.shape[2] * grad_x.shape[3])
+    # grad_coords is a (0, 0, 0, 0) placeholder when not needed
     gcf = grad_coords.reshape(grad_coords.shape[0], grad_coords.shape[1],
                               grad_coords.shape[2] * grad_coords.shape[3])
     nchunks = (P + CHUNK - 1) // CHUNK
-    # Taps of every (image, group, point), kept for the scatter when grad_x is needed.
-    tp = P if need_x else 0
-    tidx = np.empty((N, G, 4, tp), np.uintp)
-    twt = np.empty((N, G, 4, tp), x.dtype)
-    for task in prange(N * G * nchunks):
+    idx = np.empty((4, CHUNK), np.uintp)
+    wt = np.empty((4, CHUNK), x.dtype)
+    bias = np.empty(CHUNK, x.dtype)
+    ns = CHUNK if need_coords else 0  # no slope columns: no slopes computed
+    ay = np.empty((4, ns), x.dtype)
+    ax = np.empty((4, ns), x.dtype)
+    cst = np.empty((2, ns), x.dtype)
+    empty = np.empty(CHUNK, np.bool_)
+    acc = np.empty((2, CHUNK), x.dtype)
+    zeros = np.zeros(CHUNK, x.dtype)
+    for task in range(t0, t1):
         n = task // (G * nchunks)
         g = (task // nchunks) % G
         p0 = (task % nchunks) * CHUNK
         m = min(CHUNK, P - p0)
-        idx = np.empty((4, CHUNK), np.uintp)
-        wt = np.empty((4, CHUNK), x.dtype)
-        bias = np.empty(CHUNK, x.dtype)
-        ay = np.empty((4, CHUNK), x.dtype)
-        ax = np.empty((4, CHUNK), x.dtype)
-        cst = np.empty((2, CHUNK), x.dtype)
-        empty = np.empty(CHUNK, np.bool_)
         n_empty = _fill_chunk(cf[n], False, g, p0, m, Wo, relative, H, W, mode, order, cval, 0,
-                              idx, wt, bias, empty, need_coords, ay, ax, cst)
+                              idx, wt, bias, empty, ay, ax, cst)
         if need_x:
             for k in range(4):
                 for j in range(m):
                     tidx[n, g, k, p0 + j] = idx[k, j]
                     twt[n, g, k, p0 + j] = wt[k, j]
         if need_coords:
-            acc = np.empty((2, CHUNK), x.dtype)
-            _slope_sums(xf, gof, n * C + g * cpg, n * C + (g + 1) * cpg, idx, ay, ax, cst, p0, m, acc)
+            _slope_sums(xf, gof, n * C + g * cpg, n * C + (g + 1) * cpg, idx, ay, ax, cst, p0, m,
+                        acc)
             if n_empty:  # constant output, and the sums read pixel 0 with weight 0
-                _set_empty(acc, 0, 2, empty, np.zeros(m, x.dtype), 0, m)
+                _set_empty(acc, 0, 2, empty, zeros, 0, m)
             for j in range(m):
                 gcf[n, 2 * g, p0 + j] = acc[0, j]
                 gcf[n, 2 * g + 1, p0 + j] = acc[1, j]
-    if need_x:
-        for plane in prange(N * C):
-            n = plane // C
-            g = (plane % C) // cpg
-            dst = gxf[plane]
-            for i in range(H * W):
-                dst[i] = 0.0
-            go = gof[plane]
-            ti = tidx[n, g]
-            tw = twt[n, g]
-            for p in range(P):
-                gv = go[p]
-                dst[ti[0, p]] += tw[0, p] * gv
-                dst[ti[1, p]] += tw[1, p] * gv
-                dst[ti[2, p]] += tw[2, p] * gv
-                dst[ti[3, p]] += tw[3, p] * gv
 
 
-def _sample_backward_nhwc(grad_out, x, coords, grad_x, grad_coords, order, mode, cval, relative,
-                          need_x, need_coords):
+def _scatter_nchw(t0, t1, first, maddr):
+    """Planes t0 .. t1-1 of the NCHW input gradient (one task per (image, channel) plane): the
+    adjoint of sampling, ``grad_x[ti[k, p]] += tw[k, p] * grad_out[p]``.
+
+    Packed: grad_out, grad_x, tidx (uintp), twt.
+    """
+    args = meta_array(maddr, 20)
+    grad_out, grad_x = array4(args, 0, first), array4(args, 5, first)
+    tidx, twt = array4(args, 10, np.uintp), array4(args, 15, first)
+    N, C, H, W = grad_x.shape
+    G = tidx.shape[1]
+    P = tidx.shape[3]
+    cpg = C // G
+    gxf = grad_x.reshape(N * C, H * W)
+    gof = grad_out.reshape(N * C, P)
+    for plane in range(t0, t1):
+        n = plane // C
+        g = (plane % C) // cpg
+        dst = gxf[plane]
+        for i in range(H * W):
+            dst[i] = 0.0
+        go = gof[plane]
+        ti = tidx[n, g]
+        tw = twt[n, g]
+        for p in range(P):
+            gv = go[p]
+            dst[ti[0, p]] += tw[0, p] * gv
+            dst[ti[1, p]] += tw[1, p] * gv
+            dst[ti[2, p]] += tw[2, p] * gv
+            dst[ti[3, p]] += tw[3, p] * gv
+
+
+def _points_nhwc(t0, t1, first, maddr):
+    """:func:`_points_nchw` for NHWC: one task per (image, chunk of points), all groups; the
+    tables are (N, P, 4, G)."""
+    args = meta_array(maddr, 36)
+    grad_out, x, coords = array4(args, 0, first), array4(args, 5, first), array4(args, 10, first)
+    grad_coords, twt = array4(args, 15, first), array4(args, 25, first)
+    tidx = array4(args, 20, np.uintp)
+    order, mode, relative = args[30], args[31], args[32] != 0
+    need_x, need_coords, cval = args[33] != 0, args[34] != 0, float_at(maddr, 35)
     N, H, W, C = x.shape
     Ho, Wo = coords.shape[1], coords.shape[2]
     G = coords.shape[3] // 2
@@ -311,29 +362,25 @@ def _sample_backward_nhwc(grad_out, x, coords, grad_x, grad_coords, order, mode,
     xf = x.reshape(N, H * W, C)
     cf = coords.reshape(N, P, 2 * G)
     gof = grad_out.reshape(N, P, C)
-    # grad_x / grad_coords are (0, 0, 0, 0) placeholders when not needed
-    gxf = grad_x.reshape(grad_x.shape[0], grad_x.shape[1] * grad_x.shape[2], grad_x.shape[3])
     gcf = grad_coords.reshape(grad_coords.shape[0], grad_coords.shape[1] * grad_coords.shape[2],
                               grad_coords.shape[3])
     nchunks = (P + CHUNK - 1) // CHUNK
-    tp = P if need_x else 0
-    tidx = np.empty((N, tp, 4, G), np.uintp)
-    twt = np.empty((N, tp, 4, G), x.dtype)
-    for task in prange(N * nchunks):
+    idx = np.empty((4, G * CHUNK), np.uintp)
+    wt = np.empty((4, G * CHUNK), x.dtype)
+    bias = np.empty(G * CHUNK, x.dtype)
+    ns = G * CHUNK if need_coords else 0  # no slope columns: no slopes computed
+    ay = np.empty((4, ns), x.dtype)
+    ax = np.empty((4, ns), x.dtype)
+    cst = np.empty((2, ns), x.dtype)
+    empty = np.empty(G * CHUNK, np.bool_)
+    acc = np.empty(2, x.dtype)
+    for task in range(t0, t1):
         n = task // nchunks
         p0 = (task % nchunks) * CHUNK
         m = min(CHUNK, P - p0)
-        idx = np.empty((4, G * CHUNK), np.uintp)
-        wt = np.empty((4, G * CHUNK), x.dtype)
-        bias = np.empty(G * CHUNK, x.dtype)
-        ay = np.empty((4, G * CHUNK), x.dtype)
-        ax = np.empty((4, G * CHUNK), x.dtype)
-        cst = np.empty((2, G * CHUNK), x.dtype)
-        acc = np.empty(2, x.dtype)
-        empty = np.empty(G * CHUNK, np.bool_)
         for g in range(G):
             _fill_chunk(cf[n], True, g, p0, m, Wo, relative, H, W, mode, order, cval, g * CHUNK,
-                        idx, wt, bias, empty, need_coords, ay, ax, cst)
+                        idx, wt, bias, empty, ay, ax, cst)
         for j in range(m):
             p = p0 + j
             for g in range(G):
@@ -358,55 +405,73 @@ def _sample_backward_nhwc(grad_out, x, coords, grad_x, grad_coords, order, mode,
                                         + ax[2, t] * r2[c] + ax[3, t] * r3[c])
                     gcf[n, p, 2 * g] = acc[0]
                     gcf[n, p, 2 * g + 1] = acc[1]
-    if need_x:
-        nblocks = (cpg + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
-        for task in prange(N * G * nblocks):
-            n = task // (G * nblocks)
-            g = (task // nblocks) % G
-            c0 = g * cpg + (task % nblocks) * CHANNEL_BLOCK
-            c1 = min(c0 + CHANNEL_BLOCK, (g + 1) * cpg)
-            gxn = gxf[n]
-            for i in range(H * W):
+
+
+def _scatter_nhwc(t0, t1, first, maddr):
+    """Tasks t0 .. t1-1 of the NHWC input gradient, one per (image, group, block of
+    CHANNEL_BLOCK channels)."""
+    args = meta_array(maddr, 20)
+    grad_out, grad_x = array4(args, 0, first), array4(args, 5, first)
+    tidx, twt = array4(args, 10, np.uintp), array4(args, 15, first)
+    N, H, W, C = grad_x.shape
+    P = tidx.shape[1]
+    G = tidx.shape[3]
+    cpg = C // G
+    gxf = grad_x.reshape(N, H * W, C)
+    gof = grad_out.reshape(N, P, C)
+    nblocks = (cpg + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
+    for task in range(t0, t1):
+        n = task // (G * nblocks)
+        g = (task // nblocks) % G
+        c0 = g * cpg + (task % nblocks) * CHANNEL_BLOCK
+        c1 = min(c0 + CHANNEL_BLOCK, (g + 1) * cpg)
+        gxn = gxf[n]
+        for i in range(H * W):
+            for c in range(c0, c1):
+                gxn[i, c] = 0.0
+        for p in range(P):
+            go = gof[n, p]
+            for k in range(4):
+                dst = gxn[tidx[n, p, k, g]]
+                w = twt[n, p, k, g]
                 for c in range(c0, c1):
-                    gxn[i, c] = 0.0
-            for p in range(P):
-                go = gof[n, p]
-                for k in range(4):
-                    dst = gxn[tidx[n, p, k, g]]
-                    w = twt[n, p, k, g]
-                    for c in range(c0, c1):
-                        dst[c] += w * go[c]
+                    dst[c] += w * go[c]
 
 
-def _array(dtype, ndim, readonly):
-    return types.Array(dtype, ndim, "C", readonly=readonly)
+_ENTRIES = {
+    "forward_nchw": _forward_nchw,
+    "forward_nhwc": _forward_nhwc,
+    "points_nchw": _points_nchw,
+    "points_nhwc": _points_nhwc,
+    "scatter_nchw": _scatter_nchw,
+    "scatter_nhwc": _scatter_nhwc,
+}
 
 
 @functools.lru_cache(maxsize=None)
 def _kernel(name, dtype):
-    """Compile kernel ``name`` for ``dtype`` once (cached on disk by Numba)."""
+    """Compile the C entry point ``name`` for ``dtype`` once (cached on disk by Numba)."""
     t = types.float32 if dtype == np.float32 else types.float64
-    ro, rw = _array(t, 4, True), _array(t, 4, False)
-    scalars = (types.intp, types.intp, types.float64, types.boolean)
-    if name.startswith("forward"):
-        sig = types.void(ro, ro, rw, *scalars)
-    else:
-        sig = types.void(ro, ro, ro, rw, rw, *scalars, types.boolean, types.boolean)
-    pyfunc = {
-        "forward_nchw": _sample_forward_nchw,
-        "forward_nhwc": _sample_forward_nhwc,
-        "backward_nchw": _sample_backward_nchw,
-        "backward_nhwc": _sample_backward_nhwc,
-    }[name]
-    return njit(sig, parallel=True, cache=True)(pyfunc)
+    sig = types.void(types.intp, types.intp, types.CPointer(t), types.intp)
+    return cfunc(sig, nogil=True, cache=True)(_ENTRIES[name])
+
+
+def _forward_tasks(x, coords, channels_last):
+    """Task count of the forward and the backward's first pass."""
+    if channels_last:
+        N, Ho, Wo, G2 = coords.shape
+        return N * ((Ho * Wo + CHUNK - 1) // CHUNK)
+    N, G2, Ho, Wo = coords.shape
+    return N * (G2 // 2) * ((Ho * Wo + CHUNK - 1) // CHUNK)
 
 
 def sample_forward(x, coords, out, order, mode, cval, relative, channels_last):
     """Sample ``x`` at ``coords`` into ``out`` (arrays in the memory order the flag names)."""
     if out.size == 0:
         return
-    kernel = _kernel("forward_nhwc" if channels_last else "forward_nchw", x.dtype.type)
-    kernel(x, coords, out, order, mode, float(cval), bool(relative))
+    kernel = _kernel("forward_" + ("nhwc" if channels_last else "nchw"), x.dtype.type)
+    meta = pack([x, coords, out], (order, mode, relative), (cval,))
+    launch(kernel, _forward_tasks(x, coords, channels_last), x, meta)
 
 
 def sample_backward(grad_out, x, coords, grad_x, grad_coords, order, mode, cval, relative,
@@ -419,16 +484,33 @@ def sample_backward(grad_out, x, coords, grad_x, grad_coords, order, mode, cval,
         grad_coords[...] = 0
     if grad_out.size == 0 or not (need_x or need_coords):
         return
-    kernel = _kernel("backward_nhwc" if channels_last else "backward_nchw", x.dtype.type)
+    layout = "nhwc" if channels_last else "nchw"
+    points = _kernel("points_" + layout, x.dtype.type)
+    scatter = _kernel("scatter_" + layout, x.dtype.type)
     dummy = np.empty((0, 0, 0, 0), x.dtype)
-    g_axis = 3 if channels_last else 1
-    groups = coords.shape[g_axis] // 2
-    points = coords.shape[1] * coords.shape[2] if channels_last else coords.shape[2] * coords.shape[3]
+    if channels_last:
+        N, Ho, Wo, G2 = coords.shape
+        C = x.shape[3]
+    else:
+        N, G2, Ho, Wo = coords.shape
+        C = x.shape[1]
+    G, P = G2 // 2, Ho * Wo
     # Images per call, so that the tap table of grad_x stays within TABLE_POINTS entries.
-    step = max(1, TABLE_POINTS // max(1, groups * points)) if need_x else x.shape[0]
-    for n0 in range(0, x.shape[0], step):
+    step = max(1, TABLE_POINTS // max(1, G * P)) if need_x else N
+    for n0 in range(0, N, step):
         sl = slice(n0, n0 + step)
-        kernel(grad_out[sl], x[sl], coords[sl],
-               grad_x[sl] if need_x else dummy,
-               grad_coords[sl] if need_coords else dummy,
-               order, mode, float(cval), bool(relative), need_x, need_coords)
+        xs, cs, gos = x[sl], coords[sl], grad_out[sl]
+        n = xs.shape[0]
+        tp = P if need_x else 0
+        shape = (n, tp, 4, G) if channels_last else (n, G, 4, tp)
+        tidx, twt = np.empty(shape, np.uintp), np.empty(shape, x.dtype)
+        gcs = grad_coords[sl] if need_coords else dummy
+        meta = pack([gos, xs, cs, gcs, tidx, twt],
+                    (order, mode, relative, need_x, need_coords), (cval,))
+        launch(points, _forward_tasks(xs, cs, channels_last), gos, meta)
+        if need_x:
+            cpg = C // G
+            tasks = (n * G * ((cpg + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK) if channels_last
+                     else n * C)
+            gxs = grad_x[sl]
+            launch(scatter, tasks, gos, pack([gos, gxs, tidx, twt]))
