@@ -174,14 +174,39 @@ def _slope_sums(xf, gof, c0, c1, idx, ay, ax, cst, p0, m, acc):
         c += 1
 
 
-def _forward_nchw(t0, t1, first, maddr):
-    """Tasks t0 .. t1-1 of the NCHW forward: one per (image, group, chunk of points).
+# The kernels' arguments, unpacked (``._launch.pack`` order; ``first`` types the arrays).
 
-    Packed: x, coords, out; order, mode, relative; cval (as :func:`sample_forward` packs them).
-    """
+
+@njit(cache=True)
+def _forward_args(first, maddr):
+    """Packed by :func:`sample_forward`: x, coords, out; order, mode, relative; cval."""
     args = meta_array(maddr, 19)
-    x, coords, out = array4(args, 0, first), array4(args, 5, first), array4(args, 10, first)
-    order, mode, relative, cval = args[15], args[16], args[17] != 0, float_at(maddr, 18)
+    return (array4(args, 0, first), array4(args, 5, first), array4(args, 10, first),
+            args[15], args[16], float_at(maddr, 18), args[17] != 0)
+
+
+@njit(cache=True)
+def _points_args(first, maddr):
+    """Packed by :func:`sample_backward` for the first pass: grad_out, x, coords, grad_coords,
+    tidx (uintp), twt; order, mode, relative, need_x, need_coords; cval."""
+    args = meta_array(maddr, 36)
+    return (array4(args, 0, first), array4(args, 5, first), array4(args, 10, first),
+            array4(args, 15, first), array4(args, 20, np.uintp), array4(args, 25, first),
+            args[30], args[31], float_at(maddr, 35), args[32] != 0, args[33] != 0,
+            args[34] != 0)
+
+
+@njit(cache=True)
+def _scatter_args(first, maddr):
+    """Packed by :func:`sample_backward` for the scatter: grad_out, grad_x, tidx (uintp), twt."""
+    args = meta_array(maddr, 20)
+    return (array4(args, 0, first), array4(args, 5, first), array4(args, 10, np.uintp),
+            array4(args, 15, first))
+
+
+def _forward_nchw(t0, t1, first, maddr):
+    """Tasks t0 .. t1-1 of the NCHW forward: one per (image, group, chunk of points)."""
+    x, coords, out, order, mode, cval, relative = _forward_args(first, maddr)
     N, C, H, W = x.shape
     G = coords.shape[1] // 2
     Ho, Wo = coords.shape[2], coords.shape[3]
@@ -217,9 +242,7 @@ def _forward_nchw(t0, t1, first, maddr):
 
 def _forward_nhwc(t0, t1, first, maddr):
     """Tasks t0 .. t1-1 of the NHWC forward: one per (image, chunk of points), all groups."""
-    args = meta_array(maddr, 19)
-    x, coords, out = array4(args, 0, first), array4(args, 5, first), array4(args, 10, first)
-    order, mode, relative, cval = args[15], args[16], args[17] != 0, float_at(maddr, 18)
+    x, coords, out, order, mode, cval, relative = _forward_args(first, maddr)
     N, H, W, C = x.shape
     Ho, Wo = coords.shape[1], coords.shape[2]
     G = coords.shape[3] // 2
@@ -258,17 +281,9 @@ def _forward_nhwc(t0, t1, first, maddr):
 def _points_nchw(t0, t1, first, maddr):
     """Tasks t0 .. t1-1 of the NCHW backward's first pass, one per (image, group, chunk of
     points): the taps into the tables ``tidx``/``twt`` (N, G, 4, P) when ``need_x``, and the
-    coordinate gradient when ``need_coords``.
-
-    Packed: grad_out, x, coords, grad_coords, tidx (uintp), twt; order, mode, relative, need_x,
-    need_coords; cval (as :func:`sample_backward` packs them).
-    """
-    args = meta_array(maddr, 36)
-    grad_out, x, coords = array4(args, 0, first), array4(args, 5, first), array4(args, 10, first)
-    grad_coords, twt = array4(args, 15, first), array4(args, 25, first)
-    tidx = array4(args, 20, np.uintp)
-    order, mode, relative = args[30], args[31], args[32] != 0
-    need_x, need_coords, cval = args[33] != 0, args[34] != 0, float_at(maddr, 35)
+    coordinate gradient when ``need_coords``."""
+    (grad_out, x, coords, grad_coords, tidx, twt, order, mode, cval, relative, need_x,
+     need_coords) = _points_args(first, maddr)
     N, C, H, W = x.shape
     G = coords.shape[1] // 2
     Ho, Wo = coords.shape[2], coords.shape[3]
@@ -315,13 +330,8 @@ def _points_nchw(t0, t1, first, maddr):
 
 def _scatter_nchw(t0, t1, first, maddr):
     """Planes t0 .. t1-1 of the NCHW input gradient (one task per (image, channel) plane): the
-    adjoint of sampling, ``grad_x[ti[k, p]] += tw[k, p] * grad_out[p]``.
-
-    Packed: grad_out, grad_x, tidx (uintp), twt.
-    """
-    args = meta_array(maddr, 20)
-    grad_out, grad_x = array4(args, 0, first), array4(args, 5, first)
-    tidx, twt = array4(args, 10, np.uintp), array4(args, 15, first)
+    adjoint of sampling, ``grad_x[ti[k, p]] += tw[k, p] * grad_out[p]``."""
+    grad_out, grad_x, tidx, twt = _scatter_args(first, maddr)
     N, C, H, W = grad_x.shape
     G = tidx.shape[1]
     P = tidx.shape[3]
@@ -348,12 +358,8 @@ def _scatter_nchw(t0, t1, first, maddr):
 def _points_nhwc(t0, t1, first, maddr):
     """:func:`_points_nchw` for NHWC: one task per (image, chunk of points), all groups; the
     tables are (N, P, 4, G)."""
-    args = meta_array(maddr, 36)
-    grad_out, x, coords = array4(args, 0, first), array4(args, 5, first), array4(args, 10, first)
-    grad_coords, twt = array4(args, 15, first), array4(args, 25, first)
-    tidx = array4(args, 20, np.uintp)
-    order, mode, relative = args[30], args[31], args[32] != 0
-    need_x, need_coords, cval = args[33] != 0, args[34] != 0, float_at(maddr, 35)
+    (grad_out, x, coords, grad_coords, tidx, twt, order, mode, cval, relative, need_x,
+     need_coords) = _points_args(first, maddr)
     N, H, W, C = x.shape
     Ho, Wo = coords.shape[1], coords.shape[2]
     G = coords.shape[3] // 2
@@ -410,9 +416,7 @@ def _points_nhwc(t0, t1, first, maddr):
 def _scatter_nhwc(t0, t1, first, maddr):
     """Tasks t0 .. t1-1 of the NHWC input gradient, one per (image, group, block of
     CHANNEL_BLOCK channels)."""
-    args = meta_array(maddr, 20)
-    grad_out, grad_x = array4(args, 0, first), array4(args, 5, first)
-    tidx, twt = array4(args, 10, np.uintp), array4(args, 15, first)
+    grad_out, grad_x, tidx, twt = _scatter_args(first, maddr)
     N, H, W, C = grad_x.shape
     P = tidx.shape[1]
     G = tidx.shape[3]
