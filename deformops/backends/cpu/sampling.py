@@ -177,7 +177,7 @@ def _slope_sums(xf, gof, c0, c1, idx, ay, ax, cst, p0, m, acc):
 # The kernels' arguments, unpacked (``._launch.pack`` order; ``first`` types the arrays).
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _forward_args(first, maddr):
     """Packed by :func:`sample_forward`: x, coords, out; order, mode, relative; cval."""
     args = meta_array(maddr, 19)
@@ -185,7 +185,7 @@ def _forward_args(first, maddr):
             args[15], args[16], float_at(maddr, 18), args[17] != 0)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _points_args(first, maddr):
     """Packed by :func:`sample_backward` for the first pass: grad_out, x, coords, grad_coords,
     tidx (uintp), twt; order, mode, relative, need_x, need_coords; cval."""
@@ -196,7 +196,7 @@ def _points_args(first, maddr):
             args[34] != 0)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _scatter_args(first, maddr):
     """Packed by :func:`sample_backward` for the scatter: grad_out, grad_x, tidx (uintp), twt."""
     args = meta_array(maddr, 20)
