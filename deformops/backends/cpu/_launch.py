@@ -54,9 +54,9 @@ def _call(typingctx, entry, t0, t1, first, meta):
 
 
 def _run_ranges(entry, ntasks, first, meta, nranges):
-    for r in prange(nranges):
-        _call(entry, np.intp(ntasks * r // nranges), np.intp(ntasks * (r + 1) // nranges), first,
-              meta)
+    for i in prange(nranges):
+        r = np.intp(i)  # the gufunc's index is unsigned: keep the bounds in signed integers
+        _call(entry, ntasks * r // nranges, ntasks * (r + 1) // nranges, first, meta)
 
 
 @functools.lru_cache(maxsize=None)
@@ -119,4 +119,4 @@ def launch(entry, ntasks, first, meta):
         return
     nranges = min(numba.get_num_threads(), ntasks)
     _driver()(entry.address, ntasks, first.__array_interface__["data"][0],
-                meta.__array_interface__["data"][0], nranges)
+              meta.__array_interface__["data"][0], nranges)
