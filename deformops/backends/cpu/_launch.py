@@ -22,10 +22,6 @@ from llvmlite import ir
 from numba import carray, njit, prange, types
 from numba.extending import intrinsic
 
-# int64 slots per packed array: address and four sizes
-ARRAY_SLOTS = 5
-
-
 @intrinsic
 def pointer(typingctx, address, like):
     """The integer ``address`` as a pointer to ``like``'s scalar type (``like``: a NumPy scalar
@@ -75,7 +71,7 @@ def meta_array(meta_address, n):
 
 @njit(cache=True)
 def array4(m, slot, like):
-    """The 4-D C-contiguous array packed at ``m[slot:slot + ARRAY_SLOTS]``, of ``like``'s type."""
+    """The 4-D C-contiguous array packed at ``m[slot:slot + 5]`` (address, four sizes), of ``like``'s type."""
     return carray(pointer(m[slot], like),
                   (m[slot + 1], m[slot + 2], m[slot + 3], m[slot + 4]))
 

@@ -460,7 +460,7 @@ def _kernel(name, dtype):
     return cfunc(sig, nogil=True, cache=True)(_ENTRIES[name])
 
 
-def _forward_tasks(x, coords, channels_last):
+def _forward_tasks(coords, channels_last):
     """Task count of the forward and the backward's first pass."""
     if channels_last:
         N, Ho, Wo, G2 = coords.shape
@@ -475,7 +475,7 @@ def sample_forward(x, coords, out, order, mode, cval, relative, channels_last):
         return
     kernel = _kernel("forward_" + ("nhwc" if channels_last else "nchw"), x.dtype.type)
     meta = pack([x, coords, out], (order, mode, relative), (cval,))
-    launch(kernel, _forward_tasks(x, coords, channels_last), x, meta)
+    launch(kernel, _forward_tasks(coords, channels_last), x, meta)
 
 
 def sample_backward(grad_out, x, coords, grad_x, grad_coords, order, mode, cval, relative,
@@ -514,7 +514,7 @@ def sample_backward(grad_out, x, coords, grad_x, grad_coords, order, mode, cval,
         gcs = grad_coords[sl] if need_coords else dummy
         meta = pack([gos, xs, cs, gcs, tidx, twt],
                     (order, mode, relative, need_x, need_coords), (cval,))
-        launch(points, _forward_tasks(xs, cs, channels_last), gos, meta)
+        launch(points, _forward_tasks(cs, channels_last), gos, meta)
         if need_x:
             cpg = C // G
             tasks = (n * G * ((cpg + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK) if channels_last
