@@ -23,8 +23,14 @@ def test_bench_tf_runs_on_a_tiny_shape():
                        timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     assert "check: tf.function op vs numpy op" in r.stdout and ": OK" in r.stdout
-    for row in ("| numpy op ", "| DeformConv2D step ", "| Conv2D step ", "| predictor step ",
-                "| py_function floor ", "DeformConv2D step / numpy op",
-                "(DeformConv2D step - predictor step) / numpy op",
+    for row in ("| numpy op ", "| numpy op, no x grad ", "| DeformConv2D step ", "| Conv2D step ",
+                "| predictor step ", "| DeformConv2D step, 2nd layer ",
+                "| predictor step, 2nd layer ", "| py_function floor ", "| Keras step, no layer ",
+                "DeformConv2D step / numpy op",
+                "| Keras step, no layer, predictor's size ",
+                "1st layer: DeformConv2D net / numpy op, no x grad",
+                "2nd layer: DeformConv2D net / numpy op",
+                "(DeformConv2D step - predictor step) / numpy op, no x grad",
+                "(DeformConv2D step - Keras step, no layer) / numpy op, no x grad",
                 "(tf op tf.function - py_function floor) / numpy op"):
         assert row in r.stdout, r.stdout

@@ -127,7 +127,16 @@ def _model(seed=0):
     return keras.Model(inp, keras.layers.Dense(2)(h))
 
 
-def test_model_fit_trains_and_the_offsets_learn():
+def test_model_fit_trains_and_the_offsets_learn(monkeypatch):
+    """The loss decreases and every offset predictor moves. The first layer skips the gradient
+    of the model's input (no one asks for it); the later layers compute their input's."""
+    calls = set()
+    for fn in ("deform_sample_backward", "deform_conv2d_backward"):
+        def spy(*args, needs_input_grad, _fn=fn, _real=getattr(dops, fn), **kwargs):
+            calls.add((_fn, tuple(needs_input_grad)))
+            return _real(*args, needs_input_grad=needs_input_grad, **kwargs)
+
+        monkeypatch.setattr(dops, fn, spy)
     model = _model()
     rng = np.random.default_rng(5)
     X = rng.random((32, 12, 10, 3)).astype("float32")
@@ -139,6 +148,9 @@ def test_model_fit_trains_and_the_offsets_learn():
     for name, idx in (("offsets", 0), ("dcn2", 2), ("dcn1", 2)):  # the offset kernels moved
         w = model.get_layer(name).weights[idx].numpy()
         assert np.abs(w - before[name][idx]).max() > 1e-4, name
+    assert calls == {("deform_sample_backward", (False, True)),
+                     ("deform_conv2d_backward", (True, True, True, True, True)),  # dcn2, mask
+                     ("deform_conv2d_backward", (True, True, True, False, True))}  # dcn1
 
 
 def test_keras_save_load_round_trip(tmp_path):

@@ -318,3 +318,148 @@ def test_calls_from_tf_threads_through_the_worker_thread(monkeypatch):
 
     with pytest.raises(tf.errors.InvalidArgumentError, match="offset"):
         g(tf.constant(x), tf.constant(offset[:, :3, :, :8]))
+
+
+# ------------------------------------------------------------------------------------------------
+# only the gradients the caller needs
+
+
+def _spy_needs(monkeypatch):
+    """Record the ``needs_input_grad`` of every backward call of the core (the adapter looks the
+    functions up on ``deformops`` when it runs them)."""
+    calls = []
+    for name in ("deform_conv2d_backward", "deform_sample_backward", "sample_backward"):
+        def spy(*args, needs_input_grad, _real=getattr(dops, name), **kwargs):
+            calls.append(tuple(needs_input_grad))
+            return _real(*args, needs_input_grad=needs_input_grad, **kwargs)
+
+        monkeypatch.setattr(dops, name, spy)
+    return calls
+
+
+def _conv_case(seed):
+    rng = np.random.default_rng(seed)
+    x, offset, filters, bias, mask = _conv_data(rng, 2, 4, 6, 6, 5, (3, 3), (1, 1), (1, 1),
+                                                (1, 1), 2, 2, True, True)
+    grad_out = rng.standard_normal((2, 6, 5, 6))
+    g = dops.deform_conv2d_backward(grad_out, x, offset, filters.transpose(3, 2, 0, 1),
+                                    padding=1, mask=mask, layout="NHWC")
+    ref = {"x": g.grad_input, "offset": g.grad_offset, "bias": g.grad_bias, "mask": g.grad_mask,
+           "filters": g.grad_weight.transpose(2, 3, 1, 0)}
+    return (x, offset, filters, bias, mask), grad_out, ref
+
+
+NAMES = ("x", "offset", "filters", "bias", "mask")
+
+
+@pytest.mark.parametrize("how", ["eager tape", "tape in tf.function", "tape outside tf.function",
+                                 "tf.gradients", "persistent tape"])
+@pytest.mark.parametrize("wanted", [("filters", "bias"), ("x", "mask"), NAMES])
+def test_deform_conv2d_computes_the_gradients_asked_for(monkeypatch, how, wanted):
+    """Oracle: the NumPy core's backward with all five gradients. A tape asks deformops for the
+    gradients of the inputs it differentiates (x, a model's input in model.fit, is often not
+    among them); differentiation without a tape (tf.gradients, a tape outside tf.function)
+    asks for all. Either way the gradients returned are exactly the core's."""
+    arrays, grad_out, ref = _conv_case(9)
+    calls = _spy_needs(monkeypatch)
+    go = tf.constant(grad_out)
+
+    def op(x, offset, filters, bias, mask):
+        return dtf.deform_conv2d(x, offset, filters, bias, padding=1, mask=mask)
+
+    def taped(*t):
+        with tf.GradientTape(persistent=how == "persistent tape") as tape:
+            tape.watch([t[NAMES.index(n)] for n in wanted])
+            out = op(*t)
+        if how == "persistent tape":  # a first call for other inputs, then the ones wanted
+            tape.gradient(out, t[2], output_gradients=go)
+        return tape.gradient(out, [t[NAMES.index(n)] for n in wanted], output_gradients=go)
+
+    tensors = [tf.constant(a) for a in arrays]
+    if how in ("eager tape", "persistent tape"):
+        grads = taped(*tensors)
+    elif how == "tape in tf.function":
+        grads = tf.function(taped)(*tensors)
+    elif how == "tape outside tf.function":
+        with tf.GradientTape() as tape:
+            tape.watch([tensors[NAMES.index(n)] for n in wanted])
+            out = tf.function(op)(*tensors)
+        grads = tape.gradient(out, [tensors[NAMES.index(n)] for n in wanted],
+                              output_gradients=go)
+    else:
+        @tf.function
+        def symbolic(*t):
+            return tf.gradients(op(*t), [t[NAMES.index(n)] for n in wanted], grad_ys=go)
+
+        grads = symbolic(*tensors)
+    for n, g in zip(wanted, grads):
+        np.testing.assert_allclose(g.numpy(), ref[n], rtol=1e-12, atol=1e-12, err_msg=n)
+    if how in ("tape outside tf.function", "tf.gradients"):
+        assert calls == [(True,) * 5]
+    else:
+        asked = tuple(n in wanted for n in ("x", "offset", "filters", "mask", "bias"))
+        assert calls[-1] == asked
+
+
+@pytest.mark.parametrize("op", ["sample", "deform_sample"])
+@pytest.mark.parametrize("graph", [False, True])
+def test_sampling_ops_skip_the_input_gradient_nobody_asks_for(monkeypatch, op, graph):
+    """Oracle: the NumPy core. The coordinates' gradient alone (x not watched: the layer's
+    input in a model's first layer) skips the input gradient and equals the core's."""
+    rng = np.random.default_rng(10)
+    x = rng.random((2, 5, 6, 4))
+    coords = rng.uniform(-1, 6, (2, 5, 6, 4))
+    grad_out = rng.standard_normal((2, 5, 6, 4))
+    fn = getattr(dtf, op)
+    ref = getattr(dops, f"{op}_backward")(grad_out, x, coords, mode="nearest", layout="NHWC")
+    calls = _spy_needs(monkeypatch)
+
+    def taped(x, c):
+        with tf.GradientTape() as tape:
+            tape.watch(c)
+            out = fn(x, c, mode="nearest")
+        return tape.gradient(out, c, output_gradients=tf.constant(grad_out))
+
+    got = (tf.function(taped) if graph else taped)(tf.constant(x), tf.constant(coords))
+    np.testing.assert_array_equal(got.numpy(), ref[1])
+    assert calls == [(False, True)]
+
+
+@pytest.mark.parametrize("graph", [False, True])
+@pytest.mark.parametrize("how", ["second order", "forward mode"])
+def test_derivatives_of_gradients_raise(graph, how):
+    """The kernels have first derivatives only: differentiating a gradient again (or forward
+    mode, which TF derives from the gradient) raises instead of treating it as a constant;
+    a first-order gradient taken inside a persistent tape's context still works."""
+    rng = np.random.default_rng(11)
+    x, c = tf.constant(rng.random((1, 5, 6, 2))), tf.constant(rng.uniform(-1, 1, (1, 5, 6, 2)))
+
+    def second_order():
+        with tf.GradientTape() as outer:
+            outer.watch(c)
+            with tf.GradientTape() as inner:
+                inner.watch(c)
+                y = tf.reduce_sum(dtf.deform_sample(x, c) ** 2)
+            g = inner.gradient(y, c)
+        return outer.gradient(g, c)
+
+    def forward_mode():
+        with tf.autodiff.ForwardAccumulator(c, tf.ones_like(c)) as acc:
+            y = dtf.deform_sample(x, c)
+        return acc.jvp(y)
+
+    fn = second_order if how == "second order" else forward_mode
+    with pytest.raises(NotImplementedError, match="first derivatives only"):
+        (tf.function(fn) if graph else fn)()
+
+    def first_order_in_context():
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(c)
+            y = tf.reduce_sum(dtf.deform_sample(x, c) ** 2)
+            g = tape.gradient(y, c)
+        return g
+
+    ref = dops.deform_sample_backward(2 * dops.deform_sample(x.numpy(), c.numpy(), layout="NHWC"),
+                                      x.numpy(), c.numpy(), layout="NHWC")[1]
+    np.testing.assert_allclose((tf.function(first_order_in_context) if graph
+                                else first_order_in_context)().numpy(), ref, rtol=1e-12)

@@ -4,7 +4,7 @@
 >>> x = keras.Input((28, 28, 8))
 >>> y = dtf.DeformConv2D(16, 3, padding="same", use_mask=True)(dtf.ConvOffset2D()(x))
 
-Ops (``tf.custom_gradient``, eager and inside ``tf.function`` / ``model.fit``; ``tf.nn.conv2d``
+Ops (differentiable, eager and inside ``tf.function`` / ``model.fit``; ``tf.nn.conv2d``
 conventions, NHWC by default): :func:`deform_conv2d`, :func:`deform_sample`, :func:`sample`.
 Keras layers (registered as ``deformops>ConvOffset2D`` and ``deformops>DeformConv2D``):
 :class:`ConvOffset2D` (the original felixlaumon/deform-conv layer) and :class:`DeformConv2D`

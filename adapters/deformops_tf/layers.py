@@ -296,11 +296,13 @@ class DeformConv2D(keras.layers.Layer):
         pred = tf.nn.conv2d(x, tf.cast(self.offset_kernel, dt), self.strides,
                             self.padding.upper(), dilations=self.dilation_rate)
         pred = tf.nn.bias_add(pred, tf.cast(self.offset_bias, dt))
-        n_off = 2 * self.offset_groups * self._taps
-        offset = pred[..., :n_off]
-        mask = None
+        offset, mask = pred, None
         if self.use_mask:
-            mask = tf.sigmoid(pred[..., n_off:])
+            # tf.split, not two slices: the gradient of a slice pads it to the whole tensor
+            # (1.1 ms more per training step at N=8, 28x28, 27 channels; tf.split's is a concat)
+            offset, logits = tf.split(pred, [2 * self.offset_groups * self._taps,
+                                             self.offset_groups * self._taps], axis=-1)
+            mask = tf.sigmoid(logits)
             if self.mask_scale != 1.0:
                 mask = mask * tf.constant(self.mask_scale, dt)
         pad = (0, 0)

