@@ -196,20 +196,29 @@ def _keras_steps(tf, keras, dtf, shape, dtype, x, seed):
     import numpy as np
 
     n_pred = (3 if has_mask else 2) * 9
-    layers = {
-        LAYER: lambda: dtf.DeformConv2D(Cout, 3, padding="same", use_mask=has_mask, dtype=dtype),
-        PRED: lambda: keras.layers.Conv2D(n_pred, 3, padding="same", dtype=dtype),
-        CONV: lambda: keras.layers.Conv2D(Cout, 3, padding="same", dtype=dtype),
-        EMPTY: lambda: keras.layers.Identity(dtype=dtype),
-        EMPTY_PRED: lambda: keras.layers.Identity(dtype=dtype),
-    }
-    inputs = {EMPTY: Cout, EMPTY_PRED: n_pred}  # Identity: the output size of what it stands for
+
+    def deform():
+        return dtf.DeformConv2D(Cout, 3, padding="same", use_mask=has_mask, dtype=dtype)
+
+    def predictor():
+        return keras.layers.Conv2D(n_pred, 3, padding="same", dtype=dtype)
+
+    def conv():
+        return keras.layers.Conv2D(Cout, 3, padding="same", dtype=dtype)
+
+    def identity():
+        return keras.layers.Identity(dtype=dtype)
+
+    # row, layer, input channels (an Identity's: the output size it stands for), after a 1x1
+    # depthwise conv
+    specs = ((LAYER, deform, Cin, False), (PRED, predictor, Cin, False),
+             (LAYER_2, deform, Cin, True), (PRED_2, predictor, Cin, True),
+             (CONV, conv, Cin, False), (EMPTY, identity, Cout, False),
+             (EMPTY_PRED, identity, n_pred, False))
     steps = {}
-    for name, second in ((LAYER, False), (PRED, False), (LAYER_2, True), (PRED_2, True),
-                         (CONV, False), (EMPTY, False), (EMPTY_PRED, False)):
+    for name, make, channels, second in specs:
         keras.utils.set_random_seed(seed)
-        layer = layers[{LAYER_2: LAYER, PRED_2: PRED}.get(name, name)]()
-        channels = inputs.get(name, Cin)
+        layer = make()
         inp = h = keras.Input((H, W, channels), dtype=dtype)
         if second:
             h = keras.layers.DepthwiseConv2D(1, use_bias=False, dtype=dtype)(h)

@@ -71,7 +71,8 @@ def meta_array(meta_address, n):
 
 @njit(cache=True)
 def array4(m, slot, like):
-    """The 4-D C-contiguous array packed at ``m[slot:slot + 5]`` (address, four sizes), of ``like``'s type."""
+    """The 4-D C-contiguous array packed at ``m[slot:slot + 5]`` (address, four sizes), of
+    ``like``'s type."""
     return carray(pointer(m[slot], like),
                   (m[slot + 1], m[slot + 2], m[slot + 3], m[slot + 4]))
 
