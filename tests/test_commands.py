@@ -26,6 +26,17 @@ def test_bench_sample_runs_and_checks_against_scipy():
     assert "| forward" in r.stdout
 
 
+def test_bench_sample_per_channel_checks_against_scipy_and_torch():
+    """--groups C: every channel at its own coordinates; the scipy forward and, where torch is
+    installed, grid_sample's forward and float64 gradients on the (N*G, C/G) view must agree."""
+    r = _run(["-m", "deformops.bench", "sample", "--size", "2", "3", "9", "7", "--groups", "3",
+              "--repeat", "1"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "scipy map_coordinates vs deformops sample, forward" in r.stdout
+    bad = _run(["-m", "deformops.bench", "sample", "--size", "1", "3", "9", "7", "--groups", "2"])
+    assert bad.returncode != 0 and "--groups 2 must divide the 3 channels" in bad.stderr
+
+
 def test_bench_rejects_unknown_subcommand():
     r = _run(["-m", "deformops.bench", "no-such-op"])
     assert r.returncode != 0

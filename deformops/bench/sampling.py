@@ -3,15 +3,18 @@
 Workload (defaults): N=8 images of C=64 channels, 64x64 -> 64x64 sample points, G=1 coordinate
 group, order 1 (bilinear), mode 'grid-constant', cval 0; coordinates uniform over the image plus
 a margin of 2 pixels on every side (y, x in [-2, 65]), so that out-of-image and partly-outside
-points are exercised too.
+points are exercised too. ``--groups G`` gives every group of C/G channels its own coordinates;
+``--groups C`` is per-channel sampling, as in the original project's ``ConvOffset2D``.
 
 Peers:
 
 - ``scipy.ndimage.map_coordinates`` looped over the N*C planes (forward only; single-threaded);
 - ``torch.nn.functional.grid_sample`` (bilinear, padding_mode='zeros', align_corners=False) on
   the CPU, forward and backward through autograd (gradients of input and grid), when torch is
-  importable. Pixel coordinates map to its normalised grid as ``(x + 0.5) / W * 2 - 1``; the
-  outputs (and, in float64, both gradients) are compared with deformops before timing.
+  importable; with G groups it samples the (N*G, C/G, H, W) view of the input with one grid per
+  group, the usual way to give groups or channels their own grid. Pixel coordinates map to
+  its normalised grid as ``(x + 0.5) / W * 2 - 1``; the outputs (and, in float64, both
+  gradients) are compared with deformops before timing.
 """
 
 from __future__ import annotations
@@ -48,42 +51,58 @@ def add_arguments(parser) -> None:
         help="batch, channels, height, width; the output has H x W sample points "
         "(default: 8 64 64 64)",
     )
+    g.add_argument(
+        "--groups",
+        type=_timing.positive_int,
+        default=1,
+        metavar="G",
+        help="coordinate groups, a divisor of C; G = C samples every channel at its own "
+        "coordinates (default: 1)",
+    )
     g.add_argument("--seed", type=int, default=0, help="seed of the random data (default: 0)")
     g.add_argument("--no-scipy", action="store_true", help="skip the scipy peer")
     g.add_argument("--no-torch", action="store_true", help="skip the torch peer")
 
 
-def make_data(N, C, H, W, seed=0):
-    """float64 input in [0, 1), coordinates (N, 2, H, W) in [-MARGIN, n - 1 + MARGIN], and a
+def make_data(N, C, H, W, seed=0, G=1):
+    """float64 input in [0, 1), coordinates (N, 2G, H, W) in [-MARGIN, n - 1 + MARGIN], and a
     standard-normal output gradient."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     x = rng.random((N, C, H, W))
-    coords = np.empty((N, 2, H, W))
-    coords[:, 0] = rng.uniform(-MARGIN, H - 1 + MARGIN, size=(N, H, W))  # y (row)
-    coords[:, 1] = rng.uniform(-MARGIN, W - 1 + MARGIN, size=(N, H, W))  # x (col)
+    coords = np.empty((N, 2 * G, H, W))
+    coords[:, 0::2] = rng.uniform(-MARGIN, H - 1 + MARGIN, size=(N, G, H, W))  # y (row)
+    coords[:, 1::2] = rng.uniform(-MARGIN, W - 1 + MARGIN, size=(N, G, H, W))  # x (col)
     grad_out = rng.standard_normal((N, C, H, W))
     return x, coords, grad_out
 
 
 def pixel_to_grid(coords, H, W):
-    """deformops pixel coordinates (N, 2, Ho, Wo), y first, -> grid_sample's normalised grid
-    (N, Ho, Wo, 2), x first, for ``align_corners=False``. Computed in float64, returned in the
+    """deformops pixel coordinates (N, 2G, Ho, Wo), y first, -> grid_sample's normalised grid
+    (N*G, Ho, Wo, 2), x first, for ``align_corners=False``. Computed in float64, returned in the
     dtype of ``coords``."""
     import numpy as np
 
-    c = coords.astype(np.float64)
+    N, G2, Ho, Wo = coords.shape
+    c = coords.astype(np.float64).reshape(N * G2 // 2, 2, Ho, Wo)
     gx = (c[:, 1] + 0.5) / W * 2.0 - 1.0
     gy = (c[:, 0] + 0.5) / H * 2.0 - 1.0
     return np.ascontiguousarray(np.stack([gx, gy], axis=-1).astype(coords.dtype))
 
 
-def grid_grad_to_pixel(grad_grid, H, W):
-    """Gradient w.r.t. the normalised grid (N, Ho, Wo, 2) -> w.r.t. pixel coords (N, 2, Ho, Wo)."""
+def grid_grad_to_pixel(grad_grid, H, W, N):
+    """Gradient w.r.t. the normalised grid (N*G, Ho, Wo, 2) -> w.r.t. pixel coords
+    (N, 2G, Ho, Wo)."""
     import numpy as np
 
-    return np.stack([grad_grid[..., 1] * (2.0 / H), grad_grid[..., 0] * (2.0 / W)], axis=1)
+    g = np.stack([grad_grid[..., 1] * (2.0 / H), grad_grid[..., 0] * (2.0 / W)], axis=1)
+    return g.reshape(N, -1, *g.shape[2:])
+
+
+def by_group(a, G):
+    """(N, C, ...) -> the (N*G, C/G, ...) view that grid_sample samples with one grid per group."""
+    return a.reshape(a.shape[0] * G, a.shape[1] // G, *a.shape[2:])
 
 
 def _max_abs(a, b):
@@ -100,16 +119,23 @@ def _rel_err(a, ref):
 
 
 def scipy_loop(ndi, x, coords, out):
-    """``map_coordinates`` over every (image, channel) plane; G = 1 (one coordinate set per
-    image)."""
+    """``map_coordinates`` over every (image, channel) plane, at its group's coordinates."""
     import numpy as np
 
     N, C = x.shape[:2]
+    cpg = C // (coords.shape[1] // 2)
     for n in range(N):
         cn = np.asarray(coords[n], np.float64)  # converted once per image, not once per plane
         for c in range(C):
+            g = c // cpg
             ndi.map_coordinates(
-                x[n, c], cn, output=out[n, c], order=ORDER, mode=MODE, cval=0.0, prefilter=False
+                x[n, c],
+                cn[2 * g : 2 * g + 2],
+                output=out[n, c],
+                order=ORDER,
+                mode=MODE,
+                cval=0.0,
+                prefilter=False,
             )
     return out
 
@@ -118,6 +144,9 @@ def run(args) -> _timing.Report:
     import deformops as dops
 
     N, C, H, W = args.size
+    G = args.groups
+    if C % G:
+        raise SystemExit(f"--groups {G} must divide the {C} channels of --size")
     fast = args.repeat or FAST_REPEAT
     slow = args.repeat or SLOW_REPEAT
 
@@ -130,7 +159,7 @@ def run(args) -> _timing.Report:
             "W": W,
             "Ho": H,
             "Wo": W,
-            "G": 1,
+            "G": G,
             "order": ORDER,
             "mode": MODE,
             "cval": 0.0,
@@ -158,7 +187,7 @@ def run(args) -> _timing.Report:
     for n in report.notes:
         print(n, flush=True)
 
-    x64, c64, g64 = make_data(N, C, H, W, args.seed)
+    x64, c64, g64 = make_data(N, C, H, W, args.seed, G)
 
     if torch is not None:
         _check_torch_grads(report, dops, torch, x64, c64, g64)
@@ -191,6 +220,11 @@ def run(args) -> _timing.Report:
             else "."
         )
     )
+    if torch is not None and G > 1:
+        report.notes.append(
+            f"torch grid_sample samples the ({N * G}, {C // G}, {H}, {W}) view of the input, "
+            "one grid per group."
+        )
     report.notes.append(
         "first call (JIT): the warm-up call; for deformops it includes Numba "
         "compilation, or only loading the kernels when Numba's on-disk cache "
@@ -292,13 +326,15 @@ def _torch_sample(torch, xt, grid):
 
 def _check_torch_grads(report, dops, torch, x, coords, grad_out):
     """float64: both gradients of grid_sample (mapped to pixel units) against sample_backward."""
-    H, W = x.shape[2:]
-    xt = torch.from_numpy(x).requires_grad_()
+    N, C, H, W = x.shape
+    G = coords.shape[1] // 2
+    xt = torch.from_numpy(by_group(x, G)).requires_grad_()
     gt = torch.from_numpy(pixel_to_grid(coords, H, W)).requires_grad_()
     out = _torch_sample(torch, xt, gt)
-    gx_t, gg_t = torch.autograd.grad(out, (xt, gt), torch.from_numpy(grad_out))
+    gx_t, gg_t = torch.autograd.grad(out, (xt, gt), torch.from_numpy(by_group(grad_out, G)))
     gx_d, gc_d = dops.sample_backward(grad_out, x, coords, order=ORDER, mode=MODE, cval=0.0)
-    gc_t = grid_grad_to_pixel(gg_t.numpy(), H, W)
+    gx_t = gx_t.reshape(x.shape)
+    gc_t = grid_grad_to_pixel(gg_t.numpy(), H, W, N)
     report.add_check(
         Check(
             "torch grid_sample vs deformops sample_backward, grad x",
@@ -322,12 +358,13 @@ def _check_torch_grads(report, dops, torch, x, coords, grad_out):
 def _torch_tasks(report, torch, x, coords, grad_out, ref, dtype):
     """Check grid_sample's forward against ``ref`` (deformops), then return its timing tasks."""
     H, W = x.shape[2:]
-    xt = torch.from_numpy(x)
+    G = coords.shape[1] // 2
+    xt = torch.from_numpy(by_group(x, G))
     grid = torch.from_numpy(pixel_to_grid(coords, H, W))
-    got = torch.from_numpy(grad_out)
+    got = torch.from_numpy(by_group(grad_out, G))
 
     with torch.no_grad():
-        out = _torch_sample(torch, xt, grid).numpy()
+        out = _torch_sample(torch, xt, grid).numpy().reshape(ref.shape)
     report.add_check(
         Check(
             "torch grid_sample vs deformops sample, forward",

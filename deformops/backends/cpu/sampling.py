@@ -21,6 +21,7 @@ the sample point of output (i, j) is ``(i + dy, j + dx)``.
 """
 
 import functools
+import math
 
 import numpy as np
 from numba import cfunc, njit, types
@@ -81,6 +82,27 @@ def _fill_chunk(cn, channels_last, g, p0, m, Wo, relative, H, W, mode, order, cv
             if col == Wo:
                 col = 0
                 row += 1
+        if order == 1 and 0.0 <= y < H - 1 and 0.0 <= x < W - 1:  # False for NaN
+            # a cell inside the image, where every mode leaves the point and its four corners
+            # as they are: the general path's arithmetic without its branches, bit for bit
+            # (in the loop body: from a helper, the same code ran 15 times slower)
+            fy = math.floor(y)
+            fx = math.floor(x)
+            ly = 1.0 - (y - fy)
+            lx = 1.0 - (x - fx)
+            hy = 1.0 - ly
+            hx = 1.0 - lx
+            r = fy * W + fx
+            k = col0 + j
+            idx[0, k], idx[1, k], idx[2, k], idx[3, k] = r, r + 1, r + W, r + W + 1
+            wt[0, k], wt[1, k], wt[2, k], wt[3, k] = ly * lx, ly * hx, hy * lx, hy * hx
+            bias[k] = 0.0
+            empty[k] = False
+            if slopes:
+                ay[0, k], ay[1, k], ay[2, k], ay[3, k] = -lx, -hx, lx, hx
+                ax[0, k], ax[1, k], ax[2, k], ax[3, k] = -ly, ly, -hy, hy
+                cst[0, k], cst[1, k] = 0.0, 0.0
+            continue
         ya, xa = point_taps(y, x, H, W, mode, order)
         taps = corner_taps(ya, xa, W, cval)
         _store_taps(taps, col0 + j, idx, wt, bias, empty)
