@@ -35,10 +35,12 @@ warp-demo: $(BIN)/python
 	$(BIN)/python -m pip install -q -e ".[examples]"
 	$(BIN)/python examples/warp_demo.py
 
-# CPU benchmarks against scipy, torch and torchvision.
+# CPU benchmarks against scipy, torch and torchvision (sampling also with one coordinate pair
+# per channel, as ConvOffset2D samples).
 bench: $(BIN)/python
 	$(BIN)/python -m pip install -q -e ".[test]" $(TORCHVISION)
 	$(BIN)/python -m deformops.bench sample
+	$(BIN)/python -m deformops.bench sample --size 32 64 14 14 --groups 64 --no-scipy
 	$(BIN)/python -m deformops.bench conv
 	$(BIN)/python -m deformops.bench torch
 
