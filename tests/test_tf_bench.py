@@ -25,12 +25,13 @@ def test_bench_tf_runs_on_a_tiny_shape():
     assert "check: tf.function op vs numpy op" in r.stdout and ": OK" in r.stdout
     for row in ("| numpy op ", "| numpy op, no x grad ", "| DeformConv2D step ", "| Conv2D step ",
                 "| predictor step ", "| DeformConv2D step, 2nd layer ",
-                "| predictor step, 2nd layer ", "| py_function floor ", "| Keras step, no layer ",
+                "| predictor step, 2nd layer ", "| numpy_function floor ",
+                "| Keras step, bias only ",
                 "DeformConv2D step / numpy op",
-                "| Keras step, no layer, predictor's size ",
+                "| Keras step, bias only, predictor's size ",
                 "1st layer: DeformConv2D net / numpy op, no x grad",
                 "2nd layer: DeformConv2D net / numpy op",
                 "(DeformConv2D step - predictor step) / numpy op, no x grad",
-                "(DeformConv2D step - Keras step, no layer) / numpy op, no x grad",
-                "(tf op tf.function - py_function floor) / numpy op"):
+                "(DeformConv2D step - Keras step, bias only) / numpy op, no x grad",
+                "(tf op tf.function - numpy_function floor) / numpy op"):
         assert row in r.stdout, r.stdout

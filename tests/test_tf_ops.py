@@ -463,3 +463,42 @@ def test_derivatives_of_gradients_raise(graph, how):
                                       x.numpy(), c.numpy(), layout="NHWC")[1]
     np.testing.assert_allclose((tf.function(first_order_in_context) if graph
                                 else first_order_in_context)().numpy(), ref, rtol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
+# the graph nodes: tf.numpy_function on the CPU, tf.py_function where a GPU is visible
+
+
+@pytest.mark.parametrize("gpu_visible", [False, True])
+def test_graph_nodes_and_their_values(monkeypatch, gpu_visible):
+    """Oracle: the NumPy core. Without a GPU the kernels run in tf.numpy_function nodes (PyFunc);
+    with one, in tf.py_function nodes (EagerPyFunc), so that GPU tensors reach CuPy. The latter
+    path is forced here on the CPU, where it must give the same values."""
+    from deformops_tf import ops
+
+    monkeypatch.setattr(ops, "_gpu_visible", lambda: gpu_visible)
+    rng = np.random.default_rng(9)
+    x, offset, filters, bias, mask = _conv_data(rng, 2, 4, 6, 6, 5, (3, 3), (1, 1), (1, 1),
+                                                (1, 1), 2, 2, True, True)
+    tensors = list(map(_t, (x, offset, filters, bias, mask)))
+
+    @tf.function
+    def f(*t):
+        return _conv_grads_tf(lambda a, b, c, d, e: dtf.deform_conv2d(a, b, c, d, padding=1,
+                                                                      mask=e), t)
+
+    graph = f.get_concrete_function(*tensors).graph
+    types = {op.type for op in graph.get_operations()}
+    want, other = ("EagerPyFunc", "PyFunc") if gpu_visible else ("PyFunc", "EagerPyFunc")
+    assert want in types and other not in types
+    out, grads = f(*tensors)
+    weight = filters.transpose(3, 2, 0, 1)
+    kw = dict(padding=1, mask=mask, layout="NHWC")
+    ref = dops.deform_conv2d(x, offset, weight, bias, **kw)
+    np.testing.assert_array_equal(out.numpy(), ref)
+    g = dops.deform_conv2d_backward(-ref * np.sin(ref) + np.cos(ref), x, offset, weight,
+                                    needs_input_grad=(True,) * 5, **kw)
+    want = [g.grad_input, g.grad_offset, g.grad_weight.transpose(2, 3, 1, 0), g.grad_bias,
+            g.grad_mask]
+    for got, exp in zip(grads, want):
+        np.testing.assert_allclose(got.numpy(), exp, rtol=0, atol=1e-12 * (1 + np.abs(exp).max()))

@@ -13,6 +13,10 @@ does not check. NumPy's allocator aligns to 16 bytes only, so an array is shared
 it is C-contiguous and 64-byte aligned (deformops allocates its results so); any other array
 is first copied into a buffer allocated 64-byte aligned here (one memcpy, as cheap as
 ``tf.convert_to_tensor``'s own copy).
+
+Inside a graph on the CPU the ops run in ``tf.numpy_function`` bodies: TF hands them its
+buffers as NumPy arrays, and adopts a C-contiguous, 64-byte aligned result without a copy
+(:func:`to_numpy` prepares one).
 """
 
 import numpy as np
@@ -33,10 +37,13 @@ def to_core(t, perm=None):
     """What deformops receives for the eager tensor ``t`` (optionally transposed by ``perm``).
 
     CPU: a read-only NumPy view (no copy; a transposed view for ``perm``). Other devices: the
-    tensor itself (transposed by TF), for deformops' own DLPack dispatch.
+    tensor itself (transposed by TF), for deformops' own DLPack dispatch. A NumPy array (what
+    a ``tf.numpy_function`` body receives) is used as it is.
     """
     if t is None:
         return None
+    if isinstance(t, np.ndarray):
+        return t if perm is None else t.transpose(perm)
     if is_cpu(t):
         a = np.from_dlpack(t)
         return a if perm is None else a.transpose(perm)
@@ -76,6 +83,18 @@ def _shareable(a):
     return a
 
 
+def to_numpy(a):
+    """``a`` (a NumPy result of deformops) as a ``tf.numpy_function`` returns it: C-contiguous and
+    64-byte aligned, so that TF adopts the buffer without a copy (a transposed view or a
+    misaligned buffer is copied once, here)."""
+    shared = _shareable(a) if a.size else a
+    if shared is not None:
+        return shared
+    b = aligned_empty(a.shape, a.dtype)
+    np.copyto(b, a)
+    return b
+
+
 def _share(a):
     return tf.experimental.dlpack.from_dlpack(a.__dlpack__())
 
@@ -95,12 +114,6 @@ def to_tf(a):
         return tf.experimental.dlpack.from_dlpack(a.toDlpack())
     if a.size == 0:
         return tf.zeros(a.shape, tf.as_dtype(a.dtype))
-    shared = _shareable(a)
-    if shared is not None:
-        return _share(shared)
-    # One NumPy copy into an aligned buffer (also for a transposed view: a strided NumPy copy
-    # measured faster than sharing the base and a tf.transpose, whose dispatch and thread-pool
-    # wake-up cost more than the copy at the sizes of this package's outputs).
-    b = aligned_empty(a.shape, a.dtype)
-    np.copyto(b, a)
-    return _share(b)
+    # A strided NumPy copy (to_numpy) measured faster than sharing the base and a tf.transpose,
+    # whose dispatch and thread-pool wake-up cost more than the copy at this package's sizes.
+    return _share(to_numpy(a))

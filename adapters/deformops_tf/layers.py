@@ -3,7 +3,7 @@
 Both are registered with ``keras.saving.register_keras_serializable(package="deformops")``, so a
 model using them survives a ``.keras`` save/load once ``deformops_tf`` is imported. They run on
 Keras' TensorFlow backend only (the ops are TensorFlow ops) and set ``supports_jit = False``: their
-kernels run in a ``tf.py_function`` inside ``model.fit``, which XLA cannot compile.
+kernels run in a ``tf.numpy_function`` inside ``model.fit``, which XLA cannot compile.
 
 Internally both work channels-last (TF's CPU convolutions support NHWC only);
 ``data_format="channels_first"`` transposes at the layer boundary.

@@ -8,8 +8,8 @@ bias on, float32, NHWC (TensorFlow's layout):
 
 Data as ``python -m deformops.bench conv`` (offsets uniform in [-2, 2] px, mask uniform in
 [0, 1]), transposed to NHWC. Measured per shape, each callable in blocks of its own, as
-``model.fit`` runs its steps (two passes over the callables, the second in reverse order; per
-block one warm-up call, then at least --repeat/2 calls and --min-time/2 seconds):
+``model.fit`` runs its steps (four passes over the callables, every other one in reverse order;
+per block one warm-up call, then at least --repeat/4 calls and --min-time/4 seconds):
 
 - numpy op: ``deformops.deform_conv2d`` + ``deform_conv2d_backward`` (all five gradients) on
   NumPy arrays in NHWC, the reference of the overhead ratios; the same without the input
@@ -17,10 +17,11 @@ block one warm-up call, then at least --repeat/2 calls and --min-time/2 seconds)
   (information);
 - tf op, eager / tf.function: ``deformops_tf.deform_conv2d`` on tensors under a
   ``tf.GradientTape`` with the gradients of all five inputs, eagerly and inside ``tf.function``
-  (where it runs in a ``tf.py_function``, as in ``model.fit``);
-- py_function floor: the tf.function op's structure (custom gradient, a ``tf.py_function`` each
-  way) with do-nothing bodies: what any op built on ``tf.py_function`` pays, whatever it does;
-  the tf.function op minus this floor is deformops_tf's own part (information);
+  (where it runs in a ``tf.numpy_function``, as in ``model.fit``);
+- numpy_function floor: the tf.function op's structure (custom gradient, a
+  ``tf.numpy_function`` each way) with do-nothing bodies: what any op built on
+  ``tf.numpy_function`` pays, whatever it does; the tf.function op minus this floor is
+  deformops_tf's own part (information);
 - DeformConv2D step: one Keras training step (``model.train_on_batch``: the compiled
   ``train_step`` of ``model.fit``: forward, MSE loss, backward, SGD update) of a model that is
   one ``deformops_tf.DeformConv2D`` layer (its own offset/mask predictor conv included). It is
@@ -30,19 +31,20 @@ block one warm-up call, then at least --repeat/2 calls and --min-time/2 seconds)
 - predictor step (1st / 2nd layer): the same steps with the DeformConv2D layer replaced by its
   offset/mask predictor alone (a ``Conv2D`` with as many outputs: 3x3, 'same', 2K or 3K);
 - Conv2D step: the same step of a ``keras.layers.Conv2D`` model of the same shape;
-- Keras step, no layer (and: of the predictor's size): the same step of a model that is
-  ``keras.layers.Identity`` with the DeformConv2D's (the predictor's) output size: Keras' fixed
-  cost per step and the MSE loss on that output, no weights.
+- Keras step, bias only (and: of the predictor's size): the same step of a model that is one
+  per-channel bias (``x + b``) with the DeformConv2D's (the predictor's) output size: Keras'
+  fixed cost per step, the MSE loss on that output and the loss's gradient (which the NumPy op
+  is handed as ``grad_out``), plus the bias' add and sum, about 0.1 ms.
 
 Framework overhead, for the same work. A step's *net* time is its time minus the step of the
-Identity model of its output size; the DeformConv2D net is the DeformConv2D step's net time
+bias model of its output size; the DeformConv2D net is the DeformConv2D step's net time
 minus the predictor step's net time (the predictor's conv and update cancel). It is compared
 with the NumPy op with the gradients that step computes: four as the first layer, all five as
 the second. Targets, at the representative shape (N=8, 64 channels, 28x28; at other shapes the
 ratios are information): both at most 1.2x (framework overhead at most 20%), and the
 tf.function op at most 1.2x the NumPy op. Information: what the layer costs in ``model.fit``,
 its predictor included (the DeformConv2D step minus the step without a layer). At the small
-shape (a 1.6 ms op) TF's fixed cost per step shows instead: two ``tf.py_function`` calls and
+shape (a 1.6 ms op) TF's fixed cost per step shows instead: two ``tf.numpy_function`` calls and
 the predictor conv's dispatch come to more than 20% of the op.
 
 Before timing, the TF op's forward and gradients are checked against the NumPy op at each shape
@@ -54,7 +56,6 @@ from __future__ import annotations
 
 import functools
 import time
-import warnings
 
 from . import _timing
 from ._timing import Check, Ratio, Task
@@ -63,6 +64,7 @@ HELP = "deformops_tf: DeformConv2D / deform_conv2d in TensorFlow vs the NumPy op
 
 REPEAT = 10
 MIN_TIME = 1.0  # seconds of timed calls per callable at least
+PASSES = 4  # blocks per callable, in passes of alternating order
 DEFAULT_DTYPE = "float32"
 DEFAULT_SHAPES = ((8, 64, 64, 28, 28, True), (4, 16, 16, 16, 16, True))
 TARGET_SHAPE = DEFAULT_SHAPES[0]  # the representative layer: targets are set here
@@ -74,8 +76,8 @@ EAGER, GRAPH = "tf op eager", "tf op tf.function"
 LAYER, CONV = "DeformConv2D step", "Conv2D step"
 PRED = "predictor step"
 LAYER_2, PRED_2 = "DeformConv2D step, 2nd layer", "predictor step, 2nd layer"
-EMPTY, EMPTY_PRED = "Keras step, no layer", "Keras step, no layer, predictor's size"
-FLOOR = "py_function floor"
+EMPTY, EMPTY_PRED = "Keras step, bias only", "Keras step, bias only, predictor's size"
+FLOOR = "numpy_function floor"
 TARGETS = {
     (GRAPH, NUMPY): ("<", 1.2),
     (LAYER, NUMPY): None,
@@ -155,28 +157,33 @@ def _tf_op_fns(tf, dtf, arrays):
     return both, tf.function(both)
 
 
-def _py_function_floor(tf, arrays, out_shape):
+def _numpy_function_floor(tf, arrays, out_shape):
     """The tf.function op's structure with do-nothing bodies: a ``tf.custom_gradient`` whose
-    forward and backward are ``tf.py_function`` calls that only allocate their outputs (zeros),
-    under a GradientTape. What any op built on ``tf.py_function`` pays per forward + backward."""
+    forward and backward are ``tf.numpy_function`` calls that return preallocated outputs,
+    under a GradientTape. What any op built on ``tf.numpy_function`` pays per forward +
+    backward."""
+    from deformops_tf._convert import aligned_empty
+
     x, offset, filters, bias, mask, grad_out = [None if a is None else tf.constant(a)
                                                 for a in arrays]
     leaves = [a for a in (x, offset, filters, bias, mask) if a is not None]
     dtype = x.dtype
+    out = aligned_empty(tuple(out_shape), dtype.as_numpy_dtype)
+    grads = [aligned_empty(tuple(t.shape), dtype.as_numpy_dtype) for t in leaves]
 
     @tf.custom_gradient
     def op(*inputs):
-        out = tf.py_function(lambda *a: tf.zeros(out_shape, dtype), list(inputs), dtype)
-        out.set_shape(out_shape)
+        y = tf.numpy_function(lambda *a: out, list(inputs), dtype, stateful=True)
+        y.set_shape(out_shape)
 
         def grad(dy):
-            gs = tf.py_function(lambda *a: [tf.zeros_like(t) for t in a[1:]], [dy, *inputs],
-                                [dtype] * len(inputs))
+            gs = tf.numpy_function(lambda *a: grads, [dy, *inputs], [dtype] * len(inputs),
+                                   stateful=True)
             for g, t in zip(gs, inputs):
                 g.set_shape(t.shape)
             return gs
 
-        return out, grad
+        return y, grad
 
     def both():
         with tf.GradientTape() as tape:
@@ -191,7 +198,7 @@ def _keras_steps(tf, keras, dtf, shape, dtype, x, seed):
     """``train_on_batch`` callables, by row name: a DeformConv2D model and a model of its
     offset/mask predictor alone (a Conv2D with as many outputs: 3x3, 'same', 2K or 3K channels),
     each as the first layer and after a 1x1 DepthwiseConv2D; a Conv2D model of the same shape;
-    an Identity model (no layer, no weights)."""
+    a model that is one per-channel bias (Keras' fixed cost, the loss and its gradient)."""
     N, Cin, Cout, H, W, has_mask = shape
     import numpy as np
 
@@ -206,15 +213,25 @@ def _keras_steps(tf, keras, dtf, shape, dtype, x, seed):
     def conv():
         return keras.layers.Conv2D(Cout, 3, padding="same", dtype=dtype)
 
-    def identity():
-        return keras.layers.Identity(dtype=dtype)
+    class Bias(keras.layers.Layer):
+        """x + b, b per channel (zero): the least layer for which Keras computes the loss's
+        gradient (a model without weights has no backward pass)."""
 
-    # row, layer, input channels (an Identity's: the output size it stands for), after a 1x1
+        def build(self, input_shape):
+            self.b = self.add_weight(shape=(input_shape[-1],), initializer="zeros")
+
+        def call(self, inputs):
+            return inputs + self.b
+
+    def bias_only():
+        return Bias(dtype=dtype)
+
+    # row, layer, input channels (a bias model's: the output size it stands for), after a 1x1
     # depthwise conv
     specs = ((LAYER, deform, Cin, False), (PRED, predictor, Cin, False),
              (LAYER_2, deform, Cin, True), (PRED_2, predictor, Cin, True),
-             (CONV, conv, Cin, False), (EMPTY, identity, Cout, False),
-             (EMPTY_PRED, identity, n_pred, False))
+             (CONV, conv, Cin, False), (EMPTY, bias_only, Cout, False),
+             (EMPTY_PRED, bias_only, n_pred, False))
     steps = {}
     for name, make, channels, second in specs:
         keras.utils.set_random_seed(seed)
@@ -234,9 +251,7 @@ def _keras_steps(tf, keras, dtf, shape, dtype, x, seed):
 
 
 def _train_on_batch(model, x, y):
-    with warnings.catch_warnings():  # the Identity model: "does not have any trainable weights"
-        warnings.simplefilter("ignore", UserWarning)
-        return model.train_on_batch(x, y)
+    return model.train_on_batch(x, y)
 
 
 def _rel_err(got, ref):
@@ -301,11 +316,12 @@ def run(args) -> _timing.Report:
         "every row times forward + backward with the gradients of x, offset, filters, bias and "
         "mask; the Keras steps also run the loss, the offset predictor (DeformConv2D) and an SGD "
         "update. Each callable is timed in blocks of its own, 0.3 s apart, as model.fit runs "
-        "its steps: two passes over the callables, the second in reverse order, each block one "
-        "warm-up call then at least --repeat/2 calls and --min-time/2 seconds; the median is "
-        "over both blocks' calls. Ratios are ratios of the medians. "
+        "its steps: four passes over the callables, every other one in reverse order, each block "
+        "one warm-up call then at least --repeat/4 calls and --min-time/4 seconds; the median "
+        "is over all four blocks' calls. Ratios are ratios of the medians. "
         "'(min ms)' ratios compare the least disturbed calls. A step's net time: minus the step "
-        "of an Identity model of its output size (Keras' fixed cost and the loss). DeformConv2D "
+        "of a bias model (x + b) of its output size (Keras' fixed cost, the loss and its "
+        "gradient). DeformConv2D "
         "net: the DeformConv2D step's net time minus its predictor step's. Targets, at N=8, 64 "
         "channels, 28x28 only: DeformConv2D net / the NumPy op with the same gradients (four as "
         "the first layer, all five as the second) < 1.2 (framework overhead at most 20%), and "
@@ -324,9 +340,10 @@ def _net_ratio(report, label, dtype, timed, peer, minus, den, target=None):
 
 
 def _overhead_ratio(report, label, dtype, timed, layer, pred, den, name, target=None):
-    """Add ``name``: ``((layer - no layer) - (pred - no layer of the predictor's size)) / den``,
+    """Add ``name``: ``((layer - bias only) - (pred - bias only of the predictor's size)) / den``,
     the layer's cost in the Keras step net of its predictor's, each net of the step's own cost
-    (Keras' fixed cost and the MSE loss on its output, which differs in size), from medians."""
+    (Keras' fixed cost, the MSE loss on its output and the loss's gradient, which differ in
+    size), from medians."""
     t = [timed.get(k) for k in (layer, EMPTY, pred, EMPTY_PRED, den)]
     if any(m is None for m in t) or t[4].median_ms <= 0:
         return
@@ -352,15 +369,16 @@ def _bench_case(report, tf, keras, dops, dtf, shape, dtype, repeat, min_time, se
         Task(np_no_x, f"{label}", NUMPY_NO_X, "NHWC, 4 gradients (first layer's)"),
         Task(np_nchw, f"{label}", NUMPY_NCHW, "the core's native layout"),
         Task(eager, f"{label}", EAGER, "GradientTape, DLPack"),
-        Task(graph, f"{label}", GRAPH, "tf.py_function inside"),
-        Task(_py_function_floor(tf, (x, offset, filters, bias, mask, grad_out), grad_out.shape),
-             f"{label}", FLOOR, "do-nothing py_function op, same structure"),
+        Task(graph, f"{label}", GRAPH, "tf.numpy_function inside"),
+        Task(_numpy_function_floor(tf, (x, offset, filters, bias, mask, grad_out),
+                                   grad_out.shape),
+             f"{label}", FLOOR, "do-nothing numpy_function op, same structure"),
         Task(steps[LAYER], f"{label}", LAYER, "train_on_batch, SGD; no x grad"),
         Task(steps[PRED], f"{label}", PRED, "its offset/mask predictor alone"),
         Task(steps[LAYER_2], f"{label}", LAYER_2, "after a 1x1 depthwise conv"),
         Task(steps[PRED_2], f"{label}", PRED_2, "after a 1x1 depthwise conv"),
         Task(steps[CONV], f"{label}", CONV, "train_on_batch, SGD"),
-        Task(steps[EMPTY], f"{label}", EMPTY, "Identity model: loss, no weights"),
+        Task(steps[EMPTY], f"{label}", EMPTY, "x + b model: the loss and its gradient"),
         Task(steps[EMPTY_PRED], f"{label}", EMPTY_PRED, "the same, 2K or 3K channels"),
     ]
     timed = {}
@@ -369,14 +387,17 @@ def _bench_case(report, tf, keras, dops, dtf, shape, dtype, repeat, min_time, se
     # to the adapter's worker thread) took turns, and each switch cost both sides the other
     # thread's OpenMP team and workspace: the NumPy op measured 35 ms instead of 22, the
     # tf.function op 40 instead of 25 (N=8, 64 channels, 28x28) -- a cost model.fit never pays.
-    # Two passes, the second in reverse order, each block half of --min-time: a slow spell of
-    # the machine, or what the previous block leaves behind, falls on each callable alike.
+    # Passes in alternating order, each block a quarter of --min-time: a slow spell of the
+    # machine (they last seconds here), or what the previous block leaves behind, falls on each
+    # callable alike. (With two passes, the overhead ratios of runs minutes apart differed by
+    # up to 0.15.)
     blocks = {}
-    for pass_tasks in (tasks, tasks[::-1]):
-        for task in pass_tasks:
+    for p in range(PASSES):
+        for task in (tasks if p % 2 == 0 else tasks[::-1]):
             time.sleep(0.3)
-            (m,) = _timing.measure_interleaved([task], dtype=dtype, repeat=max(1, repeat // 2),
-                                               min_s=min_time / 2)
+            (m,) = _timing.measure_interleaved([task], dtype=dtype,
+                                               repeat=max(1, repeat // PASSES),
+                                               min_s=min_time / PASSES)
             blocks.setdefault(task.peer, []).append(m)
     for task in tasks:
         timed[task.peer] = report.add(_timing.merge_blocks(blocks[task.peer]))
@@ -387,7 +408,7 @@ def _bench_case(report, tf, keras, dops, dtf, shape, dtype, repeat, min_time, se
     # Framework overhead for the same work: the layer's net step without its predictor's
     # against the NumPy op with the same gradients. Information: the same without the loss
     # correction, the layer's whole cost in model.fit (the step without a layer taken out), and
-    # the tf.function op net of TF's py_function floor.
+    # the tf.function op net of TF's numpy_function floor.
     target = ("<", 1.2) if targeted else None
     _overhead_ratio(report, label, dtype, timed, LAYER, PRED, NUMPY_NO_X,
                     f"1st layer: DeformConv2D net / {NUMPY_NO_X}", target)
