@@ -69,10 +69,10 @@ def _core(fn, *args, **kwargs):
 
     Large calls from threads other than the main thread (graph-node bodies inside
     ``tf.function``, which TF runs on whichever inter-op thread is free) go to one dedicated
-    thread: the CPU backend keeps its workspace and its OpenMP thread team per calling thread,
-    and calls hopping between TF's threads measured 15-40% slower than calls from one thread
-    (N=8, 64 channels, 28x28). Small calls stay where they are: there the hand-over to the
-    worker (about 0.2 ms per call on a busy 2-core machine) costs more than it saves.
+    thread: the CPU backend keeps its workspace per calling thread, and calls hopping between
+    TF's threads measured 15-40% slower than calls from one thread (N=8, 64 channels, 28x28).
+    Small calls stay where they are: there the hand-over to the worker (about 0.1-0.2 ms per
+    call on a busy 2-core machine) costs more than it saves.
     """
     if (threading.current_thread() is threading.main_thread()
             or sum(getattr(a, "size", 0) for a in args) < _HANDOVER_ELEMENTS):

@@ -385,7 +385,7 @@ def _bench_case(report, tf, keras, dops, dtf, shape, dtype, repeat, min_time, se
     # Each callable in a block of its own, as model.fit runs its steps. In rounds, calls from the
     # main thread (the NumPy op, the eager op) and from TF's threads (tf.function bodies, handed
     # to the adapter's worker thread) took turns, and each switch cost both sides the other
-    # thread's OpenMP team and workspace: the NumPy op measured 35 ms instead of 22, the
+    # thread's workspace: the NumPy op measured 35 ms instead of 22, the
     # tf.function op 40 instead of 25 (N=8, 64 channels, 28x28) -- a cost model.fit never pays.
     # Passes in alternating order, each block a quarter of --min-time: a slow spell of the
     # machine (they last seconds here), or what the previous block leaves behind, falls on each
