@@ -290,6 +290,24 @@ def test_dlpack_zero_copy_both_ways():
     assert float(tf.reduce_sum(tb)) == 15.0
 
 
+def test_numpy_function_results_are_contiguous_and_aligned():
+    """What a tf.numpy_function body returns: an aligned C-contiguous result as it is (TF adopts
+    it without a copy), anything else (misaligned, transposed, strided) copied once into an
+    aligned buffer with the same values."""
+    from deformops_tf import _convert
+
+    a = _convert.aligned_empty((4, 6), np.float32)
+    a[...] = np.arange(24).reshape(4, 6)
+    assert _convert.to_numpy(a) is a
+    raw = np.arange(4 * 6 + 1, dtype=np.float32)
+    misaligned = raw[1:].reshape(4, 6)  # NumPy aligns to 16 bytes: 4 bytes on is never 64
+    assert misaligned.ctypes.data % 64
+    for view in (misaligned, a.T, a[:, ::2], np.empty((0, 3), np.float32)):
+        got = _convert.to_numpy(view)
+        np.testing.assert_array_equal(got, view)
+        assert got.flags.c_contiguous and (got.size == 0 or got.ctypes.data % 64 == 0)
+
+
 def test_calls_from_tf_threads_through_the_worker_thread(monkeypatch):
     """Oracle: the NumPy core. Inside tf.function the kernels run on TF's inter-op threads;
     large calls go to one dedicated thread (forced here for small ones): same values, and a
