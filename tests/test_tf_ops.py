@@ -308,6 +308,35 @@ def test_numpy_function_results_are_contiguous_and_aligned():
         assert got.flags.c_contiguous and (got.size == 0 or got.ctypes.data % 64 == 0)
 
 
+def test_numpy_function_bodies_see_tf_buffers_read_only():
+    """A tf.numpy_function body gets TF's own buffers: deformops code that wrote to an input
+    would change a tensor TF still holds. The inputs arrive read-only (a write raises and the
+    tensor keeps its values); an input returned as an output reaches TF with its values."""
+    from deformops_tf import ops
+
+    seen = []
+
+    def write(a):
+        seen.append(a.flags.writeable)
+        a += 1
+        return [a]
+
+    x = tf.constant(np.arange(6.0).reshape(2, 3))
+
+    @tf.function
+    def f(t, fn):
+        return ops._graph_call(fn, [t], [tf.float64], [t.shape])
+
+    with pytest.raises(tf.errors.OpError, match="read-only"):
+        f(x, write)
+    assert seen == [False]
+    np.testing.assert_array_equal(x.numpy(), np.arange(6.0).reshape(2, 3))
+    inputs = []
+    (y,) = f(x, lambda a: inputs.append(a) or [a])
+    np.testing.assert_array_equal(y.numpy(), x.numpy())
+    assert not inputs[0].flags.writeable
+
+
 def test_calls_from_tf_threads_through_the_worker_thread(monkeypatch):
     """Oracle: the NumPy core. Inside tf.function the kernels run on TF's inter-op threads;
     large calls go to one dedicated thread (forced here for small ones): same values, and a
@@ -370,10 +399,21 @@ def _conv_case(seed):
 NAMES = ("x", "offset", "filters", "bias", "mask")
 
 
+@pytest.fixture(params=[False, True], ids=["numpy_function nodes", "py_function nodes"])
+def node_kind(request, monkeypatch):
+    """Graph nodes as on a machine without a GPU (tf.numpy_function) and with one
+    (tf.py_function, forced here on the CPU): the gradient plumbing must hold for both. (Eager
+    calls make no nodes; there both kinds must simply agree.)"""
+    from deformops_tf import ops
+
+    monkeypatch.setattr(ops, "_gpu_visible", lambda: request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("how", ["eager tape", "tape in tf.function", "tape outside tf.function",
                                  "tf.gradients", "persistent tape"])
 @pytest.mark.parametrize("wanted", [("filters", "bias"), ("x", "mask"), NAMES])
-def test_deform_conv2d_computes_the_gradients_asked_for(monkeypatch, how, wanted):
+def test_deform_conv2d_computes_the_gradients_asked_for(monkeypatch, node_kind, how, wanted):
     """Oracle: the NumPy core's backward with all five gradients. A tape asks deformops for the
     gradients of the inputs it differentiates (x, a model's input in model.fit, is often not
     among them); differentiation without a tape (tf.gradients, a tape outside tf.function)
@@ -421,7 +461,7 @@ def test_deform_conv2d_computes_the_gradients_asked_for(monkeypatch, how, wanted
 
 @pytest.mark.parametrize("op", ["sample", "deform_sample"])
 @pytest.mark.parametrize("graph", [False, True])
-def test_sampling_ops_skip_the_input_gradient_nobody_asks_for(monkeypatch, op, graph):
+def test_sampling_ops_skip_the_input_gradient_nobody_asks_for(monkeypatch, node_kind, op, graph):
     """Oracle: the NumPy core. The coordinates' gradient alone (x not watched: the layer's
     input in a model's first layer) skips the input gradient and equals the core's."""
     rng = np.random.default_rng(10)
@@ -444,8 +484,8 @@ def test_sampling_ops_skip_the_input_gradient_nobody_asks_for(monkeypatch, op, g
 
 
 @pytest.mark.parametrize("graph", [False, True])
-@pytest.mark.parametrize("how", ["second order", "forward mode"])
-def test_derivatives_of_gradients_raise(graph, how):
+@pytest.mark.parametrize("how", ["second order", "forward mode", "tf.gradients twice"])
+def test_derivatives_of_gradients_raise(node_kind, graph, how):
     """The kernels have first derivatives only: differentiating a gradient again (or forward
     mode, which TF derives from the gradient) raises instead of treating it as a constant;
     a first-order gradient taken inside a persistent tape's context still works."""
@@ -466,7 +506,14 @@ def test_derivatives_of_gradients_raise(graph, how):
             y = dtf.deform_sample(x, c)
         return acc.jvp(y)
 
-    fn = second_order if how == "second order" else forward_mode
+    def gradients_twice():  # no tape: the graph nodes' gradient overrides
+        (g,) = tf.gradients(tf.reduce_sum(dtf.deform_sample(x, c) ** 2), c)
+        return tf.gradients(tf.reduce_sum(g), c)
+
+    if how == "tf.gradients twice" and not graph:
+        return  # tf.gradients works in graphs only
+    fn = {"second order": second_order, "forward mode": forward_mode,
+          "tf.gradients twice": gradients_twice}[how]
     with pytest.raises(NotImplementedError, match="first derivatives only"):
         (tf.function(fn) if graph else fn)()
 

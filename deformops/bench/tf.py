@@ -19,9 +19,10 @@ per block one warm-up call, then at least --repeat/4 calls and --min-time/4 seco
   ``tf.GradientTape`` with the gradients of all five inputs, eagerly and inside ``tf.function``
   (where it runs in a ``tf.numpy_function``, as in ``model.fit``);
 - numpy_function floor: the tf.function op's structure (custom gradient, a
-  ``tf.numpy_function`` each way) with do-nothing bodies: what any op built on
-  ``tf.numpy_function`` pays, whatever it does; the tf.function op minus this floor is
-  deformops_tf's own part (information);
+  ``tf.numpy_function`` each way) with bodies that return preallocated outputs: what any op
+  built on ``tf.numpy_function`` pays for its calls, before it allocates or computes anything;
+  the tf.function op minus this floor is deformops_tf's own part, output allocation included
+  (information);
 - DeformConv2D step: one Keras training step (``model.train_on_batch``: the compiled
   ``train_step`` of ``model.fit``: forward, MSE loss, backward, SGD update) of a model that is
   one ``deformops_tf.DeformConv2D`` layer (its own offset/mask predictor conv included). It is
@@ -43,7 +44,7 @@ with the NumPy op with the gradients that step computes: four as the first layer
 the second. Targets, at the representative shape (N=8, 64 channels, 28x28; at other shapes the
 ratios are information): both at most 1.2x (framework overhead at most 20%), and the
 tf.function op at most 1.2x the NumPy op. Information: what the layer costs in ``model.fit``,
-its predictor included (the DeformConv2D step minus the step without a layer). At the small
+its predictor included (the DeformConv2D step's net time, the predictor not taken out). At the small
 shape (a 1.6 ms op) TF's fixed cost per step shows instead: two ``tf.numpy_function`` calls and
 the predictor conv's dispatch come to more than 20% of the op.
 
@@ -161,7 +162,7 @@ def _numpy_function_floor(tf, arrays, out_shape):
     """The tf.function op's structure with do-nothing bodies: a ``tf.custom_gradient`` whose
     forward and backward are ``tf.numpy_function`` calls that return preallocated outputs,
     under a GradientTape. What any op built on ``tf.numpy_function`` pays per forward +
-    backward."""
+    backward, output allocation not included."""
     from deformops_tf._convert import aligned_empty
 
     x, offset, filters, bias, mask, grad_out = [None if a is None else tf.constant(a)
@@ -406,9 +407,9 @@ def _bench_case(report, tf, keras, dops, dtf, shape, dtype, repeat, min_time, se
         report.add_ratio(f"{num} / {den}", label, dtype, timed.get(num), timed.get(den),
                          target if targeted else None)
     # Framework overhead for the same work: the layer's net step without its predictor's
-    # against the NumPy op with the same gradients. Information: the same without the loss
-    # correction, the layer's whole cost in model.fit (the step without a layer taken out), and
-    # the tf.function op net of TF's numpy_function floor.
+    # against the NumPy op with the same gradients. Information: the same without the bias
+    # models' correction, the layer's whole cost in model.fit (its net step, predictor
+    # included), and the tf.function op net of TF's numpy_function floor.
     target = ("<", 1.2) if targeted else None
     _overhead_ratio(report, label, dtype, timed, LAYER, PRED, NUMPY_NO_X,
                     f"1st layer: DeformConv2D net / {NUMPY_NO_X}", target)
