@@ -44,9 +44,17 @@ def as_array(obj, name):
     if _is_cupy(obj):
         return obj, "cuda"
     if hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__"):
-        device_type = int(obj.__dlpack_device__()[0])
+        try:
+            device_type = int(obj.__dlpack_device__()[0])
+        except Exception as err:  # e.g. a torch meta tensor: no storage to share
+            raise TypeError(f"{name} cannot be shared through DLPack ({err})") from None
         if device_type in (_DL_CPU, _DL_CUDA_HOST):
-            return np.from_dlpack(obj), "cpu"
+            try:
+                return np.from_dlpack(obj), "cpu"
+            except (TypeError, ValueError, BufferError, RuntimeError) as err:
+                # a dtype NumPy lacks (bfloat16), a tensor that requires grad, ...
+                raise TypeError(f"{name} is a CPU array that NumPy cannot take through DLPack "
+                                f"({err})") from None
         if device_type in (_DL_CUDA, _DL_CUDA_MANAGED):
             cupy = _import_cupy(name)
             try:
@@ -174,6 +182,8 @@ def check_layout(layout):
 
 
 def check_cval(cval):
+    if isinstance(cval, (str, bytes)):  # float("1.5") would take a string
+        raise TypeError(f"cval must be a real number, got {type(cval).__name__}")
     try:
         return float(cval)
     except (TypeError, ValueError):

@@ -26,8 +26,12 @@ ORDERS = (0, 1)
 
 
 def mode_code(mode):
-    """Return the kernel code of a scipy mode name; ``ValueError`` for an unknown one."""
-    if not isinstance(mode, str) or mode not in MODES:
+    """Return the kernel code of a scipy mode name; ``TypeError`` for anything but a string,
+    ``ValueError`` for an unknown name."""
+    if not isinstance(mode, str):
+        raise TypeError(f"mode must be a string, one of {sorted(MODES)}, got "
+                        f"{type(mode).__name__}")
+    if mode not in MODES:
         raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
     return MODES[mode]
 

@@ -46,6 +46,8 @@ def _pair(value, name, minimum):
     """An int or a pair of ints, each >= minimum (ValueError / TypeError naming ``name``)."""
     try:
         pair = (value, value) if not isinstance(value, (tuple, list)) else tuple(value)
+        if any(isinstance(v, bool) for v in pair):  # an int to operator.index, a flag to a user
+            raise TypeError
         pair = tuple(operator.index(v) for v in pair)
     except TypeError:
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None

@@ -702,6 +702,8 @@ BAD_VALUES = [
     ("weight_none", _set(weight=None), TypeError, "weight"),
     ("offset_scalar", _set(offset=0.0), TypeError, "offset"),
     ("padding_float", _set(padding=1.5), TypeError, "padding"),
+    ("stride_bool", _set(stride=True), TypeError, "stride"),
+    ("dilation_float_in_pair", _set(dilation=(1, 1.0)), TypeError, "dilation"),
 ]
 
 

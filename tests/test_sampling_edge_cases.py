@@ -306,6 +306,10 @@ BAD_SAMPLE = {
     "batch-mismatch": (lambda x, c: (x, c[:1]), {}, ValueError, r"\bx\b|coords"),
     "unknown-mode": (lambda x, c: (x, c), {"mode": "bilinear"}, ValueError, r"mode"),
     "mode-case": (lambda x, c: (x, c), {"mode": "Reflect"}, ValueError, r"mode"),
+    "mode-none": (lambda x, c: (x, c), {"mode": None}, TypeError, r"mode"),
+    "mode-int": (lambda x, c: (x, c), {"mode": 1}, TypeError, r"mode"),
+    "cval-numeric-string": (lambda x, c: (x, c), {"cval": "1.5"}, TypeError, r"cval"),
+    "cval-none": (lambda x, c: (x, c), {"cval": None}, TypeError, r"cval"),
     "bad-layout": (lambda x, c: (x, c), {"layout": "NCWH"}, ValueError, r"layout"),
     "bad-layout-type": (lambda x, c: (x, c), {"layout": 1}, (ValueError, TypeError), r"layout"),
     "order-3": (lambda x, c: (x, c), {"order": 3}, (NotImplementedError, ValueError), r"order"),
@@ -467,3 +471,19 @@ def test_nan_pixels_reach_only_the_samples_that_read_them(order, mode, layout, d
     np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
     finite = np.isfinite(ref)
     np.testing.assert_allclose(got[finite], ref[finite], rtol=0, atol=tol(dtype))
+
+
+def test_dlpack_objects_numpy_cannot_take_raise_type_errors():
+    """DLPack exporters NumPy refuses (bfloat16, a tensor that requires grad, a storage-less
+    meta tensor) raise a TypeError naming the argument, not the exporter's bare RuntimeError,
+    BufferError or ValueError [oracle: contract §5]."""
+    torch = pytest.importorskip("torch")
+    off = np.zeros((1, 2, 3, 3))
+    for x in (torch.zeros(1, 1, 3, 3, dtype=torch.bfloat16),
+              torch.zeros(1, 1, 3, 3, dtype=torch.float64, requires_grad=True),
+              torch.zeros(1, 1, 3, 3, dtype=torch.float64, device="meta")):
+        with pytest.raises(TypeError, match=r"^x "):
+            dops.deform_sample(x, off)
+    # a plain CPU tensor is taken as it is
+    x = torch.arange(9.0, dtype=torch.float64).reshape(1, 1, 3, 3)
+    np.testing.assert_array_equal(dops.deform_sample(x, off), x.numpy())

@@ -93,6 +93,23 @@ def test_deform_conv2d_module_rejects_bad_groups():
         dt.DeformConv2d(4, 3, 3, groups=2)
 
 
+@pytest.mark.parametrize("kwargs, error", [
+    (dict(stride=1.5), TypeError), (dict(stride=(2, 2.0)), TypeError),
+    (dict(padding="1"), TypeError), (dict(dilation=True), TypeError),
+    (dict(kernel_size=(3,)), ValueError), (dict(stride=0), ValueError),
+    (dict(padding=-1), ValueError), (dict(groups=0), ValueError), (dict(groups=2.0), TypeError),
+])
+@pytest.mark.parametrize("cls", ["DeformConv2d", "DeformConv2dPack"])
+def test_modules_reject_bad_arguments_when_built(cls, kwargs, error):
+    """A float, string or bool size is a TypeError naming the argument when the module is built,
+    never truncated (torch's _pair would keep stride=1.5 and the op run with stride 1); values
+    out of range are ValueErrors [oracle: the core's rules, DESIGN §5]."""
+    args = dict(in_channels=4, out_channels=4, kernel_size=3)
+    args.update(kwargs)
+    with pytest.raises(error, match=next(iter(kwargs))):
+        getattr(dt, cls)(**args)
+
+
 # ====================================================================== DeformConv2dPack
 
 

@@ -282,6 +282,26 @@ def test_noncontiguous_inputs():
             torch.testing.assert_close(a, r, rtol=0, atol=1e-12)
 
 
+def test_lazily_negated_views():
+    """A view with torch's negative bit (the imaginary part of a conjugated complex tensor)
+    reads as its negated values, for every input [oracle: the same values materialised]."""
+    rng = np.random.default_rng(21)
+    (x, off, w, b, m), kw = conv_case(rng, N=2, mask=True, bias=True)
+
+    def negated(t):
+        v = torch.complex(torch.zeros_like(t), -t).conj().imag  # == t, with the negative bit
+        assert v.is_neg()
+        return v
+
+    ref = call_conv(x, off, w, b, m, kw)
+    for i in range(5):
+        args = [negated(t) if j == i else t for j, t in enumerate((x, off, w, b, m))]
+        torch.testing.assert_close(call_conv(*args, kw), ref, rtol=0, atol=0)
+    xs, cs = _sampling_inputs(rng, "deform_sample", N=2)
+    for f in SAMPLING_OPS.values():
+        torch.testing.assert_close(f(negated(xs), negated(cs)), f(xs, cs), rtol=0, atol=0)
+
+
 def test_expanded_grad_out():
     """``out.sum().backward()`` hands the backward a stride-0 (expanded) grad_out: gradients
     equal those of an explicit ones tensor [oracle: contiguous run]."""
@@ -482,6 +502,24 @@ def _error_cases():
             lambda: dt.deform_conv2d(x, off, w, stride=0, padding=1),
             lambda: deformops.deform_conv2d(n(x), n(off), n(w), stride=0, padding=1),
             ValueError),
+        "conv float stride pair": (
+            lambda: dt.deform_conv2d(x, off, w, stride=(1.0, 1), padding=1),
+            lambda: deformops.deform_conv2d(n(x), n(off), n(w), stride=(1.0, 1), padding=1),
+            TypeError),
+        "conv float padding": (
+            lambda: dt.deform_conv2d(x, off, w, padding=1.5),
+            lambda: deformops.deform_conv2d(n(x), n(off), n(w), padding=1.5), TypeError),
+        "conv string dilation pair": (
+            lambda: dt.deform_conv2d(x, off, w, padding=1, dilation=("1", "1")),
+            lambda: deformops.deform_conv2d(n(x), n(off), n(w), padding=1, dilation=("1", "1")),
+            TypeError),
+        "conv bool stride": (
+            lambda: dt.deform_conv2d(x, off, w, stride=True, padding=1),
+            lambda: deformops.deform_conv2d(n(x), n(off), n(w), stride=True, padding=1),
+            TypeError),
+        "conv bool in a padding pair": (
+            lambda: dt.deform_conv2d(x, off, w, padding=(1, True)),
+            lambda: deformops.deform_conv2d(n(x), n(off), n(w), padding=(1, True)), TypeError),
         "conv 3-D input": (
             lambda: dt.deform_conv2d(x[0], off, w, padding=1),
             lambda: deformops.deform_conv2d(n(x[0]), n(off), n(w), padding=1), ValueError),

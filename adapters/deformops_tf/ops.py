@@ -97,6 +97,8 @@ def _locked(fn, args, kwargs):
 def _pair(value, name, minimum):
     try:
         pair = (value, value) if not isinstance(value, (tuple, list)) else tuple(value)
+        if any(isinstance(v, bool) for v in pair):
+            raise TypeError
         pair = tuple(operator.index(v) for v in pair)
     except TypeError:
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None

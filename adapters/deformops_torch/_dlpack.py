@@ -29,6 +29,8 @@ def to_array(t, name):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.requires_grad:
         t = t.detach()
+    if t.is_neg():  # a lazily negated view (x.conj().imag): DLPack would export it unnegated
+        t = t.resolve_neg()
     if t.is_cpu and t.dtype in _CPU_DTYPES and t.layout == torch.strided:
         return t.numpy()  # the common case first: ~1 us instead of ~2 (5 tensors per call)
     if t.is_cpu:

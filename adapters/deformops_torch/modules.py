@@ -2,13 +2,13 @@
 predicts its own offsets (and DCNv2 mask), and the original project's ``ConvOffset2D``."""
 
 import math
+import numbers
 
 import torch
 from torch import nn
 from torch.nn import init
-from torch.nn.modules.utils import _pair
 
-from .ops import deform_conv2d, deform_sample
+from .ops import _pair, deform_conv2d, deform_sample
 
 
 class DeformConv2d(nn.Module):
@@ -30,6 +30,12 @@ class DeformConv2d(nn.Module):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                  groups=1, bias=True):
         super().__init__()
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
+                            ("groups", groups)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} must be an int, got {value!r}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value!r}")
         if in_channels % groups != 0:
             raise ValueError(f"in_channels ({in_channels}) must be divisible by groups ({groups})")
         if out_channels % groups != 0:
@@ -37,10 +43,10 @@ class DeformConv2d(nn.Module):
                 f"out_channels ({out_channels}) must be divisible by groups ({groups})")
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.kernel_size = _pair(kernel_size)
-        self.stride = _pair(stride)
-        self.padding = _pair(padding)
-        self.dilation = _pair(dilation)
+        self.kernel_size = tuple(_pair(kernel_size, "kernel_size", 1))
+        self.stride = tuple(_pair(stride, "stride", 1))
+        self.padding = tuple(_pair(padding, "padding"))
+        self.dilation = tuple(_pair(dilation, "dilation", 1))
         self.groups = groups
         self.weight = nn.Parameter(
             torch.empty(out_channels, in_channels // groups, *self.kernel_size))

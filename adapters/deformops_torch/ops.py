@@ -42,15 +42,22 @@ from ._dlpack import is_channels_last, on_stream, to_array, to_tensor
 _EMPTY = (0,)
 
 
-def _pair(value, name):
-    """An int or a pair of ints as a list of two ints (validated again by deformops)."""
-    if isinstance(value, (tuple, list)):
-        if len(value) != 2:
-            raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-        return [int(v) for v in value]
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    return [value, value]
+def _pair(value, name, minimum=0):
+    """An int or a pair of ints, each >= ``minimum``, as a list of two ints. Like the core, and
+    torchvision, a float, string or bool (also inside the pair) is a ``TypeError``: never
+    truncated."""
+    pair = list(value) if isinstance(value, (tuple, list)) else [value, value]
+    if len(pair) != 2:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    try:
+        if any(isinstance(v, bool) for v in pair):
+            raise TypeError
+        pair = [operator.index(v) for v in pair]
+    except TypeError:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
+    if min(pair) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return pair
 
 
 def _check_tensors(**named):
@@ -230,8 +237,8 @@ def deform_conv2d(input, offset, weight, bias=None, stride=(1, 1), padding=(0, 0
         Differentiable with respect to input, offset, weight, bias and mask.
     """
     _check_tensors(input=input, offset=offset, weight=weight, bias=bias, mask=mask)
-    args = (input, offset, weight, bias, mask, _pair(stride, "stride"), _pair(padding, "padding"),
-            _pair(dilation, "dilation"))
+    args = (input, offset, weight, bias, mask, _pair(stride, "stride", 1),
+            _pair(padding, "padding"), _pair(dilation, "dilation", 1))
     if _eager(input, offset, weight, bias, mask):
         return _DeformConv2dFunction.apply(*args)
     return _deform_conv2d(*args)
