@@ -190,7 +190,8 @@ def sample_backward(grad_out, x, coords, *, order=1, mode="grid-constant", cval=
         group's channels of ``grad_out`` times the derivative of the bilinear interpolant of
         the cell ``[floor(y), floor(y)+1] x [floor(x), floor(x)+1]`` (right-hand at integer
         coordinates), from the four corner values the forward used, times the sign of the
-        mode's coordinate mapping (-1 on mirrored segments). Zero for ``order=0``, non-finite
+        mode's coordinate mapping (-1 on mirrored segments, where an integer point takes the
+        cell on the other side of its mirrored pixel: the derivative stays right-hand). Zero for ``order=0``, non-finite
         coordinates and points whose output is ``cval`` without interpolation.
     """
     grads = _backward(grad_out, x, coords, order, mode, cval, layout, needs_input_grad,

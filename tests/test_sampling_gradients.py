@@ -245,6 +245,43 @@ def test_grad_at_minus_one_and_last_index(mode):
     np.testing.assert_allclose(fd[0, 0][rows] / eps, expected[rows], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mode", MODES)
+def test_grad_at_integers_outside_is_right_hand_derivative(mode, layout):
+    """At every integer coordinate from -3n to 4n (the mirrored, wrapped and clamped stretches
+    outside the image included), the coordinate gradient is the right-hand derivative, never
+    the left-hand one (on a mirrored stretch the mode's coordinate runs backwards) [oracle:
+    one-sided float64 finite differences of the forward at two step sizes; where they disagree
+    the value jumps right of the point ('constant', 'wrap'), and the point is skipped]."""
+    rng = np.random.default_rng(12)
+    H, W = 4, 5
+    x = rng.uniform(-1, 1, (1, 2, H, W))
+    x[0, 1] = rng.permutation(H * W).reshape(H, W)  # steep, distinct steps
+    ints = np.arange(-3 * max(H, W), 4 * max(H, W) + 1, dtype=np.float64)
+    cy, cx = np.meshgrid(ints, ints, indexing="ij")
+    # y integer with x inside a cell, and x integer with y inside a cell
+    frac = rng.uniform(0.2, 0.8, cy.shape)
+    c = np.stack([np.concatenate([cy, (cy + frac).clip(0.25, H - 1.25)]),
+                  np.concatenate([(cx + frac).clip(0.25, W - 1.25), cx])])[None]
+    cval = 0.3
+    gout = np.ones((1, 2) + c.shape[2:])
+    res = dops.sample_backward(to_layout(gout, layout), to_layout(x, layout),
+                               to_layout(c, layout), mode=mode, cval=cval, layout=layout)
+    got = from_layout(res.grad_coords, layout)[0]
+    base = dops.sample(x, c, mode=mode, cval=cval).sum(1)[0]
+    n = len(ints)
+    for axis, rows in ((0, slice(0, n)), (1, slice(n, 2 * n))):
+        fds = []
+        for h in (2.0 ** -20, 2.0 ** -21):
+            cp = c.copy()
+            cp[0, axis] += h
+            fds.append((dops.sample(x, cp, mode=mode, cval=cval).sum(1)[0] - base) / h)
+        smooth = np.abs(fds[0] - fds[1]) < 1e-5
+        assert smooth[rows].mean() > 0.7
+        np.testing.assert_allclose(got[axis][rows][smooth[rows]], fds[0][rows][smooth[rows]],
+                                   rtol=0, atol=1e-5, err_msg=f"axis {axis}")
+
+
 # ---------------------------------------------------------------------------------- (d)
 
 

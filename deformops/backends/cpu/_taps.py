@@ -125,11 +125,13 @@ def map_coordinate(c, n, mode):
 
 
 @njit(cache=True, inline="always")
-def axis_taps(c, n, mode, order):
+def axis_taps(c, n, mode, order, slopes):
     """Taps along one axis: ``(i_low, i_high, l, h, sign, ok)``.
 
     ``l`` and ``h`` are the weights of ``i_low`` and ``i_high`` (``h = 1 - l`` as in scipy);
     indices are mapped into the axis or -1 (reads cval). For order 0 only ``i_low`` is used.
+    With ``slopes`` (taps for a coordinate gradient), an integer point on a mirrored stretch
+    gets the cell on the other side of its pixel (see below); the value is the same.
     """
     if not math.isfinite(c):
         return 0, 0, 0.0, 0.0, 0.0, False
@@ -141,6 +143,12 @@ def axis_taps(c, n, mode, order):
         i = map_tap(int(math.floor(c + 0.5)), n, tap_mode)
         return i, i, 1.0, 0.0, 0.0, True
     f = math.floor(c)
+    if slopes and sign < 0.0 and f == c:
+        # On a mirrored stretch c runs against the caller's coordinate: the cell to the right
+        # of the point is the one below c, and it gives the right-hand derivative (DESIGN §4).
+        # Same value (weight 1 on c's own tap, 0 on the other); the forward keeps scipy's cell,
+        # so that a NaN pixel reaches the samples scipy's reaches.
+        f -= 1.0
     i = int(f)
     l = 1.0 - (c - f)
     h = 1.0 - l
@@ -169,9 +177,9 @@ def zero_padding_taps(y, x, H, W):
 
 
 @njit(cache=True)
-def point_taps(y, x, H, W, mode, order):
+def point_taps(y, x, H, W, mode, order, slopes):
     """Axis taps ``(ya, xa)`` of the point (y, x) in an H x W image (see :func:`axis_taps`)."""
-    return axis_taps(y, H, mode, order), axis_taps(x, W, mode, order)
+    return axis_taps(y, H, mode, order, slopes), axis_taps(x, W, mode, order, slopes)
 
 
 @njit(cache=True)

@@ -104,7 +104,7 @@ def _fill_chunk(cn, channels_last, g, p0, m, Wo, relative, H, W, mode, order, cv
                 ax[0, k], ax[1, k], ax[2, k], ax[3, k] = -ly, ly, -hy, hy
                 cst[0, k], cst[1, k] = 0.0, 0.0
             continue
-        ya, xa = point_taps(y, x, H, W, mode, order)
+        ya, xa = point_taps(y, x, H, W, mode, order, slopes)
         taps = corner_taps(ya, xa, W, cval)
         _store_taps(taps, col0 + j, idx, wt, bias, empty)
         n_empty += taps[9]

@@ -175,8 +175,8 @@ sample_backward_coords_nchw(const T* __restrict__ grad_out, const T* __restrict_
         const I n = (I)(t / ((long long)G * P)), g = (I)((t / P) % G), p = (I)(t % P);
         double y, xx;
         read_point<T, I, false>(coords, n, g, p, G, P, Wo, relative, y, xx);
-        const AxisTaps ya = axis_taps(y, H, mode, order);
-        const AxisTaps xa = axis_taps(xx, W, mode, order);
+        const AxisTaps ya = axis_taps(y, H, mode, order, true);
+        const AxisTaps xa = axis_taps(xx, W, mode, order, true);
         const Corners tp = corner_taps(ya, xa, W, cval);
         acc_t sum_y = 0, sum_x = 0;
         if (!tp.empty) {  // else: constant output, zero gradient, no pixel read
@@ -216,8 +216,8 @@ sample_backward_coords_nhwc(const T* __restrict__ grad_out, const T* __restrict_
         const I n = (I)(t / ((long long)P * G)), p = (I)((t / G) % P), g = (I)(t % G);
         double y, xx;
         read_point<T, I, true>(coords, n, g, p, G, P, Wo, relative, y, xx);
-        const AxisTaps ya = axis_taps(y, H, mode, order);
-        const AxisTaps xa = axis_taps(xx, W, mode, order);
+        const AxisTaps ya = axis_taps(y, H, mode, order, true);
+        const AxisTaps xa = axis_taps(xx, W, mode, order, true);
         const Corners tp = corner_taps(ya, xa, W, cval);
         acc_t sum_y = 0, sum_x = 0;
         if (!tp.empty) {

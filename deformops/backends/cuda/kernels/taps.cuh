@@ -110,8 +110,11 @@ __device__ __forceinline__ bool map_coordinate(double& c, double& sign, long lon
     return c > -1.0;
 }
 
-// Taps along one axis (see AxisTaps). For order 0 only i_low is used (weight 1).
-__device__ __forceinline__ AxisTaps axis_taps(double c, long long n, int mode, int order) {
+// Taps along one axis (see AxisTaps). For order 0 only i_low is used (weight 1). With `slopes`
+// (taps for a coordinate gradient), an integer point on a mirrored stretch gets the cell on the
+// other side of its pixel (see below); the value is the same.
+__device__ __forceinline__ AxisTaps axis_taps(double c, long long n, int mode, int order,
+                                              bool slopes = false) {
     AxisTaps a;
     a.i_low = 0; a.i_high = 0; a.l = 0.0; a.h = 0.0; a.sign = 0.0; a.ok = false;
     if (!isfinite(c)) return a;
@@ -125,6 +128,11 @@ __device__ __forceinline__ AxisTaps axis_taps(double c, long long n, int mode, i
         return a;
     }
     double f = floor(c);
+    // On a mirrored stretch c runs against the caller's coordinate: the cell to the right of the
+    // point is the one below c, and it gives the right-hand derivative (DESIGN §4). Same value
+    // (weight 1 on c's own tap, 0 on the other); the forward keeps scipy's cell, so that a NaN
+    // pixel reaches the samples scipy's reaches.
+    if (slopes && sign < 0.0 && f == c) f -= 1.0;
     long long i = (long long)f;
     a.l = 1.0 - (c - f);
     a.h = 1.0 - a.l;
