@@ -46,6 +46,11 @@ def _pair(value, name, minimum=0):
     """An int or a pair of ints, each >= ``minimum``, as a list of two ints. Like the core, and
     torchvision, a float, string or bool (also inside the pair) is a ``TypeError``: never
     truncated."""
+    if type(value) is int and value >= minimum:  # the common cases first (per-call cost)
+        return [value, value]
+    if (type(value) in (tuple, list) and len(value) == 2 and type(value[0]) is int
+            and type(value[1]) is int and min(value) >= minimum):
+        return list(value)
     pair = list(value) if isinstance(value, (tuple, list)) else [value, value]
     if len(pair) != 2:
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
