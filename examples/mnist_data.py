@@ -131,5 +131,6 @@ def scale_images(images, rng):
 
 
 def scaled_test_sets(x_test, seed, draws):
-    """``draws`` fixed scaled versions of the test set, seeded by ``seed`` (draw d uses seed+d)."""
+    """``draws`` fixed scaled versions of the test set: draw d uses seed + 1000 + d (away from
+    the seeds of the training data)."""
     return [scale_images(x_test, np.random.default_rng(seed + 1000 + d)) for d in range(draws)]

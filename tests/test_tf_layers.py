@@ -171,3 +171,61 @@ def test_keras_save_load_round_trip(tmp_path):
     np.testing.assert_array_equal(loaded.predict(X, verbose=0), model.predict(X, verbose=0))
     assert keras.saving.get_registered_name(dtf.DeformConv2D) == "deformops>DeformConv2D"
     assert keras.saving.get_registered_name(dtf.ConvOffset2D) == "deformops>ConvOffset2D"
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+@pytest.mark.parametrize("make", [lambda f: dtf.DeformConv2D(4, 3, padding="same", data_format=f),
+                                  lambda f: dtf.ConvOffset2D(data_format=f)],
+                         ids=["DeformConv2D", "ConvOffset2D"])
+def test_built_layers_reject_another_channel_count(make, data_format):
+    """A layer built for 3 channels refuses 6 (as keras' Conv2D): otherwise its convolutions
+    would silently become 2-group ones, groups being inferred from the kernel [oracle: the
+    keras InputSpec contract]."""
+    shape = (1, 5, 5, 3) if data_format == "channels_last" else (1, 3, 5, 5)
+    layer = make(data_format)
+    layer(np.zeros(shape, np.float32))
+    other = shape[:3] + (6,) if data_format == "channels_last" else (1, 6, 5, 5)
+    with pytest.raises(ValueError, match="axis"):
+        layer(np.zeros(other, np.float32))
+    with pytest.raises(ValueError, match="axis"):
+        layer(keras.Input(other[1:]))
+
+
+def test_valid_padding_on_an_input_smaller_than_the_kernel_is_a_value_error():
+    """'valid' padding, 3x3 input, 5x5 kernel (or 3x3 dilated by 2): ValueError naming the size,
+    as keras' Conv2D, at model-building time and when called [oracle: keras Conv2D]."""
+    with pytest.raises(ValueError):
+        keras.layers.Conv2D(2, 5)(keras.Input((3, 3, 1)))
+    for kw in (dict(kernel_size=5), dict(kernel_size=3, dilation_rate=2)):
+        with pytest.raises(ValueError, match="smaller than the kernel"):
+            dtf.DeformConv2D(2, **kw)(keras.Input((3, 3, 1)))
+        with pytest.raises(ValueError, match="smaller than the kernel"):
+            dtf.DeformConv2D(2, **kw)(np.zeros((1, 3, 3, 1), np.float32))
+    assert dtf.DeformConv2D(2, 5)(np.zeros((1, 5, 6, 1), np.float32)).shape == (1, 1, 2, 2)
+
+
+@pytest.fixture
+def mixed_float16():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def test_mixed_precision_models_say_to_keep_the_layers_in_float32(mixed_float16):
+    """Under a mixed_float16 policy the CPU kernels get float16: a TypeError that says to give
+    the layer dtype='float32'; with it, the model trains in model.fit [oracle: DESIGN §5 dtypes;
+    the loss must stay finite]."""
+    x = np.zeros((1, 8, 8, 2), np.float32)  # cast to float16 by the layers' policy
+    with pytest.raises(TypeError, match="dtype='float32'"):
+        dtf.DeformConv2D(4, 3, padding="same")(x)
+    with pytest.raises(TypeError, match="dtype='float32'"):
+        dtf.ConvOffset2D()(x)
+    inp = keras.Input((8, 8, 2))
+    h = keras.layers.Conv2D(2, 1)(inp)  # float16 under the policy
+    h = dtf.ConvOffset2D(dtype="float32")(h)
+    out = dtf.DeformConv2D(3, 3, padding="same", dtype="float32")(h)
+    model = keras.Model(inp, keras.layers.GlobalAveragePooling2D()(out))
+    model.compile("sgd", "mse")
+    rng = np.random.default_rng(0)
+    hist = model.fit(rng.random((8, 8, 8, 2)), rng.random((8, 3)), epochs=1, verbose=0)
+    assert np.isfinite(hist.history["loss"][0])

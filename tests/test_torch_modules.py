@@ -276,3 +276,34 @@ def test_reprs():
         "  3, init_normal_stddev=0, order=0, mode='nearest'\n"
         "  (conv): Conv2d(3, 6, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), bias=False)\n"
         ")")
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda: dt.ConvOffset2D(0), ValueError, "channels"),
+    (lambda: dt.ConvOffset2D(2.0), TypeError, "channels"),
+    (lambda: dt.ConvOffset2D(2, init_normal_stddev=-1), ValueError, "init_normal_stddev"),
+    (lambda: dt.ConvOffset2D(2, init_normal_stddev="0.1"), TypeError, "init_normal_stddev"),
+    (lambda: dt.ConvOffset2D(2, mode="clamp"), ValueError, "mode"),
+    (lambda: dt.ConvOffset2D(2, order=3), NotImplementedError, "order"),
+    (lambda: dt.DeformConv2dPack(4, 4, 3, offset_groups=2.0), TypeError, "offset_groups"),
+    (lambda: dt.DeformConv2dPack(4, 4, 3, offset_groups=True), TypeError, "offset_groups"),
+    (lambda: dt.DeformConv2dPack(4, 4, 3, offset_groups=0), ValueError, "offset_groups"),
+    (lambda: dt.DeformConv2dPack(4, 4, 3, offset_groups=3), ValueError, "offset_groups"),
+], ids=["channels 0", "channels float", "negative stddev", "string stddev", "mode", "order",
+        "float offset_groups", "bool offset_groups", "zero offset_groups", "3 offset_groups"])
+def test_modules_that_predict_offsets_reject_bad_arguments_when_built(make, error, match):
+    """Bad arguments raise when the module is built, naming the argument [oracle: DESIGN §5;
+    order and mode by the core's rules]."""
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_modules_that_predict_offsets_reject_another_channel_count():
+    """An input with other channels than the module was built for: ValueError naming input,
+    not the predictor conv's bare RuntimeError [oracle: DESIGN §5]."""
+    x = torch.zeros(1, 6, 5, 5)
+    for m in (dt.ConvOffset2D(4), dt.DeformConv2dPack(4, 4, 3, padding=1)):
+        with pytest.raises(ValueError, match="input"):
+            m(x)
+        with pytest.raises(ValueError, match="input"):
+            m(x[0])

@@ -39,6 +39,24 @@ def _data_format(data_format):
     return data_format
 
 
+def _input_spec(data_format, channels):
+    """A built layer's input spec: 4-D with the channel count it was built for (another count
+    would silently turn its convolutions into grouped ones, groups being inferred)."""
+    axis = -1 if data_format == "channels_last" else 1
+    return keras.layers.InputSpec(ndim=4, axes={axis: channels})
+
+
+def _check_compute_dtype(inputs, cls):
+    """A TypeError that says what to do where a mixed-precision policy hands a CPU layer half
+    precision: the CPU kernels compute in float32 and float64 only."""
+    dtype = getattr(inputs, "dtype", None)
+    if dtype in (tf.float16, tf.bfloat16) and not ops._gpu_visible():
+        raise TypeError(
+            f"{cls} got {dtype.name} inputs; on the CPU deformops computes in float32 or "
+            f"float64 only. In a mixed-precision model give this layer dtype='float32' (its "
+            "inputs are then cast to float32)")
+
+
 def _check_backend(cls):
     if keras.config.backend() != "tensorflow":
         raise ValueError(f"{cls} needs Keras' TensorFlow backend (KERAS_BACKEND='tensorflow'); "
@@ -136,8 +154,10 @@ class ConvOffset2D(keras.layers.Layer):
                                       initializer=self.kernel_initializer,
                                       regularizer=self.kernel_regularizer,
                                       constraint=self.kernel_constraint)
+        self.input_spec = _input_spec(self.data_format, C)
 
     def call(self, inputs):
+        _check_compute_dtype(inputs, "ConvOffset2D")
         x = inputs if self.data_format == "channels_last" else tf.transpose(inputs, (0, 2, 3, 1))
         offset = tf.nn.conv2d(x, tf.cast(self.kernel, x.dtype), 1, "SAME")
         out = ops.deform_sample(x, offset, order=self.order, mode=self.mode, cval=self.cval)
@@ -271,6 +291,7 @@ class DeformConv2D(keras.layers.Layer):
         if Cin % self.offset_groups:
             raise ValueError(f"the input's {Cin} channels are not divisible by offset_groups "
                              f"({self.offset_groups})")
+        self.input_spec = _input_spec(self.data_format, Cin)
         kh, kw = self.kernel_size
         GK = self.offset_groups * self._taps
         self.kernel = self.add_weight(name="kernel", shape=(kh, kw, Cin // self.groups,
@@ -291,7 +312,10 @@ class DeformConv2D(keras.layers.Layer):
                                            initializer=self.offset_initializer)
 
     def call(self, inputs):
+        _check_compute_dtype(inputs, "DeformConv2D")
         x = inputs if self.data_format == "channels_last" else tf.transpose(inputs, (0, 2, 3, 1))
+        if self.padding == "valid":
+            self._check_valid_size(x.shape[1:3])
         dt = x.dtype
         pred = tf.nn.conv2d(x, tf.cast(self.offset_kernel, dt), self.strides,
                             self.padding.upper(), dilations=self.dilation_rate)
@@ -315,6 +339,17 @@ class DeformConv2D(keras.layers.Layer):
         if self.activation is not None:
             out = self.activation(out)
         return out if self.data_format == "channels_last" else tf.transpose(out, (0, 3, 1, 2))
+
+    def _check_valid_size(self, sizes):
+        """'valid' padding: a ValueError, as keras' Conv2D gives, where a known spatial size is
+        smaller than the dilated kernel (TF's conv would fail with an InvalidArgumentError)."""
+        for a, name in ((0, "height"), (1, "width")):
+            span = self.dilation_rate[a] * (self.kernel_size[a] - 1) + 1
+            if sizes[a] is not None and sizes[a] < span:
+                raise ValueError(
+                    f"the input's {name} ({sizes[a]}) is smaller than the kernel "
+                    f"({self.kernel_size[a]} with dilation {self.dilation_rate[a]}: {span}); "
+                    "with padding='valid' the output would be empty")
 
     def _pad_same(self, x):
         """TF 'same' padding as the deformable op's symmetric padding plus, where the total is
@@ -343,6 +378,8 @@ class DeformConv2D(keras.layers.Layer):
             N, H, W = input_shape[0], input_shape[1], input_shape[2]
         else:
             N, H, W = input_shape[0], input_shape[2], input_shape[3]
+        if self.padding == "valid":
+            self._check_valid_size((H, W))
         sizes = []
         for size, k, s, d in zip((H, W), self.kernel_size, self.strides, self.dilation_rate):
             if size is None:

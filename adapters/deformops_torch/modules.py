@@ -4,11 +4,31 @@ predicts its own offsets (and DCNv2 mask), and the original project's ``ConvOffs
 import math
 import numbers
 
+import numpy as np
 import torch
 from torch import nn
+
+import deformops
 from torch.nn import init
 
 from .ops import _pair, deform_conv2d, deform_sample
+
+
+def _positive_ints(**named):
+    """TypeError for anything but an int (a bool included), ValueError for one below 1."""
+    for name, value in named.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value!r}")
+
+
+def _check_input(input, channels, cls):
+    """A ValueError naming ``input`` for a tensor that is not (N, channels, H, W) (the
+    predictor conv would raise a bare RuntimeError)."""
+    if input.dim() != 4 or input.shape[1] != channels:
+        raise ValueError(f"input must be (N, {channels}, H, W) for this {cls}, got shape "
+                         f"{tuple(input.shape)}")
 
 
 class DeformConv2d(nn.Module):
@@ -30,12 +50,7 @@ class DeformConv2d(nn.Module):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                  groups=1, bias=True):
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
-                            ("groups", groups)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise TypeError(f"{name} must be an int, got {value!r}")
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value!r}")
+        _positive_ints(in_channels=in_channels, out_channels=out_channels, groups=groups)
         if in_channels % groups != 0:
             raise ValueError(f"in_channels ({in_channels}) must be divisible by groups ({groups})")
         if out_channels % groups != 0:
@@ -121,7 +136,8 @@ class DeformConv2dPack(DeformConv2d):
                  groups=1, offset_groups=1, bias=True, modulated=False):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
                          groups, bias)
-        if offset_groups < 1 or in_channels % offset_groups:
+        _positive_ints(offset_groups=offset_groups)
+        if in_channels % offset_groups:
             raise ValueError(f"offset_groups ({offset_groups}) must be >= 1 and divide "
                              f"in_channels ({in_channels})")
         self.offset_groups = offset_groups
@@ -147,6 +163,7 @@ class DeformConv2dPack(DeformConv2d):
         -------
         Tensor, (N, Cout, Ho, Wo)
         """
+        _check_input(input, self.in_channels, "DeformConv2dPack")
         pred = self.conv_offset(input)
         n_offset = 2 * self.offset_groups * self.kernel_size[0] * self.kernel_size[1]
         offset = pred[:, :n_offset]
@@ -186,6 +203,14 @@ class ConvOffset2D(nn.Module):
 
     def __init__(self, channels, init_normal_stddev=0.01, order=1, mode="nearest"):
         super().__init__()
+        _positive_ints(channels=channels)
+        if isinstance(init_normal_stddev, bool) or not isinstance(init_normal_stddev,
+                                                                   numbers.Real):
+            raise TypeError(f"init_normal_stddev must be a number, got {init_normal_stddev!r}")
+        if not init_normal_stddev >= 0:
+            raise ValueError(f"init_normal_stddev must be >= 0, got {init_normal_stddev!r}")
+        # order and mode by the core's own rules and messages, now rather than at the first call
+        deformops.sample(np.zeros((0, 1, 1, 1)), np.zeros((0, 2, 1, 1)), order=order, mode=mode)
         self.channels = channels
         self.init_normal_stddev = init_normal_stddev
         self.order = order
@@ -209,6 +234,7 @@ class ConvOffset2D(nn.Module):
         -------
         Tensor, (N, C, H, W)
         """
+        _check_input(x, self.channels, "ConvOffset2D")
         return deform_sample(x, self.conv(x), order=self.order, mode=self.mode)
 
     def extra_repr(self):
