@@ -619,6 +619,37 @@ def test_operator_path_equals_eager_path():
             torch.testing.assert_close(a, r, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("path", ["eager", "operator"])
+@pytest.mark.parametrize("op", ["deform_conv2d", "sample", "deform_sample"])
+def test_second_derivatives_raise_also_through_the_inputs(op, path):
+    """The kernels have first derivatives only. A second derivative that passes through an op
+    raises, on both paths, also when it is taken with respect to an input that reaches the
+    loss another way too (x**2 here), where a once_differentiable backward silently dropped
+    the op's second-order term; gradients taken with create_graph=True are the plain ones
+    [oracle: the first-order gradients without create_graph]."""
+    rng = np.random.default_rng(22)
+    if op == "deform_conv2d":
+        (x, off, w, _, _), kw = conv_case(rng, N=1, Cin=2)
+        inputs = [x.requires_grad_(), off.requires_grad_(), w.requires_grad_()]
+        f = ((lambda a, b, c: dt.deform_conv2d(a, b, c, **kw)) if path == "eager" else
+             (lambda a, b, c: torch.ops.deformops.deform_conv2d(a, b, c, None, None, [1, 1],
+                                                               [1, 1], [1, 1])))
+    else:
+        xs, cs = _sampling_inputs(rng, op)
+        inputs = [xs.requires_grad_(), cs.requires_grad_()]
+        f = (SAMPLING_OPS[op] if path == "eager" else
+             (lambda a, b: getattr(torch.ops.deformops, op)(a, b, 1, "grid-constant", 0.0)))
+    x = inputs[0]
+    loss = (f(*inputs).sum() + (x ** 2).sum()) ** 2
+    (g,) = torch.autograd.grad(loss, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        torch.autograd.grad(g.norm(), x)
+    with_graph = torch.autograd.grad(f(*inputs).sum(), inputs, create_graph=True)
+    plain = torch.autograd.grad(f(*inputs).sum(), inputs)
+    for a, b in zip(with_graph, plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_operator_path_gradcheck():
     """The registered operators' own autograd (used under torch.compile and dispatch modes)
     [oracle: finite differences]."""

@@ -199,7 +199,15 @@ _deform_conv2d.register_autograd(_conv_backward, setup_context=_conv_setup_conte
 
 
 class _DeformConv2dFunction(torch.autograd.Function):
-    """The eager path of :func:`deform_conv2d`: the same kernels without the dispatcher."""
+    """The eager path of :func:`deform_conv2d`: the same kernels without the dispatcher.
+
+    With ``create_graph=True`` its backward runs the registered backward operator, as the
+    operator path does: the gradients it returns then raise if they are differentiated again
+    (the operator has no derivative). ``once_differentiable`` would not do: its error node hangs
+    on ``grad_out`` only, so a second derivative taken with respect to the inputs (a gradient
+    penalty, an input that also reaches the loss another way) silently left the op's
+    second-order term out.
+    """
 
     @staticmethod
     def forward(ctx, input, offset, weight, bias, mask, stride, padding, dilation):
@@ -210,8 +218,9 @@ class _DeformConv2dFunction(torch.autograd.Function):
                                     dilation)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
+        if torch.is_grad_enabled():  # create_graph=True: see the class docstring
+            return _conv_backward(ctx, grad_out)
         input, offset, weight, mask = ctx.saved_tensors
         n = ctx.needs_input_grad
         needs = (n[0], n[1], n[2], n[4] and ctx.has_mask, n[3] and ctx.has_bias)
@@ -320,8 +329,9 @@ def _define_sampling(name, forward, backward, coords_name):
             return forward_kernel(x, coords, order, mode, cval)
 
         @staticmethod
-        @torch.autograd.function.once_differentiable
         def backward(ctx, grad_out):
+            if torch.is_grad_enabled():  # create_graph=True: see _DeformConv2dFunction
+                return backward_rule(ctx, grad_out)
             x, coords = ctx.saved_tensors
             grad_x, grad_coords = backward_kernel(grad_out, x, coords, *ctx.sampling_args,
                                                   ctx.needs_input_grad[:2])
