@@ -24,30 +24,46 @@ def _output_array(output, shape, input_dtype, xp=np):
     elif isinstance(output, xp.ndarray):
         if output.shape != shape:
             raise ValueError(f"output must have shape {shape}; got {output.shape}")
+        if not getattr(output.flags, "writeable", True):  # scipy's error; a read-only memmap
+            raise ValueError("output array is read-only")
         out = output
     else:
+        kind = "CuPy" if xp is not np else "NumPy"
+        wrong = TypeError(f"output must be None, a dtype or a {kind} array; got "
+                          f"{type(output).__name__}")
+        # np.dtype() takes any object with a .dtype: another library's array would be ignored
+        if not isinstance(output, (type, str, np.dtype)) and (
+                hasattr(output, "shape") or hasattr(output, "__dlpack__")):
+            raise wrong
         try:
             dtype = np.dtype(output)
-        except TypeError:
-            kind = "CuPy" if xp is not np else "NumPy"
-            raise TypeError(
-                f"output must be None, a dtype or a {kind} array; got {output!r}") from None
+        except (TypeError, ValueError):
+            raise wrong from None
         out = xp.empty(shape, dtype)
-    if out.dtype.kind not in "biuf":
+    if out.dtype.kind not in "biuf" and out.dtype.name != "bfloat16":
         raise TypeError(f"output dtype must be real (bool, integer or floating); got {out.dtype}")
     return out
 
 
 def _store(values, out, xp=np):
-    """Cast float results into ``out`` with scipy's rules for integer outputs."""
+    """Cast float results into ``out`` with scipy's rules for integer and bool outputs."""
     kind = out.dtype.kind
+    if kind == "b":  # as scipy: truncated toward zero, then != 0 (True from |v| >= 1)
+        out[...] = xp.trunc(values) != 0
+        return
     if kind in "iu":
         info = np.iinfo(out.dtype)
         if kind == "u":
             values = xp.where(values > 0, values + 0.5, 0.0)
         else:
             values = xp.where(values > 0, values + 0.5, values - 0.5)
-        values = xp.clip(values, info.min, info.max)
+        # int64/uint64 maxima round up to 2**63 / 2**64 as floats, which overflow the cast:
+        # values from there on get the maximum itself, as scipy gives
+        top = values >= float(info.max)
+        with np.errstate(invalid="ignore"):
+            cast = xp.clip(values, info.min, info.max).astype(out.dtype)
+        out[...] = xp.where(top, out.dtype.type(info.max), cast)
+        return
     out[...] = values.astype(out.dtype, copy=False)
 
 
@@ -64,7 +80,8 @@ def map_coordinates(input, coordinates, output=None, order=1, mode="constant", c
         Row coordinates in ``coordinates[0]``, column coordinates in ``coordinates[1]``.
     output : None, dtype or ndarray of shape ``coordinates.shape[1:]``
         Where to store the result, as in scipy (integer outputs round half away from zero and
-        clip, as scipy does).
+        clip, bool outputs are True from |v| >= 1, as scipy's). A read-only array raises
+        ``ValueError``; anything else array-like (another library's array) ``TypeError``.
     order : {0, 1}
         Larger orders raise ``NotImplementedError``.
     mode : str

@@ -209,6 +209,51 @@ def test_map_coordinates_integer_input(dtype, order, mode):
     np.testing.assert_array_equal(got, ref)
 
 
+@pytest.mark.parametrize("dtype", [bool, np.int8, np.uint16, np.int32, np.uint32, np.int64,
+                                   np.uint64])
+def test_map_coordinates_bool_and_integer_outputs_clip_as_scipy(dtype):
+    """Bool outputs are True from |v| >= 1 (truncated, then != 0); integer outputs round half
+    away from zero and clip, also beyond int64's range, where a float cast of the maximum
+    overflows [oracle: scipy; left out where scipy's C casts overflow: uint64 above 2**64, bool
+    beyond 2**31]."""
+    vals = [-1e19, -9.3e18, -3e9, -70000.0, -300.0, -2.0, -1.5, -1.0, -0.5, -1e-16, 0.0, 0.5,
+            1.0, 1.5, 2.5, 300.0, 70000.0, 3e9, 5e18, 9.3e18, 1e19]
+    if dtype is bool:
+        vals = [v for v in vals if abs(v) < 2 ** 31]
+    img = np.array([vals])
+    coords = np.stack([np.zeros(len(vals)), np.arange(len(vals), dtype=np.float64)])
+    ref = ndi.map_coordinates(img, coords, order=1, output=dtype)
+    got = dops.map_coordinates(img, coords, order=1, output=dtype)
+    assert got.dtype == ref.dtype
+    np.testing.assert_array_equal(got, ref)
+    if dtype is np.uint64:  # saturates, as every other integer output
+        assert dops.map_coordinates(np.array([[2e19]]), np.zeros((2, 1)),
+                                    output=dtype)[0] == np.iinfo(np.uint64).max
+
+
+def test_map_coordinates_output_must_be_writable_and_ours():
+    """A read-only output array raises scipy's ValueError instead of being written (a read-only
+    memmap would crash the process); another library's array (anything with a shape or
+    __dlpack__) is a TypeError, never taken for a dtype and silently left unfilled
+    [oracle: scipy's error for read-only outputs; contract §5]."""
+    img, coords = np.ones((4, 5)), np.ones((2, 3))
+    for dt in (np.float64, np.int32):  # the direct path and the cast path
+        ro = np.zeros(3, dt)
+        ro.flags.writeable = False
+        with pytest.raises(ValueError, match="read-only"):
+            ndi.map_coordinates(img, coords, output=ro)
+        with pytest.raises(ValueError, match="read-only"):
+            dops.map_coordinates(img, coords, output=ro)
+        assert not ro.any()
+
+    class ArrayLike:
+        dtype, shape = np.dtype(np.float64), (3,)
+
+    for foreign in (ArrayLike(), memoryview(np.zeros(3))):
+        with pytest.raises(TypeError, match="output"):
+            dops.map_coordinates(img, coords, output=foreign)
+
+
 @pytest.mark.parametrize("order", [2, 3, 4, 5])
 def test_map_coordinates_spline_orders_not_implemented(order):
     """order 2..5 are valid in scipy but not implemented here: NotImplementedError [contract]."""
