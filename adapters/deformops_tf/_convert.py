@@ -21,9 +21,10 @@ buffers as NumPy arrays, and adopts a C-contiguous, 64-byte aligned result witho
 
 import numpy as np
 import tensorflow as tf
-from deformops import _arrays
 
-ALIGN = _arrays.ALIGN  # bytes: TensorFlow's EIGEN_MAX_ALIGN_BYTES on AVX-512 machines
+# bytes: TensorFlow's EIGEN_MAX_ALIGN_BYTES on AVX-512 machines (deformops' CPU results start
+# on such a boundary too)
+ALIGN = 64
 
 _DL_CPU, _DL_CUDA_HOST = 1, 3
 
@@ -66,7 +67,11 @@ def to_core(t, perm=None):
 
 def aligned_empty(shape, dtype):
     """An uninitialised C-contiguous array whose buffer starts on a 64-byte boundary."""
-    return _arrays.empty(np, shape, dtype)
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    buf = np.empty(nbytes + ALIGN, np.uint8)
+    start = (-buf.ctypes.data) % ALIGN
+    return buf[start:start + nbytes].view(dtype).reshape(shape)
 
 
 def _shareable(a):
