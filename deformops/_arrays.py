@@ -77,6 +77,8 @@ def as_arrays(optional=(), **named):
     NumPy and CuPy (CPU and GPU) arrays are mixed, ``ValueError`` when GPU arrays live on
     different devices.
     """
+    # the device types first, so that a mix is reported as one (not as a missing CuPy)
+    _check_one_device_type({n: _device_kind(o) for n, o in named.items()})
     arrays, devices = {}, {}
     for name, obj in named.items():
         if obj is None and name in optional:
@@ -84,15 +86,35 @@ def as_arrays(optional=(), **named):
             continue
         arrays[name], devices[name] = as_array(obj, name)
     kinds = set(devices.values())
-    if len(kinds) > 1:
-        where = ", ".join(f"{n} on {d}" for n, d in devices.items())
-        raise TypeError(f"all arrays of one call must be on the same device type; got {where}")
+    _check_one_device_type(devices)
     device = kinds.pop() if kinds else "cpu"
     if device == "cuda":
         ids = {n: a.device.id for n, a in arrays.items() if a is not None}
         if len(set(ids.values())) > 1:
             raise ValueError(f"all arrays of one call must be on the same GPU; got devices {ids}")
     return arrays, device
+
+
+def _device_kind(obj):
+    """"cpu", "cuda", or None (not an array, or a device :func:`as_array` will refuse)."""
+    if isinstance(obj, np.ndarray):
+        return "cpu"
+    if _is_cupy(obj):
+        return "cuda"
+    try:
+        device_type = int(obj.__dlpack_device__()[0])
+    except Exception:
+        return None
+    if device_type in (_DL_CPU, _DL_CUDA_HOST):
+        return "cpu"
+    return "cuda" if device_type in (_DL_CUDA, _DL_CUDA_MANAGED) else None
+
+
+def _check_one_device_type(devices):
+    """TypeError when ``devices`` ({name: "cpu" / "cuda" / None}) mixes CPU and GPU arrays."""
+    if len({d for d in devices.values() if d is not None}) > 1:
+        where = ", ".join(f"{n} on {d}" for n, d in devices.items() if d is not None)
+        raise TypeError(f"all arrays of one call must be on the same device type; got {where}")
 
 
 class CUDAUnavailableError(RuntimeError):

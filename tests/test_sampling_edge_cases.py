@@ -487,3 +487,19 @@ def test_dlpack_objects_numpy_cannot_take_raise_type_errors():
     # a plain CPU tensor is taken as it is
     x = torch.arange(9.0, dtype=torch.float64).reshape(1, 1, 3, 3)
     np.testing.assert_array_equal(dops.deform_sample(x, off), x.numpy())
+
+
+def test_numpy_next_to_a_cuda_dlpack_object_is_a_mix():
+    """A NumPy array next to a CUDA DLPack exporter is reported as a mix of device types (a
+    TypeError naming both), whether or not CuPy is installed, before anything is converted
+    [oracle: contract §5]."""
+
+    class OnTheGPU:  # all the core may look at before converting
+        def __dlpack_device__(self):
+            return (2, 0)  # kDLCUDA, device 0
+
+        def __dlpack__(self, **kwargs):
+            raise AssertionError("converted before the device types were checked")
+
+    with pytest.raises(TypeError, match=r"same device type.*\bx on cpu.*offset on cuda"):
+        dops.deform_sample(np.zeros((1, 1, 3, 3)), OnTheGPU())
