@@ -503,3 +503,42 @@ def test_numpy_next_to_a_cuda_dlpack_object_is_a_mix():
 
     with pytest.raises(TypeError, match=r"same device type.*\bx on cpu.*offset on cuda"):
         dops.deform_sample(np.zeros((1, 1, 3, 3)), OnTheGPU())
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_points_that_read_no_pixel_get_zero_coordinate_gradient_beside_nan_pixels(layout):
+    """Points that read no pixel (far outside, NaN coordinates) aim their taps at pixel 0 with
+    weight 0: with a NaN pixel 0 their coordinate gradient must still be exactly 0, in both
+    layouts, also when the input gradient is not asked for [oracle: contract §4, zero gradient
+    where the output is cval without interpolation]."""
+    x = np.ones((1, 2, 4, 5))
+    x[0, :, 0, 0] = np.nan
+    c = np.array([[10.0, np.nan, -5.0, 1.5], [10.0, 1.0, 2.0, 2.5]]).reshape(1, 2, 1, 4)
+    g = np.ones((1, 2, 1, 4))
+    for needs in ((False, True), (True, True)):
+        res = dops.sample_backward(to_layout(g, layout), to_layout(x, layout),
+                                   to_layout(c, layout), needs_input_grad=needs, layout=layout)
+        gc = from_layout(res.grad_coords, layout)
+        np.testing.assert_array_equal(gc[0, :, 0, :3], 0.0)
+        assert np.isfinite(gc).all()
+
+
+@pytest.mark.parametrize("op", ["sample", "deform_sample"])
+def test_strided_nhwc_inputs_give_contiguous_nhwc_results(op):
+    """A non-contiguous NHWC input goes to the NHWC kernels: output and both gradients are
+    C-contiguous NHWC arrays with the values of the contiguous copy's [oracle: the contiguous
+    run]."""
+    rng = np.random.default_rng(31)
+    x = rng.random((2, 6, 10, 4))[:, :, ::2]  # (2, 6, 5, 4), strided
+    c = rng.uniform(-1, 6, (2, 6, 5, 2))
+    assert not x.flags.c_contiguous
+    fwd, bwd = getattr(dops, op), getattr(dops, f"{op}_backward")
+    out = fwd(x, c, layout="NHWC")
+    g = rng.random(out.shape)
+    grads = bwd(g, x, c, layout="NHWC")
+    xc = np.ascontiguousarray(x)
+    np.testing.assert_array_equal(out, fwd(xc, c, layout="NHWC"))
+    for a, b in zip(grads, bwd(g, xc, c, layout="NHWC")):
+        np.testing.assert_array_equal(a, b)
+    for a in (out, *grads):
+        assert a.flags.c_contiguous

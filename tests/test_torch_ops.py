@@ -650,6 +650,73 @@ def test_second_derivatives_raise_also_through_the_inputs(op, path):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("wanted", ["bias", "mask", "weight", "input", "offset"])
+def test_operator_path_gradients_of_one_input(wanted):
+    """The operators' autograd with a single input requiring grad (the others constants): that
+    input's gradient is the NumPy core's, and no other input gets one [oracle: NumPy core]."""
+    rng = np.random.default_rng(23)
+    (x, off, w, b, m), _ = conv_case(rng, N=2, Cin=2, mask=True, bias=True)
+    names = ("input", "offset", "weight", "bias", "mask")
+    tensors = dict(zip(names, (x, off, w, b, m)))
+    tensors[wanted].requires_grad_()
+    out = torch.ops.deformops.deform_conv2d(*tensors.values(), [1, 1], [1, 1], [1, 1])
+    go = torch.randn_like(out)
+    out.backward(go)
+    n = lambda t: t.detach().numpy()  # noqa: E731
+    ref = deformops.deform_conv2d_backward(n(go), n(x), n(off), n(w), padding=1, mask=n(m))
+    field = {"input": "grad_input", "offset": "grad_offset", "weight": "grad_weight",
+             "bias": "grad_bias", "mask": "grad_mask"}[wanted]
+    np.testing.assert_allclose(tensors[wanted].grad.numpy(), getattr(ref, field), rtol=0,
+                               atol=1e-12)
+    assert all(t.grad is None for n, t in tensors.items() if n != wanted)
+
+
+@pytest.mark.parametrize("wanted", [0, 1])
+@pytest.mark.parametrize("op", list(SAMPLING_OPS))
+def test_operator_path_sampling_gradient_of_one_input(op, wanted):
+    """The sampling operators' autograd with only x (or only the coordinates) requiring grad:
+    its gradient is the core's [oracle: NumPy core]."""
+    rng = np.random.default_rng(24)
+    x, c = _sampling_inputs(rng, op, N=2, C=2)
+    leaves = [x, c]
+    leaves[wanted].requires_grad_()
+    out = getattr(torch.ops.deformops, op)(x, c, 1, "reflect", 0.0)
+    go = torch.randn_like(out)
+    out.backward(go)
+    ref = getattr(deformops, f"{op}_backward")(go.numpy(), x.detach().numpy(),
+                                               c.detach().numpy(), mode="reflect")
+    np.testing.assert_allclose(leaves[wanted].grad.numpy(), ref[wanted], rtol=0, atol=1e-12)
+    assert leaves[1 - wanted].grad is None
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fake_kernels_agree_with_the_real_ones(channels_last):
+    """``torch.library.opcheck``'s FakeTensor check on every operator, forward and backward,
+    with contiguous and channels-last tensors: the fake kernels' shapes, dtypes and strides are
+    the real kernels' [oracle: the real kernels]."""
+    rng = np.random.default_rng(25)
+    (x, off, w, b, m), _ = conv_case(rng, N=2, Cin=2, mask=True, bias=True)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x, off, m = (t.contiguous(memory_format=fmt) for t in (x, off, m))
+    go = torch.randn(2, 2, 4, 4, dtype=torch.float64).contiguous(memory_format=fmt)
+    ops = torch.ops.deformops
+    hyper = ([1, 1], [1, 1], [1, 1])
+    checks = [(ops.deform_conv2d, (x, off, w, b, m, *hyper))]
+    for needs in ([True] * 5, [True, True, True, False, False], [False, True, False, True, True]):
+        checks.append((ops.deform_conv2d_backward, (go, x, off, w, m, *hyper, needs)))
+    for name in SAMPLING_OPS:
+        xs, cs = _sampling_inputs(rng, name, N=2, C=2)
+        xs, cs = xs.contiguous(memory_format=fmt), cs.contiguous(memory_format=fmt)
+        out = getattr(ops, name)(xs, cs, 1, "reflect", 0.0)
+        checks.append((getattr(ops, name), (xs, cs, 1, "reflect", 0.0)))
+        gs = torch.randn_like(out)
+        for needs in ([True, True], [False, True], [True, False]):
+            checks.append((getattr(ops, f"{name}_backward"),
+                           (gs, xs, cs, 1, "reflect", 0.0, needs)))
+    for op, args in checks:
+        torch.library.opcheck(op, args, test_utils=("test_faketensor",))
+
+
 def test_operator_path_gradcheck():
     """The registered operators' own autograd (used under torch.compile and dispatch modes)
     [oracle: finite differences]."""
