@@ -14,13 +14,14 @@ Entry points have the C signature ``void(intp t0, intp t1, T *first, intp meta)`
 ``first`` is the first array's data (its pointer type fixes the kernel's dtype).
 """
 
-import functools
-
-import numba
 import numpy as np
 from llvmlite import ir
 from numba import carray, njit, prange, types
 from numba.extending import intrinsic
+
+from . import _threads as threads
+from ._threads import ParallelKernel
+
 
 @intrinsic
 def pointer(typingctx, address, like):
@@ -55,12 +56,9 @@ def _run_ranges(entry, ntasks, first, meta, nranges):
         _call(entry, ntasks * r // nranges, ntasks * (r + 1) // nranges, first, meta)
 
 
-@functools.lru_cache(maxsize=None)
-def _driver():
-    """:func:`_run_ranges`, compiled on first use (not at import: compiling a parallel function
-    starts Numba's threading layer)."""
-    sig = types.void(types.intp, types.intp, types.intp, types.intp, types.intp)
-    return njit(sig, parallel=True, nogil=True, cache=True)(_run_ranges)
+# compiled on first use (not at import: compiling a parallel function starts Numba's team)
+_driver = ParallelKernel(_run_ranges, types.void(types.intp, types.intp, types.intp, types.intp,
+                                                 types.intp), nogil=True, cache=True)
 
 
 @njit(cache=True)
@@ -100,7 +98,8 @@ def pack(arrays, ints=(), floats=()):
 
 def launch(entry, ntasks, first, meta):
     """Run the ``cfunc`` ``entry`` over ``range(ntasks)``: one contiguous range of tasks per
-    Numba thread (``numba.get_num_threads()``), on Numba's thread team.
+    Numba thread (one in a forked child that cannot use Numba's team, see ``._threads``), on
+    Numba's thread team.
 
     Parameters
     ----------
@@ -114,6 +113,6 @@ def launch(entry, ntasks, first, meta):
     """
     if ntasks <= 0:
         return
-    nranges = min(numba.get_num_threads(), ntasks)
-    _driver()(entry.address, ntasks, first.__array_interface__["data"][0],
-              meta.__array_interface__["data"][0], nranges)
+    nranges = min(threads.count(), ntasks)
+    _driver(entry.address, ntasks, first.__array_interface__["data"][0],
+            meta.__array_interface__["data"][0], nranges)

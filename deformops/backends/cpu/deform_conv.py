@@ -42,12 +42,13 @@ import functools
 import itertools
 import threading
 
-import numba
 import numpy as np
 import scipy.linalg.cython_blas  # noqa: F401  (Numba's np.dot; loaded before BLAS is limited)
 from numba import njit, prange
 
+from . import _threads as threads
 from ._taps import corner_slopes, corner_taps, zero_padding_taps
+from ._threads import parallel_kernel
 
 # Budget of the column tile (col and the matmul output), in bytes.
 TILE_BYTES = 8 << 20
@@ -80,7 +81,7 @@ def _column_taps(offset, mask, has_mask, n, p, oy, ox, g, ki, kj, k, K, H, W, st
             xa)
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel(cache=True)
 def _tile_taps(offset, mask, has_mask, n0, Tp, p0, T, Wo, H, W, kh, kw, stride, padding,
                dilation, idx, wt, wm, msk, empty, slopes, ay, ax):
     """Taps of columns j < T of the tile (image n0 + j // Tp, output pixel p0 + j % Tp),
@@ -122,7 +123,7 @@ def _tile_taps(offset, mask, has_mask, n0, Tp, p0, T, Wo, H, W, kh, kw, stride, 
                 oy, ox = p0 // Wo, p0 % Wo
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel(cache=True)
 def _rows_of(src, n0, nimg, p0, Tp, dst):
     """dst[c // Cg, b*Tp + q, c % Cg] = src[n0 + b, c, p0 + q] for b < nimg, q < Tp:
     channels-first pixels (N, C, P) to rows (groups, pixel, channel of the group), with
@@ -140,7 +141,7 @@ def _rows_of(src, n0, nimg, p0, Tp, dst):
                 d[i] = s_[i]
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel(cache=True)
 def _rows_to_images(src, n0, dst):
     """dst[n0 + b, c, i] = src[b, i, c]: images channels last (nimg, HW, C) back to
     channels first. One task per image and chunk of channels."""
@@ -156,7 +157,7 @@ def _rows_to_images(src, n0, dst):
                 d[i] = s_[i]
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel(cache=True)
 def _im2row(xh, Tp, t, idx, wm, empty, runs, first, rows):
     """rows[gr, j, k*cpg_w + c'] = sum_t wm * xh[j // Tp, idx, gr*cpg_w + c'] for the tile's
     columns j < t (conv group gr, its channel c', tap k), 0 where ``empty`` is set; ``runs``
@@ -235,7 +236,7 @@ def _row_blocks(t):
     return 2 * ((t + 2 * ROW_BLOCK - 1) // (2 * ROW_BLOCK))
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel(cache=True)
 def _forward_tile(xh, offset, mask, has_mask, n0, Tp, p0, t, Wo, H, W, kh, kw, stride, padding,
                   dilation, runs, first, w_rows, bias, has_bias, of, channels_last, rows_ws,
                   res_ws, wm_ws):
@@ -315,7 +316,7 @@ def _grad_blocks(t):
     return 2 * ((t + GRAD_BLOCK - 1) // GRAD_BLOCK)
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel(cache=True)
 def _backward_rows(rows, go_rows, w_cols, grad_rows, gw_parts, t, need_w, need_rows):
     """Per conv group gr and block of rows lo..hi (:func:`_grad_blocks` equal blocks) of the tile:
     ``grad_rows[gr, lo:hi] = go_rows[gr, lo:hi] @ w_cols[gr]`` and the block's part of the
@@ -336,7 +337,7 @@ def _backward_rows(rows, go_rows, w_cols, grad_rows, gw_parts, t, need_w, need_r
                 np.dot(rows[gr, lo:hi].T, go_rows[gr, lo:hi], gw_parts[blk, gr])
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel(cache=True)
 def _row2im(grad_rows, Tp, t, idx, wm, runs, G, grad_xh):
     """grad_xh[j // Tp, idx, c] += wm * grad_rows[gr, j, k*cpg_w + c'] for every column j < t,
     tap k and corner: the scatter of the input gradient, channels last.
@@ -364,7 +365,7 @@ def _row2im(grad_rows, Tp, t, idx, wm, runs, G, grad_xh):
                         d[i] += w * v[i]
 
 
-@njit(parallel=True, cache=True, fastmath={"reassoc"})
+@parallel_kernel(cache=True, fastmath={"reassoc"})
 def _offset_mask_grad(xh, grad_rows, n0, Tp, p0, t, idx, wt, msk, empty, ay, ax, runs, first,
                       grad_offset, grad_mask, need_offset, need_mask, zero):
     """Offset and mask gradients of the tile's columns, channels last: for each (column j,
@@ -569,7 +570,7 @@ def deform_conv2d_forward(x, offset, weight, bias, mask, stride, padding, dilati
     groups = Cin // cpg_w
     G = offset.shape[1] // (2 * K)
     T = tile_columns(x.dtype, Cin, Cout, K, N * P)
-    ws = _workspace(x.dtype, Cin, Cout, G, K, T, False, False, groups, numba.get_num_threads())
+    ws = _workspace(x.dtype, Cin, Cout, G, K, T, False, False, groups, threads.count())
     w_rows = _weight_rows(weight, groups)
     of = out.reshape(N, P, Cout) if channels_last else out.reshape(N, Cout, P)
     has_mask, has_bias = mask is not None, bias is not None
@@ -653,7 +654,7 @@ def deform_conv2d_backward(grad_out, x, offset, weight, mask, stride, padding, d
     # Scatter tasks: runs of 64 channels when there are enough for every thread, else 32
     # (shorter runs fall out of LLVM's vector loop: 16 measured 3x slower than 32). Which
     # task a channel is in does not change its sums.
-    runs = _channel_runs(Cin, Cin // G, cpg_w, 64 if Cin >= 64 * numba.get_num_threads() else 32)
+    runs = _channel_runs(Cin, Cin // G, cpg_w, 64 if Cin >= 64 * threads.count() else 32)
     group_runs, first = _group_runs(Cin, G, groups)
     held = None  # (n0, nimg) of the images in the channels-last buffers
     with _one_blas_thread():

@@ -1,0 +1,94 @@
+"""Numba's thread team, and the processes forked from one that cannot use it.
+
+Numba's default threading layer on Linux is GNU OpenMP, which cannot run a parallel region in
+a process forked from one that has used it: Numba terminates such a child (SIGTERM) at its
+first parallel launch, whatever its thread count. A torch ``DataLoader`` worker or a
+``multiprocessing`` fork-pool worker that calls deformops after the parent did would die.
+
+So every parallel kernel of this backend is a :class:`ParallelKernel`: in such a child it runs
+its serial twin (the same function compiled without ``parallel``, its ``prange`` loops plain
+loops), on one thread, with the same results (the kernels' sums do not depend on the thread
+count). Children of other threading layers (TBB, workqueue, Intel OpenMP, all fork-safe) and
+of parents that never ran a parallel region keep Numba's team.
+"""
+
+import functools
+import os
+import types
+
+import numba
+from numba import njit
+
+_forked_from_gnu_openmp = False
+
+
+def _gnu_openmp_started():
+    """Whether this process has started Numba's thread team on GNU OpenMP."""
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel region has run: no team yet
+        return False
+    if layer != "omp":
+        return False
+    try:
+        from numba.np.ufunc import omppool
+    except ImportError:  # cannot tell the vendor: assume the unsafe one
+        return True
+    return getattr(omppool, "openmp_vendor", "GNU") == "GNU"
+
+
+def _after_fork_in_child():
+    global _forked_from_gnu_openmp
+    _forked_from_gnu_openmp = _forked_from_gnu_openmp or _gnu_openmp_started()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def serial():
+    """True in a process forked from one that started GNU OpenMP: no parallel region here."""
+    return _forked_from_gnu_openmp
+
+
+def count():
+    """Threads the kernels run on: Numba's (``numba.get_num_threads()``), 1 where serial."""
+    return 1 if _forked_from_gnu_openmp else numba.get_num_threads()
+
+
+class ParallelKernel:
+    """``njit(parallel=True, **options)(fn)`` that runs its serial twin where :func:`serial`.
+
+    Both are compiled on first use, each cached on disk under its own name (Numba's cache key
+    does not include ``parallel``: a twin under the same name would load the other's code).
+    """
+
+    def __init__(self, fn, signature=None, **options):
+        functools.update_wrapper(self, fn)
+        self._fn, self._signature, self._options = fn, signature, options
+
+    def _compile(self, fn, parallel):
+        if self._signature is None:
+            return njit(parallel=parallel, **self._options)(fn)
+        return njit(self._signature, parallel=parallel, **self._options)(fn)
+
+    @functools.cached_property
+    def parallel(self):
+        return self._compile(self._fn, True)
+
+    @functools.cached_property
+    def serial(self):
+        fn = self._fn
+        twin = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial",
+                                  fn.__defaults__, fn.__closure__)
+        twin.__qualname__ = fn.__qualname__ + "_serial"
+        twin.__module__ = fn.__module__
+        return self._compile(twin, False)
+
+    def __call__(self, *args):
+        return (self.serial if _forked_from_gnu_openmp else self.parallel)(*args)
+
+
+def parallel_kernel(signature=None, **options):
+    """Decorator: a :class:`ParallelKernel` with Numba's ``options`` (``cache``, ...)."""
+    return lambda fn: ParallelKernel(fn, signature, **options)

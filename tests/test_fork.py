@@ -1,0 +1,138 @@
+"""Processes forked after a deformops call: ``multiprocessing`` fork pools, torch ``DataLoader``
+workers.
+
+Numba's GNU OpenMP layer terminates a forked child at its first parallel launch when the parent
+had started it (``deformops.backends.cpu._threads``); the kernels must then run serially there,
+with the parent's results. Each case runs in a fresh interpreter (the test process has other
+threads, and forking it would test more than this). Oracle: the parent's own results, bit for
+bit (the kernels' sums do not depend on the thread count).
+"""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+# the calls of every CPU kernel family (forward and backward, both layouts), on fixed inputs
+_CALLS = r"""
+import numpy as np
+import deformops as dops
+from deformops.backends.cpu import _threads
+
+def calls(seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((3, 8, 9, 11))
+    coords = rng.uniform(-2, 12, (3, 5, 6, 2))
+    off = rng.uniform(-2, 2, (3, 18, 9, 11))
+    msk = rng.uniform(0, 1, (3, 9, 9, 11))
+    w = rng.standard_normal((6, 8, 3, 3))
+    b = rng.standard_normal(6)
+    out = {"map_coordinates": dops.map_coordinates(x[0, 0], coords[0].transpose(2, 0, 1),
+                                                   order=1, mode="reflect")}
+    for layout in ("NCHW", "NHWC"):
+        xl = x if layout == "NCHW" else x.transpose(0, 2, 3, 1).copy()
+        cl = coords if layout == "NHWC" else coords.transpose(0, 3, 1, 2).copy()
+        s = dops.sample(xl, cl, mode="mirror", layout=layout)
+        gs = dops.sample_backward(np.ones_like(s), xl, cl, mode="mirror", layout=layout)
+        out[f"sample {layout}"] = (s, gs.grad_input, gs.grad_coords)
+        ol = off if layout == "NCHW" else off.transpose(0, 2, 3, 1).copy()
+        ml = msk if layout == "NCHW" else msk.transpose(0, 2, 3, 1).copy()
+        y = dops.deform_conv2d(xl, ol, w, b, padding=1, mask=ml, layout=layout)
+        g = dops.deform_conv2d_backward(np.cos(y), xl, ol, w, padding=1, mask=ml,
+                                        layout=layout)
+        out[f"deform_conv2d {layout}"] = (y, g.grad_input, g.grad_offset, g.grad_weight,
+                                          g.grad_mask, g.grad_bias)
+    return out
+
+def same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        u, v = (a[k],) if isinstance(a[k], np.ndarray) else a[k], (b[k],) if isinstance(
+            b[k], np.ndarray) else b[k]
+        assert len(u) == len(v) and all(
+            (p is None and q is None) or np.array_equal(p, q) for p, q in zip(u, v)), k
+"""
+
+
+def _run(body, timeout=300):
+    script = _CALLS + textwrap.dedent(body)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_fork_pool_workers_run_every_kernel_after_the_parent_did():
+    out = _run("""
+        import multiprocessing as mp, numba
+
+        def child(seed):
+            return _threads.serial(), _threads.count(), calls(seed)
+
+        parent = calls()
+        gnu = _threads._gnu_openmp_started()
+        with mp.get_context("fork").Pool(2) as pool:
+            results = pool.map_async(child, [0, 0]).get(timeout=300)
+        for serial, count, res in results:
+            assert serial == gnu and count == (1 if gnu else numba.get_num_threads())
+            same(parent, res)
+        same(parent, calls())  # and the parent keeps its team
+        print("layer", numba.threading_layer(), "serial children", gnu)
+    """)
+    assert "layer" in out
+
+
+def test_a_child_forked_before_any_parallel_region_keeps_numbas_team():
+    _run("""
+        import os
+        pid = os.fork()
+        if pid == 0:
+            ok = not _threads.serial() and calls() is not None
+            os._exit(0 if ok and not _threads.serial() else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, status
+    """)
+
+
+def test_grandchildren_stay_serial():
+    _run("""
+        import os
+        parent = calls()
+        pid = os.fork()
+        if pid == 0:
+            pid2 = os.fork()
+            if pid2 == 0:
+                same(parent, calls())
+                os._exit(0)
+            _, status = os.waitpid(pid2, 0)
+            os._exit(os.waitstatus_to_exitcode(status))
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, status
+    """)
+
+
+def test_torch_dataloader_workers_call_the_ops_after_the_main_process_did():
+    pytest.importorskip("torch")
+    _run("""
+        import torch, deformops_torch as dt
+
+        class Warped(torch.utils.data.Dataset):
+            def __len__(self):
+                return 4
+            def __getitem__(self, i):
+                g = torch.Generator().manual_seed(i)
+                x = torch.rand(1, 3, 16, 16, generator=g, dtype=torch.float64)
+                off = torch.rand(1, 2, 16, 16, generator=g, dtype=torch.float64) - 0.5
+                return dt.deform_sample(x, off)[0]
+
+        data = Warped()
+        expected = torch.stack([data[i] for i in range(4)])  # the main process starts Numba
+        loader = torch.utils.data.DataLoader(data, batch_size=2, num_workers=2,
+                                             multiprocessing_context="fork", timeout=300)
+        for epoch in range(2):  # workers are forked again each epoch
+            got = torch.cat(list(loader))
+            assert torch.equal(got, expected), epoch
+    """)
