@@ -1,16 +1,20 @@
-"""Processes forked after a deformops call: ``multiprocessing`` fork pools, torch ``DataLoader``
-workers.
+"""Calls from several threads at once, and from processes forked after a deformops call
+(``multiprocessing`` fork pools, torch ``DataLoader`` workers).
 
-Numba's GNU OpenMP layer terminates a forked child at its first parallel launch when the parent
-had started it (``deformops.backends.cpu._threads``); the kernels must then run serially there,
-with the parent's results. Each case runs in a fresh interpreter (the test process has other
-threads, and forking it would test more than this). Oracle: the parent's own results, bit for
-bit (the kernels' sums do not depend on the thread count).
+Threads: each keeps its own workspace and all share Numba's team. Oracle: the same calls made
+one at a time, bit for bit.
+
+Forks: Numba's GNU OpenMP layer terminates a forked child at its first parallel launch when the
+parent had started it (``deformops.backends.cpu._threads``); the kernels must then run serially
+there. Each case runs in a fresh interpreter (the test process has other threads, and forking
+it would test more than this). Oracle: the parent's own results, bit for bit (the kernels' sums
+do not depend on the thread count).
 """
 
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -55,6 +59,17 @@ def same(a, b):
         assert len(u) == len(v) and all(
             (p is None and q is None) or np.array_equal(p, q) for p, q in zip(u, v)), k
 """
+
+
+def test_calls_from_several_threads_at_once_match_calls_one_at_a_time():
+    namespace = {}
+    exec(_CALLS, namespace)
+    calls, same = namespace["calls"], namespace["same"]
+    seeds = [0, 1, 2] * 4
+    expected = {seed: calls(seed) for seed in set(seeds)}
+    with ThreadPoolExecutor(4) as pool:
+        for seed, got in zip(seeds, pool.map(calls, seeds)):
+            same(expected[seed], got)
 
 
 def _run(body, timeout=300):
