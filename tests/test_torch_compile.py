@@ -133,6 +133,28 @@ def test_conv_offset_module_compiled_equals_eager():
     _assert_same(run(compiled), run(layer))
 
 
+def test_pack_module_compiled_under_autocast_equals_eager():
+    """DeformConv2dPack(modulated=True) after a Conv2d under ``torch.autocast("cpu",
+    bfloat16)``, fullgraph, aot_eager: the autocast casts are traced with the ops; bfloat16
+    output and float32 parameter gradients [oracle: eager under autocast]."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1),
+                                dt.DeformConv2dPack(4, 6, 3, padding=1, modulated=True))
+    with torch.no_grad():
+        model[1].conv_offset.weight.normal_(0, 0.1)
+    x = rand(6, 2, 3, 7, 6).float()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    params = list(model.parameters())
+
+    def run(m):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(x)
+        assert out.dtype == torch.bfloat16
+        return out, torch.autograd.grad(out.float().square().sum(), params)
+
+    _assert_same(run(compiled), run(model))
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("name", ["deform_conv2d", "sample", "deform_sample"])
 def test_opcheck(name, channels_last):

@@ -748,3 +748,89 @@ def test_fake_tensor_mode_takes_the_operator():
         assert out.shape == (2, 4, 9, 8)
         assert out.is_contiguous(memory_format=torch.channels_last)
         assert dt.sample(x, torch.empty(2, 2, 3, 5, dtype=F64)).shape == (2, 4, 3, 5)
+
+
+# ====================================================================== torch.autocast
+
+HALF = [torch.bfloat16, torch.float16]
+
+
+def _autocast_conv_inputs(dtype):
+    """A half-precision input, offset and mask (as a model's earlier layers give them under
+    autocast) and float32 parameters, all leaves."""
+    rng = np.random.default_rng(3)
+    tensors, kw = conv_case(rng, N=2, Cin=4, Cout=6, H=6, W=5, G=2, mask=True, bias=True)
+    x, off, w, b, m = tensors
+    return [x.to(dtype), off.to(dtype), w.float(), b.float(), m.to(dtype)], kw
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_deform_conv2d_under_autocast_computes_in_float32(dtype):
+    """Under ``torch.autocast("cpu", dtype)`` half-precision inputs are cast to float32 and the
+    result back to the input's dtype, as torchvision's autocast rule does: output and every
+    gradient equal, bit for bit, those of the same casts written out [oracle: explicit casts
+    outside autocast]."""
+    leaves = [t.requires_grad_() for t in _autocast_conv_inputs(dtype)[0]]
+    kw = _autocast_conv_inputs(dtype)[1]
+    with torch.autocast("cpu", dtype=dtype):
+        out = call_conv(*leaves, kw)
+    assert out.dtype == dtype
+    x, off, w, b, m = leaves
+    ref = call_conv(x.float(), off.float(), w, b, m.float(), kw).to(dtype)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    go = torch.linspace(-1, 1, out.numel()).reshape(out.shape).to(dtype)
+    for g, r in zip(_grads(out, leaves, go), _grads(ref, leaves, go)):
+        assert g.dtype == r.dtype
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is None,
+                    reason="torchvision is not installed")
+@pytest.mark.parametrize("dtype", HALF)
+def test_deform_conv2d_under_autocast_matches_torchvision(dtype):
+    """The value torchvision's autocast rule defines: its float32 result cast to the input's
+    dtype, within the half type's rounding [oracle: torchvision on the float32 casts; its own
+    CPU autocast kernel fails in torchvision 0.29 ("aten::mm ... API call failed")]."""
+    import torchvision.ops as tvops
+
+    (x, off, w, b, m), kw = _autocast_conv_inputs(dtype)
+    with torch.autocast("cpu", dtype=dtype):
+        ours = call_conv(x, off, w, b, m, kw)
+    ref = tvops.deform_conv2d(x.float(), off.float(), w, b, mask=m.float(), **kw).to(dtype)
+    assert ours.dtype == dtype
+    torch.testing.assert_close(ours.float(), ref.float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("op", list(SAMPLING_OPS))
+def test_sampling_under_autocast_computes_in_float32(op, dtype):
+    """The sampling ops under autocast: a half-precision ``x`` with float32 coordinates gives
+    ``x``'s dtype, output and gradients equal to the explicit float32 computation [oracle:
+    explicit casts outside autocast]."""
+    rng = np.random.default_rng(4)
+    x = rand(rng, 2, 4, 6, 7).to(dtype).requires_grad_()
+    coords = (rand(rng, 2, 4, 6, 7, lo=-1.5, hi=7.5) if op == "sample"
+              else rand(rng, 2, 4, 6, 7, lo=-1.5, hi=1.5)).float().requires_grad_()
+    fn = SAMPLING_OPS[op]
+    with torch.autocast("cpu", dtype=dtype):
+        out = fn(x, coords, mode="reflect")
+    ref = fn(x.float(), coords, mode="reflect").to(dtype)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    go = torch.ones_like(out)
+    for g, r in zip(_grads(out, [x, coords], go), _grads(ref, [x, coords], go)):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
+
+
+def test_float64_under_autocast_is_left_alone():
+    """float64 tensors are not autocast (torch's rule): the result is the float64 one, bit for
+    bit [oracle: the call outside autocast]."""
+    rng = np.random.default_rng(5)
+    tensors, kw = conv_case(rng, mask=True, bias=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = call_conv(*tensors, kw)
+        sampled = dt.deform_sample(tensors[0], tensors[1][:, :2, :4, :4])
+    assert out.dtype == sampled.dtype == F64
+    torch.testing.assert_close(out, call_conv(*tensors, kw), rtol=0, atol=0)
+    torch.testing.assert_close(sampled, dt.deform_sample(tensors[0], tensors[1][:, :2, :4, :4]),
+                               rtol=0, atol=0)

@@ -15,9 +15,11 @@ operator                               what it does
 ``deformops::deform_sample_backward``  :func:`deformops.deform_sample_backward`
 =====================================  =========================================================
 
-Tensors are detached and handed to deformops as NumPy views (CPU, ``Tensor.numpy``) or CuPy views
-(CUDA, DLPack), with no copy; on CUDA the kernels run on torch's current stream. Backward operators return an
-empty tensor for a gradient that is not needed (autograd turns it into None).
+Tensors are detached and handed to deformops as NumPy views (CPU, ``Tensor.numpy``) or CuPy
+views (CUDA, DLPack), with no copy; on CUDA the kernels run on torch's current stream. Backward
+operators return an empty tensor for a gradient that is not needed (autograd turns it into
+None). Under ``torch.autocast`` the public functions compute in float32 and return the input's
+dtype (torchvision's autocast rule for ``deform_conv2d``).
 
 Plain eager calls (not compiling or tracing, no torch function or dispatch mode, no functorch
 transform, plain CPU/CUDA tensors) skip the dispatcher: the public functions run the same
@@ -99,6 +101,17 @@ def _eager(*tensors):
         if t is not None and (type(t) not in _PLAIN or not (t.is_cpu or t.is_cuda)):
             return False
     return True
+
+
+def _autocast_float32(device, tensors):
+    """Under ``torch.autocast`` for ``device``'s type: ``tensors`` with every floating one but
+    float64 cast to float32 (differentiably), as torchvision's autocast rule for
+    ``deform_conv2d`` does; the caller casts the result back to the input's dtype. None when
+    autocast is off (the common case, one cheap check)."""
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    return tuple(t.float() if t is not None and t.is_floating_point()
+                 and t.dtype != torch.float64 else t for t in tensors)
 
 
 def _conv_out_size(size, k, stride, padding, dilation):
@@ -251,9 +264,16 @@ def deform_conv2d(input, offset, weight, bias=None, stride=(1, 1), padding=(0, 0
         Differentiable with respect to input, offset, weight, bias and mask.
     """
     _check_tensors(input=input, offset=offset, weight=weight, bias=bias, mask=mask)
-    args = (input, offset, weight, bias, mask, _pair(stride, "stride", 1),
-            _pair(padding, "padding"), _pair(dilation, "dilation", 1))
-    if _eager(input, offset, weight, bias, mask):
+    conv = (_pair(stride, "stride", 1), _pair(padding, "padding"), _pair(dilation, "dilation", 1))
+    tensors = (input, offset, weight, bias, mask)
+    cast = _autocast_float32(input.device, tensors)
+    if cast is not None:
+        return _conv_call(*cast, *conv).to(input.dtype)
+    return _conv_call(*tensors, *conv)
+
+
+def _conv_call(*args):
+    if _eager(*args[:5]):
         return _DeformConv2dFunction.apply(*args)
     return _deform_conv2d(*args)
 
@@ -364,6 +384,10 @@ def _check_sampling_args(order, mode, cval):
     return order, mode, float(cval)
 
 
+def _sampling_call(op, function, x, coords, *options):
+    return function.apply(x, coords, *options) if _eager(x, coords) else op(x, coords, *options)
+
+
 def sample(x, coords, *, order=1, mode="grid-constant", cval=0.0):
     """Sample ``x`` at absolute (y, x) pixel coordinates, differentiably.
 
@@ -388,8 +412,11 @@ def sample(x, coords, *, order=1, mode="grid-constant", cval=0.0):
         Differentiable with respect to ``x`` and ``coords``.
     """
     _check_tensors(x=x, coords=coords)
-    args = (x, coords, *_check_sampling_args(order, mode, cval))
-    return _SampleFunction.apply(*args) if _eager(x, coords) else _sample(*args)
+    options = _check_sampling_args(order, mode, cval)
+    cast = _autocast_float32(x.device, (x, coords))
+    if cast is not None:
+        return _sampling_call(_sample, _SampleFunction, *cast, *options).to(x.dtype)
+    return _sampling_call(_sample, _SampleFunction, x, coords, *options)
 
 
 def deform_sample(x, offset, *, order=1, mode="grid-constant", cval=0.0):
@@ -410,5 +437,8 @@ def deform_sample(x, offset, *, order=1, mode="grid-constant", cval=0.0):
         Differentiable with respect to ``x`` and ``offset``.
     """
     _check_tensors(x=x, offset=offset)
-    args = (x, offset, *_check_sampling_args(order, mode, cval))
-    return _DeformSampleFunction.apply(*args) if _eager(x, offset) else _deform_sample(*args)
+    options = _check_sampling_args(order, mode, cval)
+    cast = _autocast_float32(x.device, (x, offset))
+    if cast is not None:
+        return _sampling_call(_deform_sample, _DeformSampleFunction, *cast, *options).to(x.dtype)
+    return _sampling_call(_deform_sample, _DeformSampleFunction, x, offset, *options)
