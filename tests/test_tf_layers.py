@@ -204,28 +204,53 @@ def test_valid_padding_on_an_input_smaller_than_the_kernel_is_a_value_error():
     assert dtf.DeformConv2D(2, 5)(np.zeros((1, 5, 6, 1), np.float32)).shape == (1, 1, 2, 2)
 
 
-@pytest.fixture
-def mixed_float16():
-    keras.mixed_precision.set_global_policy("mixed_float16")
-    yield
+@pytest.fixture(params=["mixed_float16", "mixed_bfloat16"])
+def mixed_policy(request):
+    keras.mixed_precision.set_global_policy(request.param)
+    yield tf.float16 if request.param == "mixed_float16" else tf.bfloat16
     keras.mixed_precision.set_global_policy("float32")
 
 
-def test_mixed_precision_models_say_to_keep_the_layers_in_float32(mixed_float16):
-    """Under a mixed_float16 policy the CPU kernels get float16: a TypeError that says to give
-    the layer dtype='float32'; with it, the model trains in model.fit [oracle: DESIGN §5 dtypes;
-    the loss must stay finite]."""
-    x = np.zeros((1, 8, 8, 2), np.float32)  # cast to float16 by the layers' policy
-    with pytest.raises(TypeError, match="dtype='float32'"):
-        dtf.DeformConv2D(4, 3, padding="same")(x)
-    with pytest.raises(TypeError, match="dtype='float32'"):
-        dtf.ConvOffset2D()(x)
+MIXED_LAYERS = {
+    "ConvOffset2D": lambda **kw: dtf.ConvOffset2D(init_normal_stddev=0.5, **kw),
+    "DeformConv2D": lambda **kw: dtf.DeformConv2D(
+        4, 3, padding="same", use_mask=True, activation="relu",
+        offset_initializer=keras.initializers.RandomNormal(0.0, 0.5, seed=1), **kw),
+    "DeformConv2D channels_first": lambda **kw: dtf.DeformConv2D(
+        3, 3, strides=2, padding="same", data_format="channels_first",
+        offset_initializer=keras.initializers.RandomNormal(0.0, 0.5, seed=2), **kw),
+}
+
+
+@pytest.mark.parametrize("name", list(MIXED_LAYERS))
+def test_mixed_precision_layers_compute_in_float32_on_the_cpu(mixed_policy, name):
+    """Under a mixed policy the layers return the policy's half type, computed in float32 on
+    the CPU (whose kernels have no half types): equal, bit for bit, to the same layer with
+    dtype='float32' on the half-rounded input, cast to the half type; weights stay float32
+    [oracle: the float32 layer with the same weights]."""
+    x = np.random.default_rng(0).random((2, 8, 8, 2)).astype(np.float32)
+    mixed = MIXED_LAYERS[name]()
+    out = mixed(x)
+    assert out.dtype == mixed_policy
+    ref = MIXED_LAYERS[name](dtype="float32")
+    ref.build(x.shape)
+    ref.set_weights(mixed.get_weights())
+    rounded = tf.cast(tf.cast(x, mixed_policy), tf.float32)
+    np.testing.assert_array_equal(out.numpy(), tf.cast(ref(rounded), mixed_policy).numpy())
+    assert {w.dtype for w in mixed.weights} == {"float32"}
+
+
+def test_mixed_precision_model_trains_in_model_fit(mixed_policy):
+    """A mixed-precision model with both layers (no dtype given) trains in model.fit: finite,
+    decreasing loss [oracle: the loss of the first and last epoch]."""
     inp = keras.Input((8, 8, 2))
-    h = keras.layers.Conv2D(2, 1)(inp)  # float16 under the policy
-    h = dtf.ConvOffset2D(dtype="float32")(h)
-    out = dtf.DeformConv2D(3, 3, padding="same", dtype="float32")(h)
-    model = keras.Model(inp, keras.layers.GlobalAveragePooling2D()(out))
-    model.compile("sgd", "mse")
+    h = keras.layers.Conv2D(2, 1)(inp)  # half precision under the policy
+    h = dtf.ConvOffset2D()(h)
+    out = dtf.DeformConv2D(3, 3, padding="same", use_mask=True)(h)
+    model = keras.Model(inp, keras.layers.GlobalAveragePooling2D(dtype="float32")(out))
+    model.compile(keras.optimizers.SGD(0.05), "mse")
     rng = np.random.default_rng(0)
-    hist = model.fit(rng.random((8, 8, 8, 2)), rng.random((8, 3)), epochs=1, verbose=0)
-    assert np.isfinite(hist.history["loss"][0])
+    hist = model.fit(rng.random((16, 8, 8, 2)), rng.random((16, 3)), epochs=4, batch_size=8,
+                     verbose=0)
+    losses = hist.history["loss"]
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]

@@ -46,15 +46,13 @@ def _input_spec(data_format, channels):
     return keras.layers.InputSpec(ndim=4, axes={axis: channels})
 
 
-def _check_compute_dtype(inputs, cls):
-    """A TypeError that says what to do where a mixed-precision policy hands a CPU layer half
-    precision: the CPU kernels compute in float32 and float64 only."""
-    dtype = getattr(inputs, "dtype", None)
-    if dtype in (tf.float16, tf.bfloat16) and not ops._gpu_visible():
-        raise TypeError(
-            f"{cls} got {dtype.name} inputs; on the CPU deformops computes in float32 or "
-            f"float64 only. In a mixed-precision model give this layer dtype='float32' (its "
-            "inputs are then cast to float32)")
+def _kernel_dtype(inputs):
+    """The dtype a layer computes in: float32 where a mixed-precision policy hands a CPU layer
+    half precision (the CPU kernels compute in float32 and float64 only; the layer returns its
+    policy's dtype, as Keras' BatchNormalization does), else the inputs' own."""
+    if inputs.dtype in (tf.float16, tf.bfloat16) and not ops._gpu_visible():
+        return tf.float32
+    return inputs.dtype
 
 
 def _check_backend(cls):
@@ -153,15 +151,16 @@ class ConvOffset2D(keras.layers.Layer):
         self.kernel = self.add_weight(name="kernel", shape=(3, 3, C, 2 * C),
                                       initializer=self.kernel_initializer,
                                       regularizer=self.kernel_regularizer,
-                                      constraint=self.kernel_constraint)
+                                      constraint=self.kernel_constraint, autocast=False)
         self.input_spec = _input_spec(self.data_format, C)
 
     def call(self, inputs):
-        _check_compute_dtype(inputs, "ConvOffset2D")
-        x = inputs if self.data_format == "channels_last" else tf.transpose(inputs, (0, 2, 3, 1))
+        x = tf.cast(inputs, _kernel_dtype(inputs))
+        x = x if self.data_format == "channels_last" else tf.transpose(x, (0, 2, 3, 1))
         offset = tf.nn.conv2d(x, tf.cast(self.kernel, x.dtype), 1, "SAME")
         out = ops.deform_sample(x, offset, order=self.order, mode=self.mode, cval=self.cval)
-        return out if self.data_format == "channels_last" else tf.transpose(out, (0, 3, 1, 2))
+        out = out if self.data_format == "channels_last" else tf.transpose(out, (0, 3, 1, 2))
+        return tf.cast(out, inputs.dtype)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)
@@ -298,22 +297,24 @@ class DeformConv2D(keras.layers.Layer):
                                                             self.filters),
                                       initializer=self.kernel_initializer,
                                       regularizer=self.kernel_regularizer,
-                                      constraint=self.kernel_constraint)
+                                      constraint=self.kernel_constraint, autocast=False)
         self.bias = (self.add_weight(name="bias", shape=(self.filters,),
                                      initializer=self.bias_initializer,
                                      regularizer=self.bias_regularizer,
-                                     constraint=self.bias_constraint)
+                                     constraint=self.bias_constraint, autocast=False)
                      if self.use_bias else None)
         n_pred = (3 if self.use_mask else 2) * GK
         self.offset_kernel = self.add_weight(name="offset_kernel", shape=(kh, kw, Cin, n_pred),
                                              initializer=self.offset_initializer,
-                                             regularizer=self.offset_regularizer)
+                                             regularizer=self.offset_regularizer,
+                                             autocast=False)
         self.offset_bias = self.add_weight(name="offset_bias", shape=(n_pred,),
-                                           initializer=self.offset_initializer)
+                                           initializer=self.offset_initializer,
+                                           autocast=False)
 
     def call(self, inputs):
-        _check_compute_dtype(inputs, "DeformConv2D")
-        x = inputs if self.data_format == "channels_last" else tf.transpose(inputs, (0, 2, 3, 1))
+        x = tf.cast(inputs, _kernel_dtype(inputs))
+        x = x if self.data_format == "channels_last" else tf.transpose(x, (0, 2, 3, 1))
         if self.padding == "valid":
             self._check_valid_size(x.shape[1:3])
         dt = x.dtype
@@ -338,7 +339,8 @@ class DeformConv2D(keras.layers.Layer):
                                 mask=mask)
         if self.activation is not None:
             out = self.activation(out)
-        return out if self.data_format == "channels_last" else tf.transpose(out, (0, 3, 1, 2))
+        out = out if self.data_format == "channels_last" else tf.transpose(out, (0, 3, 1, 2))
+        return tf.cast(out, inputs.dtype)
 
     def _check_valid_size(self, sizes):
         """'valid' padding: a ValueError, as keras' Conv2D gives, where a known spatial size is
