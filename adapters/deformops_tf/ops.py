@@ -3,7 +3,8 @@
 Conventions are TensorFlow's (``tf.nn.conv2d``): ``data_format="NHWC"`` by default (``"NCHW"``
 accepted), filters shaped ``[kh, kw, Cin/groups, Cout]``, ``strides`` / ``dilations`` / ``padding``
 as an int or a pair (padding is explicit zero padding, as in deformops). Offset and mask channel
-orders are deformops' (DESIGN §3); shapes in NHWC (K = kh*kw taps, G offset groups):
+orders are deformops' (see :func:`deformops.deform_conv2d`); shapes in NHWC (K = kh*kw taps, G
+offset groups):
 
 ==========================  ===================  ===============================================
 array                       shape (NHWC)         channel order

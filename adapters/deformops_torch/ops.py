@@ -71,7 +71,7 @@ def _check_tensors(**named):
     """``TypeError`` naming the argument for anything but a tensor (None allowed where optional).
 
     Without it a NumPy array or a list would reach the operator's schema check, which raises a
-    ``RuntimeError``; DESIGN §5 wants a ``TypeError`` for a wrong array type, as the core gives.
+    ``RuntimeError``; a wrong array type is a ``TypeError``, as the core gives.
     """
     for name, t in named.items():
         if t is not None and not isinstance(t, Tensor):
