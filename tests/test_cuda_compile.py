@@ -97,6 +97,21 @@ def test_every_instantiation_compiles_to_ptx(compiled, dtype, index, arch):
     assert "warning" not in log.lower(), log
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_float_coordinates_widen_without_flushing_subnormals(compiled, dtype):
+    """CuPy compiles with -ftz=true (so does this file): a plain float -> double conversion
+    would be ``cvt.ftz.f64.f32`` and flush a coordinate of -1e-40 to -0, inside the image where
+    the CPU backend and scipy see it outside. Every widening must be the exact ``cvt.f64.f32``
+    [oracle: the PTX]."""
+    for index in _source.INDEX_TYPES:
+        result, _ = compiled[(dtype, index, 90)]
+        if isinstance(result, Exception):
+            pytest.fail(str(result))
+        ptx = result[0]
+        assert "cvt.ftz.f64.f32" not in ptx
+        assert "cvt.f64.f32" in ptx
+
+
 def test_nvrtc_is_cuda_12_or_newer():
     _require_compiler()
     assert _nvrtc.version() >= (12, 0)

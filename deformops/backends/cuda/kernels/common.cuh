@@ -25,9 +25,22 @@ __device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162flo
 __device__ __forceinline__ float to_acc(float v) { return v; }
 __device__ __forceinline__ double to_acc(double v) { return v; }
 
-__device__ __forceinline__ double to_double(__half v) { return (double)__half2float(v); }
-__device__ __forceinline__ double to_double(__nv_bfloat16 v) { return (double)__bfloat162float(v); }
-__device__ __forceinline__ double to_double(float v) { return (double)v; }
+// float -> double keeping subnormals: CuPy compiles with -ftz=true (after any option of ours),
+// under which a plain conversion is cvt.ftz.f64.f32 and a coordinate of -1e-40 would become -0,
+// inside the image where the CPU and scipy see it outside. Coordinates go through this.
+__device__ __forceinline__ double to_double(float v) {
+#ifdef __CUDA_ARCH__
+  double r;
+  asm("cvt.f64.f32 %0, %1;" : "=d"(r) : "f"(v));
+  return r;
+#else
+  return (double)v;
+#endif
+}
+__device__ __forceinline__ double to_double(__half v) { return to_double(__half2float(v)); }
+__device__ __forceinline__ double to_double(__nv_bfloat16 v) {
+  return to_double(__bfloat162float(v));
+}
 __device__ __forceinline__ double to_double(double v) { return v; }
 
 __device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
