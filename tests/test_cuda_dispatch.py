@@ -5,6 +5,7 @@ GPU benchmark's refusal to run without a GPU. Runs everywhere (no GPU, no CuPy n
 import os
 import subprocess
 import sys
+import threading
 import types
 
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 import deformops as dops
 from deformops import _arrays
 from deformops.backends import cuda as dcuda
-from deformops.backends.cuda import _runtime, _source
+from deformops.backends.cuda import _runtime, _source, _switch
 from deformops.backends.cuda import deform_conv as cuda_conv
 from deformops.backends.cuda import sampling as cuda_sampling
 
@@ -97,6 +98,48 @@ def test_deterministic_switch(monkeypatch):
     prev = dcuda.set_deterministic(False)
     assert prev is None and not dcuda.is_deterministic()
     dcuda.set_deterministic(None)
+
+
+def test_deterministic_switch_is_seen_by_every_thread(monkeypatch):
+    """Frameworks run backward passes on threads of their own (torch's autograd engine runs
+    CUDA nodes on a per-device thread): the switch set around ``loss.backward()`` must be seen
+    there [oracle: a thread started inside the block]."""
+    monkeypatch.delenv("DEFORMOPS_DETERMINISTIC", raising=False)
+    seen = []
+    with dcuda.deterministic():
+        t = threading.Thread(target=lambda: seen.append(dcuda.is_deterministic()))
+        t.start()
+        t.join()
+    t = threading.Thread(target=lambda: seen.append(dcuda.is_deterministic()))
+    t.start()
+    t.join()
+    assert seen == [True, False]
+
+
+def test_framework_switches(monkeypatch):
+    """A registered framework switch turns deterministic mode on while it returns True;
+    deformops_torch registers ``torch.are_deterministic_algorithms_enabled``."""
+    monkeypatch.delenv("DEFORMOPS_DETERMINISTIC", raising=False)
+    monkeypatch.setattr(_switch, "_framework_switches", [])
+    state = [False]
+    dcuda.register_framework_switch(lambda: state[0])
+    assert not dcuda.is_deterministic()
+    state[0] = True
+    assert dcuda.is_deterministic()
+    with dcuda.deterministic(False):  # the framework asks for it: still on
+        assert dcuda.is_deterministic()
+    monkeypatch.undo()
+    torch = pytest.importorskip("torch")
+    import deformops_torch  # noqa: F401  (registers torch's switch)
+
+    monkeypatch.delenv("DEFORMOPS_DETERMINISTIC", raising=False)
+    assert not dcuda.is_deterministic()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert dcuda.is_deterministic()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert not dcuda.is_deterministic()
 
 
 def test_importing_the_cuda_backend_does_not_import_cupy():

@@ -38,8 +38,12 @@ import torch
 from torch import Tensor
 
 import deformops
+from deformops.backends import cuda as deformops_cuda
 
 from ._dlpack import is_channels_last, on_stream, to_array, to_tensor
+
+# torch.use_deterministic_algorithms(True) also makes the CUDA input gradients deterministic
+deformops_cuda.register_framework_switch(torch.are_deterministic_algorithms_enabled)
 
 _EMPTY = (0,)
 

@@ -7,7 +7,9 @@ deterministic switch can be set anywhere:
   variable ``DEFORMOPS_DETERMINISTIC=1``: the input gradients of ``sample_backward``,
   ``deform_sample_backward`` and ``deform_conv2d_backward`` are then gathered in a fixed order
   (bit-identical from run to run) instead of scattered with ``atomicAdd`` (the default, faster).
-  Every other gradient is deterministic in both modes (no atomics).
+  Every other gradient is deterministic in both modes (no atomics). The setting is the
+  process's (backward passes run on the frameworks' own threads); ``deformops_torch`` also
+  follows ``torch.use_deterministic_algorithms`` (:func:`register_framework_switch`).
 
 Kernel sources: ``kernels/*.cu`` and ``*.cuh``, C++ templates over the scalar type (``__half``,
 ``__nv_bfloat16``, ``float``, ``double``; half types accumulate in float) and the index type
@@ -16,7 +18,8 @@ Kernel sources: ``kernels/*.cu`` and ``*.cuh``, C++ templates over the scalar ty
 CuPy's current stream.
 """
 
-from ._switch import deterministic, is_deterministic, set_deterministic
+from ._switch import (deterministic, is_deterministic, register_framework_switch,
+                      set_deterministic)
 from .deform_conv import deform_conv2d_backward, deform_conv2d_forward
 from .sampling import sample_backward, sample_forward
 
@@ -28,4 +31,5 @@ __all__ = [
     "set_deterministic",
     "is_deterministic",
     "deterministic",
+    "register_framework_switch",
 ]
