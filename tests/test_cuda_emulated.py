@@ -415,6 +415,38 @@ def test_deform_conv2d_float32_and_half(emulate, dtype):
         check(g, rr, dtype)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_nonfinite_grad_out_and_masks_of_samples_that_read_nothing(emulate):
+    """[CPU backend] Inf / NaN grad_out and NaN masks on samples that read nothing (far outside,
+    or at torchvision's cutoff y = -1): the same NaN and Inf positions and the same values, in
+    both modes, for sampling and deform_conv2d."""
+    rng = np.random.default_rng(40)
+    x, coords = _sample_case(41)
+    coords[:, :, 0] = -7.5  # reads nothing in 'grid-constant'
+    coords[:, :, 1] = np.round(coords[:, :, 1])  # taps of weight 0
+    go = rng.standard_normal((2, 6, 5, 6))
+    go[:, :, :2] = rng.choice([np.inf, -np.inf, np.nan], size=go[:, :, :2].shape)
+    ref = dops.sample_backward(go, x, coords)
+    for det in (False, True):
+        with dcuda.deterministic(det):
+            check(emulate(dops.sample_backward, go, x, coords).grad_input, ref.grad_input,
+                  np.float64)
+    x, offset, weight, bias, mask = _conv_case(42)
+    offset[:, :, 3:5] = 50.0  # output rows 3 and 4: every sample far outside
+    offset[:, 0:6:2, 0] = 0.0  # kernel row 0 at output row 0: y = -1 exactly
+    mask[:, :, 3] = np.nan
+    mask[:, 0:3, 0] = np.nan
+    go = rng.standard_normal((2, 4, 7, 8))
+    go[:, :, 4] = np.inf
+    ref = dops.deform_conv2d_backward(go, x, offset, weight, mask=mask, padding=1)
+    for det in (False, True):
+        with dcuda.deterministic(det):
+            got = emulate(dops.deform_conv2d_backward, go, x, offset, weight, mask=mask,
+                          padding=1)
+        for name in ("grad_input", "grad_offset", "grad_mask"):
+            check(getattr(got, name), getattr(ref, name), np.float64)
+
+
 def test_deterministic_mode_is_bit_identical(emulate):
     """[first run] deterministic input gradients twice: identical bits."""
     x, offset, weight, bias, mask = _conv_case(30, Cin=8, Cout=8)

@@ -370,6 +370,48 @@ def test_nonfinite_and_huge_offsets_give_zero_and_zero_grad():
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_samples_that_read_nothing_pass_no_nonfinite_gradient(layout):
+    """Samples with no corner inside the image, or exactly at torchvision's cutoff (y = -1: the
+    corner inside has weight 0), read nothing. An Inf grad_out at output pixels all of whose
+    samples are such, and NaN masks on such samples, change no input or mask gradient, nor the
+    offset gradient of samples with no corner inside (at the cutoff the offset derivative is
+    kept and scales with the mask). They once put 0 * Inf = NaN into pixel 0, where their unused
+    taps point, and NaN into those offset gradients, unlike the CUDA kernels. [oracle: the same
+    call with those grad_out entries 0 and those masks 0.5, bit for bit]"""
+    rng = np.random.default_rng(7)
+    cfg = _cfg(N=2, Cin=4, Cout=4, H=5, W=6, kh=3, kw=3, groups=2, G=2, stride=1, padding=1,
+               dilation=1)
+    x, offset, weight, bias, mask, gout = make_arrays(rng, cfg, "mixed")
+    N, G, K, Ho, Wo = 2, 2, 9, cfg["Ho"], cfg["Wo"]
+    off = offset.reshape(N, G, K, 2, Ho, Wo)  # (dy, dx) of each group and tap
+    dead = rng.uniform(size=(N, Ho, Wo)) < 0.3  # output pixels whose samples all read nothing
+    dead[:, 0] = False  # (row 0 has cutoff samples, whose offset derivative sees grad_out)
+    off[:, :, :, 0][np.broadcast_to(dead[:, None, None], (N, G, K, Ho, Wo))] = 50.0
+    off[:, :, 0:3, 0, 0, :] = 0.0  # kernel row 0 at output row 0, padding 1: y = -1 exactly
+    far = np.broadcast_to(dead[:, None, None], (N, G, K, Ho, Wo)).copy()
+    far[:, :, 0:3, 0, :] = False
+    cutoff = np.zeros_like(far)
+    cutoff[:, :, 0:3, 0, :] = True
+    nan_mask = (far | cutoff) & (rng.uniform(size=far.shape) < 0.5)
+    bad_mask, ref_mask = mask.copy(), mask.copy()
+    bad_mask.reshape(far.shape)[nan_mask] = np.nan
+    ref_mask.reshape(far.shape)[nan_mask] = 0.5
+    inf_out = np.broadcast_to(dead[:, None], gout.shape)
+    bad_gout, ref_gout = np.where(inf_out, np.inf, gout), np.where(inf_out, 0.0, gout)
+    assert (nan_mask & far).sum() > 5 and (nan_mask & cutoff).sum() > 5 and dead.sum() > 5
+    needs = (True, True, False, True, False)  # grad_weight: rows of 0 times Inf are NaN (BLAS)
+    g = run_backward(bad_gout, x, offset, weight, bad_mask, cfg, layout, needs=needs)
+    ref = run_backward(ref_gout, x, offset, weight, ref_mask, cfg, layout, needs=needs)
+    for name in ("grad_input", "grad_mask"):
+        assert np.isfinite(ref[name]).all(), name
+        np.testing.assert_array_equal(g[name], ref[name], err_msg=name)
+    scaled = np.repeat((nan_mask & cutoff)[:, :, :, None], 2, axis=3).reshape(offset.shape)
+    assert np.isfinite(ref["grad_offset"]).all()
+    np.testing.assert_array_equal(g["grad_offset"][~scaled], ref["grad_offset"][~scaled])
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("bad_value", [np.nan, np.inf])
 @pytest.mark.parametrize("where", [(0, 0), (2, 3)])
 def test_nonfinite_input_pixel_stays_local(bad_value, where):

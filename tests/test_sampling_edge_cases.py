@@ -77,6 +77,38 @@ def test_huge_coords_backward_finite(mode):
     assert np.all(np.isfinite(r32.grad_input)) and np.all(np.isfinite(r32.grad_coords))
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("mode", ["grid-constant", "nearest", "reflect"])
+def test_nonfinite_grad_out_reaches_only_the_pixels_read(mode, order, layout):
+    """An Inf or NaN grad_out at a point reaches only the pixels the point reads with a non-zero
+    weight: not the taps of weight 0 beside an integer coordinate, nor pixel 0, where the taps
+    of a point that reads nothing (outside, 'grid-constant') point (0 * Inf = NaN once landed
+    there; the CUDA kernels skip such taps too). [oracle: the same call with those grad_out
+    entries 0, bit for bit, at every pixel no such point reads, found as the support of the
+    input gradient of their indicator (weights are >= 0)]"""
+    rng = np.random.default_rng(11)
+    N, C, G, H, W, Ho, Wo = 2, 4, 2, 5, 6, 6, 7
+    c = rng.uniform(-2.0, 7.0, (N, 2 * G, Ho, Wo))
+    c = np.where(rng.uniform(size=c.shape) < 0.4, np.round(c), c)  # integer: taps of weight 0
+    c[:, :, 0] = -7.5  # points that read nothing in 'grid-constant'
+    x = rng.uniform(-1, 1, (N, C, H, W))
+    bad = rng.uniform(size=(N, C, Ho, Wo)) < 0.25
+    gout = rng.uniform(-1, 1, bad.shape)
+    bad_gout = np.where(bad, rng.choice([np.inf, -np.inf, np.nan], size=bad.shape), gout)
+    ref_gout = np.where(bad, 0.0, gout)
+    L = lambda a: to_layout(a, layout)  # noqa: E731
+    grad = lambda g: from_layout(dops.sample_backward(  # noqa: E731
+        L(g), L(x), L(c), order=order, mode=mode, layout=layout).grad_input, layout)
+    reached = grad(bad.astype(float)) > 0
+    unreached = ~reached
+    got = grad(bad_gout)
+    assert unreached.sum() > 10 and reached.sum() > 10
+    np.testing.assert_array_equal(got[unreached], grad(ref_gout)[unreached])
+    assert not np.isfinite(got[reached]).any()
+
+
 # -------------------------------------------------------------------------------- empty arrays
 
 

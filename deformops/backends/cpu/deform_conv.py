@@ -85,8 +85,9 @@ def _column_taps(offset, mask, has_mask, n, p, oy, ox, g, ki, kj, k, K, H, W, st
 def _tile_taps(offset, mask, has_mask, n0, Tp, p0, T, Wo, H, W, kh, kw, stride, padding,
                dilation, idx, wt, wm, msk, empty, slopes, ay, ax):
     """Taps of columns j < T of the tile (image n0 + j // Tp, output pixel p0 + j % Tp),
-    stored for the backward's kernels: idx, wt, wm = wt * msk, ay, ax (the derivative weights,
-    with ``slopes``): (G, K, 4, T); msk, empty: (G, K, T) (see :func:`_column_taps`)."""
+    stored for the backward's kernels: idx, wt, wm = wt * msk (0 where flagged), ay, ax (the
+    derivative weights, with ``slopes``): (G, K, 4, T); msk, empty: (G, K, T) (see
+    :func:`_column_taps`)."""
     K = kh * kw
     G = idx.shape[0]
     nchunks = (T + CHUNK - 1) // CHUNK
@@ -107,7 +108,10 @@ def _tile_taps(offset, mask, has_mask, n0, Tp, p0, T, Wo, H, W, kh, kw, stride, 
             idx[g, k, 0, j], idx[g, k, 1, j], idx[g, k, 2, j], idx[g, k, 3, j] = i0, i1, i2, i3
             wt[g, k, 0, j], wt[g, k, 1, j], wt[g, k, 2, j], wt[g, k, 3, j] = w0, w1, w2, w3
             msk[g, k, j] = m
-            wm[g, k, 0, j], wm[g, k, 1, j], wm[g, k, 2, j], wm[g, k, 3, j] = w0 * m, w1 * m, w2 * m, w3 * m
+            # a flagged sample's value is 0 whatever x: no input gradient (not even 0 * NaN)
+            mx = m if e == 0 else 0.0
+            wm[g, k, 0, j], wm[g, k, 1, j] = w0 * mx, w1 * mx
+            wm[g, k, 2, j], wm[g, k, 3, j] = w2 * mx, w3 * mx
             if slopes:
                 a0, a1, a2, a3, b0, b1, b2, b3, _, _ = corner_slopes(ya, xa, 0.0)
                 ay[g, k, 0, j], ay[g, k, 1, j], ay[g, k, 2, j], ay[g, k, 3, j] = a0, a1, a2, a3
@@ -344,7 +348,8 @@ def _row2im(grad_rows, Tp, t, idx, wm, runs, G, grad_xh):
 
     One task per run of channels (``runs``: (start, end) within one offset group and one conv
     group, at most 16 channels): no two threads write one element, and each corner update is
-    a vector loop over the run.
+    a vector loop over the run. Corners of weight 0 (samples that read no pixel point at pixel
+    0) add nothing, also where ``grad_out`` is not finite, as in the CUDA kernels.
     """
     Cin = grad_xh.shape[2]
     K = idx.shape[1]
@@ -360,9 +365,10 @@ def _row2im(grad_rows, Tp, t, idx, wm, runs, G, grad_xh):
                 v = grad_rows[gr, j, start:start + n]
                 for corner in range(4):
                     w = wm[g, k, corner, j]
-                    d = dst[idx[g, k, corner, j], c0:c1]
-                    for i in range(n):
-                        d[i] += w * v[i]
+                    if w != 0.0:
+                        d = dst[idx[g, k, corner, j], c0:c1]
+                        for i in range(n):
+                            d[i] += w * v[i]
 
 
 @parallel_kernel(cache=True, fastmath={"reassoc"})
@@ -403,8 +409,8 @@ def _offset_mask_grad(xh, grad_rows, n0, Tp, p0, t, idx, wt, msk, empty, ay, ax,
                                 s1 += v[i] * r1[i]
                                 s2 += v[i] * r2[i]
                                 s3 += v[i] * r3[i]
-                    if need_offset:
-                        mk = msk[g, k, j]
+                    if need_offset:  # a sample that reads no pixel has derivative 0
+                        mk = msk[g, k, j] if code < 2 else zero
                         grad_offset[n, g * 2 * K + 2 * k, p] = mk * (
                             ay[g, k, 0, j] * s0 + ay[g, k, 1, j] * s1
                             + ay[g, k, 2, j] * s2 + ay[g, k, 3, j] * s3)

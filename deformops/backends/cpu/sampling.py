@@ -353,7 +353,9 @@ def _points_nchw(t0, t1, first, maddr):
 
 def _scatter_nchw(t0, t1, first, maddr):
     """Planes t0 .. t1-1 of the NCHW input gradient (one task per (image, channel) plane): the
-    adjoint of sampling, ``grad_x[ti[k, p]] += tw[k, p] * grad_out[p]``."""
+    adjoint of sampling, ``grad_x[ti[k, p]] += tw[k, p] * grad_out[p]``. Taps of weight 0 (points
+    that read no pixel, whose taps point at pixel 0) add nothing, also where ``grad_out`` is
+    not finite (0 * Inf would be NaN), as in the CUDA kernels."""
     grad_out, grad_x, tidx, twt = _scatter_args(first, maddr)
     N, C, H, W = grad_x.shape
     G = tidx.shape[1]
@@ -372,10 +374,10 @@ def _scatter_nchw(t0, t1, first, maddr):
         tw = twt[n, g]
         for p in range(P):
             gv = go[p]
-            dst[ti[0, p]] += tw[0, p] * gv
-            dst[ti[1, p]] += tw[1, p] * gv
-            dst[ti[2, p]] += tw[2, p] * gv
-            dst[ti[3, p]] += tw[3, p] * gv
+            for k in range(4):
+                w = tw[k, p]
+                if w != 0.0:
+                    dst[ti[k, p]] += w * gv
 
 
 def _points_nhwc(t0, t1, first, maddr):
@@ -438,7 +440,7 @@ def _points_nhwc(t0, t1, first, maddr):
 
 def _scatter_nhwc(t0, t1, first, maddr):
     """Tasks t0 .. t1-1 of the NHWC input gradient, one per (image, group, block of
-    CHANNEL_BLOCK channels)."""
+    CHANNEL_BLOCK channels); taps of weight 0 add nothing (see :func:`_scatter_nchw`)."""
     grad_out, grad_x, tidx, twt = _scatter_args(first, maddr)
     N, H, W, C = grad_x.shape
     P = tidx.shape[1]
@@ -459,10 +461,11 @@ def _scatter_nhwc(t0, t1, first, maddr):
         for p in range(P):
             go = gof[n, p]
             for k in range(4):
-                dst = gxn[tidx[n, p, k, g]]
                 w = twt[n, p, k, g]
-                for c in range(c0, c1):
-                    dst[c] += w * go[c]
+                if w != 0.0:
+                    dst = gxn[tidx[n, p, k, g]]
+                    for c in range(c0, c1):
+                        dst[c] += w * go[c]
 
 
 _ENTRIES = {

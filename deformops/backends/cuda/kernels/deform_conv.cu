@@ -33,8 +33,11 @@ __device__ __forceinline__ void conv_taps(const T* __restrict__ offset, const T*
     const I ki = k / cg.kw, kj = k % cg.kw;
     const I oy = p / Wo, ox = p % Wo;
     const T* off = offset + (n * 2 * G * K + g * 2 * K + 2 * k) * P + p;
-    const double y = (double)(oy * cg.stride_h - cg.pad_h + ki * cg.dil_h) + to_double(off[0]);
-    const double x = (double)(ox * cg.stride_w - cg.pad_w + kj * cg.dil_w) + to_double(off[P]);
+    // grid position in 64 bits: stride, padding and dilation may be up to 2^31 - 1
+    const double y = (double)((long long)oy * cg.stride_h - cg.pad_h + (long long)ki * cg.dil_h)
+                     + to_double(off[0]);
+    const double x = (double)((long long)ox * cg.stride_w - cg.pad_w + (long long)kj * cg.dil_w)
+                     + to_double(off[P]);
     ya = zero_padding_axis(y, H);
     xa = zero_padding_axis(x, W);
     t = corner_taps(ya, xa, W, 0.0);
@@ -99,7 +102,8 @@ dc_col2im(const T* __restrict__ grad_col, const T* __restrict__ offset, const T*
         int code;
         double m;
         conv_taps<T, I>(offset, mask, has_mask, n, p, g, k, G, P, H, W, Wo, cg, ya, xa, tp, code, m);
-        if (code == 2) continue;  // reads no pixel
+        // no corner inside, or torchvision's cutoff (value 0 whatever x): no input gradient
+        if (code != 0) continue;
         const acc_t mk = (acc_t)m;
         acc_t wm[4];
         for (int q = 0; q < 4; ++q) wm[q] = (acc_t)tp.w[q] * mk;
@@ -137,7 +141,7 @@ dc_tap_table(const T* __restrict__ offset, const T* __restrict__ mask, int has_m
         for (int q = 0; q < 4; ++q) {
             const acc_t w = (acc_t)tp.w[q] * mk;
             const long long e = ((long long)(g * K + k) * 4 + q) * Tc + j;
-            const bool used = code != 2 && w != (acc_t)0;
+            const bool used = code == 0 && w != (acc_t)0;  // as dc_col2im
             key[e] = used ? ((long long)nl * G + g) * H * W + tp.i[q] : sentinel;
             weight[e] = w;
             src[e] = (long long)k * Tc + j;
