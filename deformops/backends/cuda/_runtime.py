@@ -72,11 +72,16 @@ def launch_blocks(fn, nblocks, args, shared_mem=0, threads=THREADS):
     fn((int(min(nblocks, MAX_BLOCKS)),), (threads,), args, shared_mem=int(shared_mem))
 
 
-def sorted_table(key, weight, src, nkeys):
-    """Sort a tap table by key (CuPy's sort is deterministic) and return
-    ``(start, weight, src)``: the entries of key q are ``start[q] .. start[q+1]-1``."""
+def sorted_segments(key, weight, src):
+    """Sort a tap table by key (CuPy's sort is deterministic) and cut it into segments of equal
+    key: ``(seg_key, seg_start, weight, src)``, the entries of segment s being ``seg_start[s] ..
+    seg_start[s+1]-1``. As many segments as distinct keys: never more than the entries, however
+    large the images (a dense index over every pixel was quadratic in tiles of one image)."""
     cp = cupy()
     order = cp.argsort(key)
     key = key[order]
-    start = cp.searchsorted(key, cp.arange(nkeys + 1, dtype=key.dtype))
-    return start.astype(cp.int64), weight[order], src[order]
+    if key.size == 0:
+        return key, cp.zeros(1, cp.int64), weight[order], src[order]
+    first = cp.flatnonzero(cp.concatenate([cp.ones(1, bool), key[1:] != key[:-1]]))
+    seg_start = cp.concatenate([first, cp.full(1, key.size, first.dtype)]).astype(cp.int64)
+    return key[first], seg_start, weight[order], src[order]

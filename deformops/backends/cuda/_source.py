@@ -35,7 +35,7 @@ KERNELS = {
     "sample_backward_coords_nchw": ((),),
     "sample_backward_coords_nhwc": ((),),
     "sample_tap_table": (("false",), ("true",)),
-    "gather_add": ((),),
+    "gather_segments": ((),),
     "dc_im2col": ((),),
     "dc_col2im": ((),),
     "dc_tap_table": ((),),

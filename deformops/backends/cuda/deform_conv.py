@@ -9,7 +9,7 @@ at most ``T`` columns (whole images, or pieces of one image); per tile:
   stored (plus bias) into the output;
 - backward: ``grad_col = W^T @ grad_out`` (cuBLAS); ``dc_col2im`` scatters it into grad_input
   with ``atomicAdd`` into a float32/float64 accumulator, or, in deterministic mode
-  (:func:`deformops.backends.cuda.set_deterministic`), ``dc_tap_table`` + sort + ``gather_add``
+  (:func:`deformops.backends.cuda.set_deterministic`), ``dc_tap_table`` + sort + ``gather_segments``
   sum each input pixel's contributions in a fixed order; ``dc_offset_mask_grad`` sums over the
   channels of each group per (g, k, column) without atomics; ``grad_W += grad_out @ col^T``.
 
@@ -191,7 +191,7 @@ def deform_conv2d_backward(grad_out, x, offset, weight, mask, stride, padding, d
 
 def _col2im_gather(g, I, index, dtype, gcol, offset, mask_arg, has_mask, gxa, n0, nimg, p0, Tp):
     """Deterministic grad_input of one tile: table of (column, tap, corner) entries keyed by input
-    pixel, sorted, then one thread per input element of the tile's images sums in table order."""
+    pixel, sorted, then one thread per (pixel read, channel of its group) sums in table order."""
     cp = rt.cupy()
     t = nimg * Tp
     HW = g.H * g.W
@@ -204,8 +204,8 @@ def _col2im_gather(g, I, index, dtype, gcol, offset, mask_arg, has_mask, gxa, n0
     rt.launch(table, g.G * g.K * t,
               (offset, mask_arg, np.int32(has_mask), key, weight, src, I(n0), I(Tp), I(p0), I(t),
                I(g.H), I(g.W), I(g.G), I(g.Wo), I(g.P)) + g.conv + (np.int64(nkeys),))
-    start, weight, src = rt.sorted_table(key, weight, src, nkeys)
-    gather = rt.kernel("gather_add", dtype, index)
-    rt.launch(gather, nimg * g.Cin * HW,
-              (start, weight, src, gcol, gxa[n0:n0 + nimg], I(nimg), I(g.Cin), I(g.G), I(HW),
-               I(0), I(g.K * t), I(1), np.int32(0)))
+    seg_key, seg_start, weight, src = rt.sorted_segments(key, weight, src)
+    gather = rt.kernel("gather_segments", dtype, index)
+    rt.launch(gather, seg_key.size * g.cpg,
+              (seg_key, seg_start, np.int64(seg_key.size), weight, src, gcol, gxa[n0:n0 + nimg],
+               I(g.Cin), I(g.G), I(HW), I(0), I(g.K * t), I(1), np.int32(0), np.int64(nkeys)))

@@ -103,14 +103,14 @@ def sample_backward(grad_out, x, coords, grad_x, grad_coords, order, mode, cval,
 def _input_grad_gather(grad_out, coords, gxa, N, C, H, W, G, Ho, Wo, modes, channels_last,
                        index):
     """Deterministic grad_x: tap table of a chunk of images, sorted by pixel, then one thread per
-    input element sums its entries in table order (no atomics)."""
+    (pixel read, channel) sums its entries in table order (no atomics)."""
     cp = rt.cupy()
     P, HW = Ho * Wo, H * W
     acc = gxa.dtype
     step = max(1, TABLE_ENTRIES // max(1, 4 * G * P))
     flag = "true" if channels_last else "false"
     table = rt.kernel("sample_tap_table", coords.dtype, index, flag)
-    gather = rt.kernel("gather_add", coords.dtype, index)
+    gather = rt.kernel("gather_segments", coords.dtype, index)
     for n0 in range(0, N, step):
         nb = min(step, N - n0)
         I = rt.itype(index)
@@ -121,11 +121,13 @@ def _input_grad_gather(grad_out, coords, gxa, N, C, H, W, G, Ho, Wo, modes, chan
         nkeys = nb * G * HW
         rt.launch(table, nb * G * P, (coords[n0:n0 + nb], key, weight, src, I(nb), I(H), I(W),
                                       I(G), I(Ho), I(Wo)) + modes + (np.int64(nkeys),))
-        start, weight, src = rt.sorted_table(key, weight, src, nkeys)
+        seg_key, seg_start, weight, src = rt.sorted_segments(key, weight, src)
+        nseg = seg_key.size
         if channels_last:  # grad_out[n, p, c]
             strides = (I(P * C), I(1), I(C))
         else:  # grad_out[n, c, p]
             strides = (I(C * P), I(P), I(1))
-        rt.launch(gather, nb * C * HW, (start, weight, src, grad_out[n0:n0 + nb], gxa[n0:n0 + nb],
-                                        I(nb), I(C), I(G), I(HW)) + strides
-                  + (np.int32(bool(channels_last)),))
+        rt.launch(gather, nseg * (C // G),
+                  (seg_key, seg_start, np.int64(nseg), weight, src, grad_out[n0:n0 + nb],
+                   gxa[n0:n0 + nb], I(C), I(G), I(HW)) + strides
+                  + (np.int32(bool(channels_last)), np.int64(nkeys)))

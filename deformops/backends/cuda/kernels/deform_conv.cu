@@ -5,7 +5,7 @@
 // one image. Per tile:
 //   forward:  dc_im2col -> col (Cin*K, Tc), then cupy.matmul per conv group (cuBLAS);
 //   backward: grad_col = W^T @ grad_out (cuBLAS); dc_col2im scatters it into grad_input by
-//             atomicAdd (or dc_tap_table + gather_add: deterministic); dc_offset_mask_grad sums
+//             atomicAdd (or dc_tap_table + gather_segments: deterministic); dc_offset_mask_grad sums
 //             over each group's channels per (g, k, column) (no atomics).
 // Layouts: x (N, Cin, H, W); offset (N, 2*G*K, P) with channel g*2K + 2k = dy, +1 = dx;
 // mask (N, G*K, P) with channel g*K + k (torchvision and mmcv order); col row c*K + k.
@@ -119,7 +119,7 @@ dc_col2im(const T* __restrict__ grad_col, const T* __restrict__ offset, const T*
 
 // Deterministic grad_input, step 1: entry ((g*K + k)*4 + q)*Tc + j holds corner q of column j,
 // group g, tap k: key = (j / Tp * G + g) * H*W + pixel (or sentinel), weight * mask, and
-// src = k*Tc + j, so that gather_add reads grad_col[c*K*Tc + src] (c_stride = K*Tc).
+// src = k*Tc + j, so that gather_segments reads grad_col[c*K*Tc + src] (c_stride = K*Tc).
 template <typename T, typename I>
 __global__ void __launch_bounds__(DEFORMOPS_THREADS)
 dc_tap_table(const T* __restrict__ offset, const T* __restrict__ mask, int has_mask,

@@ -13,7 +13,7 @@
 // Coordinate gradient: a thread (NCHW) or a warp (NHWC) per (image, group, point) sums over the
 // group's channels in a fixed order: no atomics, bit-identical from run to run.
 // Deterministic input gradient: sample_tap_table lists every (point, corner) with its pixel key;
-// the host sorts the keys and gather_add sums each pixel's entries in a fixed order.
+// the host sorts the keys and gather_segments sums each pixel's entries in a fixed order.
 #include "common.cuh"
 #include "taps.cuh"
 
@@ -274,31 +274,34 @@ sample_tap_table(const T* __restrict__ coords, long long* __restrict__ key,
     }
 }
 
-// Deterministic input gradient, step 2 (also deform_conv2d's): the entries of the sorted table
-// whose key is (n*G + g)*HW + pixel are start[key] .. start[key+1]-1; thread (n, c, pixel) adds
+// Deterministic input gradient, step 2 (also deform_conv2d's): the sorted table cut into
+// segments of one key (n*G + g)*HW + pixel each, entries seg_start[s] .. seg_start[s+1]-1 (keys
+// >= nkeys mark unused entries and are skipped). Thread (segment, channel c of its group) adds
 // sum_e weight[e] * vals[n*n_stride + c*c_stride + src[e]*s_stride], in table order, to
-// gxa[n, c, pixel] (NCHW) or gxa[n, pixel, c] (channels_last). No two threads write one element.
+// gxa[n, c, pixel] (NCHW) or gxa[n, pixel, c] (channels_last): work in proportion to the table,
+// whatever the image size, and no two threads write one element. Channels fastest for
+// channels_last, segments (consecutive pixels) fastest for NCHW: coalesced stores.
 template <typename T, typename I>
 __global__ void __launch_bounds__(DEFORMOPS_THREADS)
-gather_add(const long long* __restrict__ start, const typename Acc<T>::type* __restrict__ weight,
-           const long long* __restrict__ src, const T* __restrict__ vals,
-           typename Acc<T>::type* __restrict__ gxa, I N, I C, I G, I HW, I n_stride, I c_stride,
-           I s_stride, int channels_last) {
+gather_segments(const long long* __restrict__ seg_key, const long long* __restrict__ seg_start,
+                long long nseg, const typename Acc<T>::type* __restrict__ weight,
+                const long long* __restrict__ src, const T* __restrict__ vals,
+                typename Acc<T>::type* __restrict__ gxa, I C, I G, I HW, I n_stride, I c_stride,
+                I s_stride, int channels_last, long long nkeys) {
     typedef typename Acc<T>::type acc_t;
     const I cpg = C / G;
-    GRID_LOOP(t, (long long)N * C * HW) {
-        I n, c, pix;
-        if (channels_last) {
-            n = (I)(t / ((long long)HW * C)); pix = (I)((t / C) % HW); c = (I)(t % C);
-        } else {
-            n = (I)(t / ((long long)C * HW)); c = (I)((t / HW) % C); pix = (I)(t % HW);
-        }
-        const long long k = ((long long)n * G + c / cpg) * HW + pix;
-        const long long e0 = start[k], e1 = start[k + 1];
-        if (e0 == e1) continue;
+    GRID_LOOP(t, nseg * cpg) {
+        const long long s = channels_last ? t / cpg : t % nseg;
+        const I cc = (I)(channels_last ? t % cpg : t / nseg);
+        const long long key = seg_key[s];
+        if (key >= nkeys) continue;
+        const I pix = (I)(key % HW), g = (I)((key / HW) % G), n = (I)(key / ((long long)HW * G));
+        const I c = g * cpg + cc;
         const T* v = vals + n * n_stride + c * c_stride;
         acc_t sum = 0;
-        for (long long e = e0; e < e1; ++e) sum += weight[e] * to_acc(v[(I)src[e] * s_stride]);
-        gxa[t] += sum;
+        for (long long e = seg_start[s]; e < seg_start[s + 1]; ++e)
+            sum += weight[e] * to_acc(v[(I)src[e] * s_stride]);
+        gxa[channels_last ? ((long long)n * HW + pix) * C + c : ((long long)n * C + c) * HW + pix]
+            += sum;
     }
 }
