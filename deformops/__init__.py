@@ -15,6 +15,7 @@ deform_conv2d, deform_conv2d_backward
     Deformable convolution v1/v2 (torchvision semantics), and its gradients.
 """
 
+from . import _forks  # noqa: F401  (the fork hook, before any Numba code runs)
 from .deform_conv import DeformConv2dGrads, deform_conv2d, deform_conv2d_backward
 from .interpolation import map_coordinates
 from .sampling import (

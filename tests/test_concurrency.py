@@ -1,8 +1,8 @@
 """Calls from several threads at once, and from processes forked after a deformops call
 (``multiprocessing`` fork pools, torch ``DataLoader`` workers).
 
-Threads: each keeps its own workspace and all share Numba's team. Oracle: the same calls made
-one at a time, bit for bit.
+Threads: each keeps its own workspace and all share Numba's team and the BLAS limit. Oracle:
+the same calls made one at a time, bit for bit, and BLAS's thread counts as before.
 
 Forks: Numba's GNU OpenMP layer terminates a forked child at its first parallel launch when the
 parent had started it (``deformops.backends.cpu._threads``); the kernels must then run serially
@@ -17,6 +17,7 @@ import textwrap
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import threadpoolctl
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 _CALLS = r"""
 import numpy as np
 import deformops as dops
-from deformops.backends.cpu import _threads
+from deformops import _forks
 
 def calls(seed=0):
     rng = np.random.default_rng(seed)
@@ -67,9 +68,14 @@ def test_calls_from_several_threads_at_once_match_calls_one_at_a_time():
     calls, same = namespace["calls"], namespace["same"]
     seeds = [0, 1, 2] * 4
     expected = {seed: calls(seed) for seed in set(seeds)}
+    blas_threads = [p["num_threads"] for p in threadpoolctl.threadpool_info()
+                    if p["user_api"] == "blas"]
     with ThreadPoolExecutor(4) as pool:
         for seed, got in zip(seeds, pool.map(calls, seeds)):
             same(expected[seed], got)
+    # BLAS runs on one thread during calls; overlapping calls once left it so for good
+    assert [p["num_threads"] for p in threadpoolctl.threadpool_info()
+            if p["user_api"] == "blas"] == blas_threads
 
 
 def _run(body, timeout=300):
@@ -83,12 +89,13 @@ def _run(body, timeout=300):
 def test_fork_pool_workers_run_every_kernel_after_the_parent_did():
     out = _run("""
         import multiprocessing as mp, numba
+        from deformops.backends.cpu import _threads
 
         def child(seed):
             return _threads.serial(), _threads.count(), calls(seed)
 
         parent = calls()
-        gnu = _threads._gnu_openmp_started()
+        gnu = _forks._gnu_openmp_started()
         with mp.get_context("fork").Pool(2) as pool:
             results = pool.map_async(child, [0, 0]).get(timeout=300)
         for serial, count, res in results:
@@ -100,9 +107,37 @@ def test_fork_pool_workers_run_every_kernel_after_the_parent_did():
     assert "layer" in out
 
 
+def test_a_parent_that_ran_only_its_own_numba_code_forks_serial_children():
+    """The parent started GNU OpenMP with its own ``parallel=True`` function and never ran a
+    deformops kernel (so the CPU backend was never imported): its children are serial too."""
+    _run("""
+        import os, sys
+        from numba import njit, prange
+
+        @njit(parallel=True)
+        def total(a):
+            s = 0.0
+            for i in prange(a.size):
+                s += a[i]
+            return s
+
+        total(np.ones(1000))
+        assert "deformops.backends.cpu" not in sys.modules
+        gnu = _forks._gnu_openmp_started()
+        pid = os.fork()
+        if pid == 0:
+            serial = _forks.forked_from_gnu_openmp()
+            res = calls()
+            os._exit(0 if serial == gnu and res else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, status
+    """)
+
+
 def test_a_child_forked_before_any_parallel_region_keeps_numbas_team():
     _run("""
         import os
+        from deformops.backends.cpu import _threads
         pid = os.fork()
         if pid == 0:
             ok = not _threads.serial() and calls() is not None

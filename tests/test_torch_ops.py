@@ -834,3 +834,19 @@ def test_float64_under_autocast_is_left_alone():
     torch.testing.assert_close(out, call_conv(*tensors, kw), rtol=0, atol=0)
     torch.testing.assert_close(sampled, dt.deform_sample(tensors[0], tensors[1][:, :2, :4, :4]),
                                rtol=0, atol=0)
+
+
+def test_meta_tensors_take_the_fake_kernels():
+    """Tensors on the meta device (models built under ``torch.device("meta")``, shape
+    inference) reach the operators' fake kernels: shapes, no data, also with autocast checks in
+    the way (``torch.is_autocast_enabled("meta")`` raises) [oracle: DESIGN §3 shapes]."""
+    x = torch.empty(2, 4, 9, 8, dtype=F64, device="meta")
+    out = dt.deform_conv2d(x, torch.empty(2, 36, 5, 4, dtype=F64, device="meta"),
+                           torch.empty(6, 2, 3, 3, dtype=F64, device="meta"), stride=2, padding=1)
+    assert out.shape == (2, 6, 5, 4) and out.is_meta
+    assert dt.deform_sample(x, torch.empty(2, 4, 9, 8, dtype=F64, device="meta")).shape == x.shape
+    assert dt.sample(x, torch.empty(2, 2, 3, 5, dtype=F64, device="meta")).shape == (2, 4, 3, 5)
+    with torch.device("meta"):
+        layer = dt.DeformConv2dPack(4, 6, 3, padding=1, modulated=True)
+    assert layer(torch.empty(2, 4, 9, 8, device="meta")).shape == (2, 6, 9, 8)
+

@@ -107,12 +107,16 @@ def _eager(*tensors):
     return True
 
 
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
 def _autocast_float32(device, tensors):
     """Under ``torch.autocast`` for ``device``'s type: ``tensors`` with every floating one but
     float64 cast to float32 (differentiably), as torchvision's autocast rule for
     ``deform_conv2d`` does; the caller casts the result back to the input's dtype. None when
-    autocast is off (the common case, one cheap check)."""
-    if not torch.is_autocast_enabled(device.type):
+    autocast is off (the common case, one cheap check) and for devices autocast does not know
+    (``meta``: FakeTensor and shape inference go to the operators' fake kernels)."""
+    if device.type not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(device.type):
         return None
     return tuple(t.float() if t is not None and t.is_floating_point()
                  and t.dtype != torch.float64 else t for t in tensors)

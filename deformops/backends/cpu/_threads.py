@@ -9,51 +9,27 @@ So every parallel kernel of this backend is a :class:`ParallelKernel`: in such a
 its serial twin (the same function compiled without ``parallel``, its ``prange`` loops plain
 loops), on one thread, with the same results (the kernels' sums do not depend on the thread
 count). Children of other threading layers (TBB, workqueue, Intel OpenMP, all fork-safe) and
-of parents that never ran a parallel region keep Numba's team.
+of parents that never ran a parallel region keep Numba's team. The fork hook lives in
+``deformops._forks`` (imported with ``deformops``, before Numba).
 """
 
 import functools
-import os
 import types
 
 import numba
 from numba import njit
 
-_forked_from_gnu_openmp = False
-
-
-def _gnu_openmp_started():
-    """Whether this process has started Numba's thread team on GNU OpenMP."""
-    try:
-        layer = numba.threading_layer()
-    except ValueError:  # no parallel region has run: no team yet
-        return False
-    if layer != "omp":
-        return False
-    try:
-        from numba.np.ufunc import omppool
-    except ImportError:  # cannot tell the vendor: assume the unsafe one
-        return True
-    return getattr(omppool, "openmp_vendor", "GNU") == "GNU"
-
-
-def _after_fork_in_child():
-    global _forked_from_gnu_openmp
-    _forked_from_gnu_openmp = _forked_from_gnu_openmp or _gnu_openmp_started()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+from ..._forks import forked_from_gnu_openmp
 
 
 def serial():
     """True in a process forked from one that started GNU OpenMP: no parallel region here."""
-    return _forked_from_gnu_openmp
+    return forked_from_gnu_openmp()
 
 
 def count():
     """Threads the kernels run on: Numba's (``numba.get_num_threads()``), 1 where serial."""
-    return 1 if _forked_from_gnu_openmp else numba.get_num_threads()
+    return 1 if forked_from_gnu_openmp() else numba.get_num_threads()
 
 
 class ParallelKernel:
@@ -86,7 +62,7 @@ class ParallelKernel:
         return self._compile(twin, False)
 
     def __call__(self, *args):
-        return (self.serial if _forked_from_gnu_openmp else self.parallel)(*args)
+        return (self.serial if forked_from_gnu_openmp() else self.parallel)(*args)
 
 
 def parallel_kernel(signature=None, **options):

@@ -38,6 +38,7 @@ clamp(TILE_BYTES / (s * (Cin*K + Cout)), 64, max(N*P, 64))``, TILE_BYTES = 8 MiB
 keeps the workspace of its last call (:func:`release_workspaces` frees it).
 """
 
+import contextlib
 import functools
 import itertools
 import threading
@@ -430,15 +431,33 @@ def _blas_controller():
     return ThreadpoolController()
 
 
+_blas_lock = threading.Lock()
+_blas_calls = [0, None]  # calls inside _one_blas_thread, and their limiter
+
+
+@contextlib.contextmanager
 def _one_blas_thread():
     """Context: BLAS on one thread per caller while a call runs.
 
     Idle BLAS threads spin-wait after each matmul and steal the cores that the Numba kernels
     between the matmuls run on (measured: 3x slower on 2 cores), so BLAS runs single-threaded
     (NumPy's and SciPy's, which Numba's np.dot calls) and the kernels split each product into
-    blocks among Numba's threads. The previous limits are restored.
+    blocks among Numba's threads. The limit is process-wide, so calls from several threads share
+    it: the first to enter sets it, the last to leave restores the previous limits (each
+    restoring its own, out of order, once left BLAS on one thread for good).
     """
-    return _blas_controller().limit(limits=1, user_api="blas")
+    with _blas_lock:
+        if _blas_calls[0] == 0:
+            _blas_calls[1] = _blas_controller().limit(limits=1, user_api="blas")
+        _blas_calls[0] += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_calls[0] -= 1
+            if _blas_calls[0] == 0:
+                _blas_calls[1].restore_original_limits()
+                _blas_calls[1] = None
 
 
 def _tiles(N, P, T):

@@ -49,7 +49,9 @@ def set_deterministic(flag=True):
 
 @contextlib.contextmanager
 def deterministic(flag=True):
-    """Context manager form of :func:`set_deterministic` (the previous setting is restored)."""
+    """Context manager form of :func:`set_deterministic` (the previous setting is restored).
+    The setting is process-wide: threads entering such blocks at once restore each other's
+    settings; from several threads, call :func:`set_deterministic` once instead."""
     previous = set_deterministic(flag)
     try:
         yield
