@@ -92,7 +92,7 @@ def test_fork_pool_workers_run_every_kernel_after_the_parent_did():
         from deformops.backends.cpu import _threads
 
         def child(seed):
-            return _threads.serial(), _threads.count(), calls(seed)
+            return _forks.forked_from_gnu_openmp(), _threads.count(), calls(seed)
 
         parent = calls()
         gnu = _forks._gnu_openmp_started()
@@ -137,11 +137,10 @@ def test_a_parent_that_ran_only_its_own_numba_code_forks_serial_children():
 def test_a_child_forked_before_any_parallel_region_keeps_numbas_team():
     _run("""
         import os
-        from deformops.backends.cpu import _threads
         pid = os.fork()
         if pid == 0:
-            ok = not _threads.serial() and calls() is not None
-            os._exit(0 if ok and not _threads.serial() else 1)
+            ok = not _forks.forked_from_gnu_openmp() and calls() is not None
+            os._exit(0 if ok and not _forks.forked_from_gnu_openmp() else 1)
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0, status
     """)

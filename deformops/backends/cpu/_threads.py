@@ -22,18 +22,14 @@ from numba import njit
 from ..._forks import forked_from_gnu_openmp
 
 
-def serial():
-    """True in a process forked from one that started GNU OpenMP: no parallel region here."""
-    return forked_from_gnu_openmp()
-
-
 def count():
     """Threads the kernels run on: Numba's (``numba.get_num_threads()``), 1 where serial."""
     return 1 if forked_from_gnu_openmp() else numba.get_num_threads()
 
 
 class ParallelKernel:
-    """``njit(parallel=True, **options)(fn)`` that runs its serial twin where :func:`serial`.
+    """``njit(parallel=True, **options)(fn)`` that runs its serial twin in a process forked from
+    one that started GNU OpenMP (:func:`deformops._forks.forked_from_gnu_openmp`).
 
     Both are compiled on first use, each cached on disk under its own name (Numba's cache key
     does not include ``parallel``: a twin under the same name would load the other's code).
