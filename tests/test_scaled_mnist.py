@@ -109,6 +109,58 @@ def test_scaled_mnist_runs_end_to_end(tmp_path):
     for name in ("scaled_mnist.md", "scaled_mnist_curves.png", "scaled_mnist_sampling.png"):
         assert (tmp_path / name).stat().st_size > 100
     assert "training step (batch 32)" in r.stdout
+    import platform
+
+    glibc = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
+    user_set = ("MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ
+                or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""))
+    assert res["meta"]["malloc_tuned"] is (glibc and not user_set)
+
+
+_FAULTS_PER_ROUND = """
+import resource, sys
+import numpy as np
+sys.path.insert(0, {examples!r})
+import scaled_mnist
+
+def faults():
+    # 12 buffers of 3 MiB written and freed, as a training step's activations: the first
+    # round's pages are new in any case; the last rounds' count what glibc gave back
+    counts = []
+    for _ in range(4):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        buffers = [np.ones(3 << 18, np.float32) for _ in range(12)]
+        del buffers
+        counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return min(counts[1:])
+
+untuned = faults()
+print(untuned, scaled_mnist.keep_freed_memory(), faults())
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc")
+def test_keep_freed_memory_stops_page_faults_of_reused_buffers():
+    """Oracle: the kernel's page-fault count (getrusage) over rounds of allocating and freeing
+    36 MiB of 3 MiB buffers, before and after keep_freed_memory, in a fresh process; and an
+    environment that sets glibc's malloc parameters is left alone."""
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc")
+    code = _FAULTS_PER_ROUND.format(examples=os.path.join(ROOT, "examples"))
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       check=True, timeout=300)
+    untuned, tuned_ok, tuned = r.stdout.split()
+    pages = 36 << 20 >> 12
+    assert int(untuned) > pages // 2 and tuned_ok == "True" and int(tuned) < 64, r.stdout
+    env["MALLOC_TRIM_THRESHOLD_"] = str(128 << 10)  # glibc's default, set by the user
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       check=True, timeout=300)
+    untuned, tuned_ok, tuned = r.stdout.split()
+    assert tuned_ok == "False" and int(tuned) > pages // 2, r.stdout
 
 
 def _run_example(out, *args):
