@@ -78,6 +78,38 @@ def test_calls_from_several_threads_at_once_match_calls_one_at_a_time():
             if p["user_api"] == "blas"] == blas_threads
 
 
+def test_a_call_from_a_second_thread_runs_blas_on_one_thread_like_the_first():
+    """Oracle: the same call from the main thread, bit for bit, at a size whose matmuls BLAS
+    would split among its threads; and BLAS's thread counts inside a call from that thread.
+    (threadpoolctl ignored limits set by any thread but the first that set one.)"""
+    import threading
+
+    import numpy as np
+
+    import deformops as dops
+    from deformops.backends.cpu import deform_conv as cpu_conv
+
+    rng = np.random.default_rng(0)
+    x = rng.random((8, 64, 28, 28), np.float32)
+    off = rng.uniform(-2, 2, (8, 18, 28, 28)).astype(np.float32)
+    w = rng.random((64, 64, 3, 3), np.float32)
+    go = rng.standard_normal((8, 64, 28, 28)).astype(np.float32)
+    main = dops.deform_conv2d_backward(go, x, off, w, padding=1).grad_weight
+    got = {}
+
+    def second():
+        got["grad_weight"] = dops.deform_conv2d_backward(go, x, off, w, padding=1).grad_weight
+        with cpu_conv._one_blas_thread():
+            got["threads"] = [p["num_threads"] for p in threadpoolctl.threadpool_info()
+                              if p["user_api"] == "blas"]
+
+    t = threading.Thread(target=second)
+    t.start()
+    t.join()
+    assert got["threads"] and set(got["threads"]) == {1}
+    assert np.array_equal(got["grad_weight"], main)
+
+
 def _run(body, timeout=300):
     script = _CALLS + textwrap.dedent(body)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

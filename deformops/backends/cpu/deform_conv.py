@@ -431,6 +431,18 @@ def _blas_controller():
     return ThreadpoolController()
 
 
+def _take_blas_control():
+    """Let the calling thread set OpenBLAS' limits. threadpoolctl (3.6 and later) ignores, without
+    a word, limits set by any thread but the first that set one while that thread is alive
+    (OpenBLAS' pthreads pool is process-wide): a call from a second thread then ran its
+    matmuls on all of BLAS' threads, with other sums than the same call from the first."""
+    from threadpoolctl import OpenBLASController
+
+    clear = getattr(OpenBLASController, "clear_controlling_thread", None)
+    if clear is not None:
+        clear(force=True)
+
+
 _blas_lock = threading.Lock()
 _blas_calls = [0, None]  # calls inside _one_blas_thread, and their limiter
 
@@ -448,6 +460,7 @@ def _one_blas_thread():
     """
     with _blas_lock:
         if _blas_calls[0] == 0:
+            _take_blas_control()
             _blas_calls[1] = _blas_controller().limit(limits=1, user_api="blas")
         _blas_calls[0] += 1
     try:
@@ -456,8 +469,10 @@ def _one_blas_thread():
         with _blas_lock:
             _blas_calls[0] -= 1
             if _blas_calls[0] == 0:
+                _take_blas_control()  # the last call to leave may run on another thread
                 _blas_calls[1].restore_original_limits()
                 _blas_calls[1] = None
+                _take_blas_control()  # and the user's threads may set limits again
 
 
 def _tiles(N, P, T):
