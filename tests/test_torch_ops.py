@@ -650,6 +650,31 @@ def test_second_derivatives_raise_also_through_the_inputs(op, path):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("transform", ["jvp", "jacfwd", "dual tensors"])
+@pytest.mark.parametrize("op", ["deform_conv2d", "sample", "deform_sample"])
+def test_forward_mode_derivatives_raise(op, transform):
+    """The kernels have no forward-mode derivative. Under torch.func.jvp / jacfwd torch's custom
+    operators dropped the tangent without a word (a Jacobian of zeros); the public functions
+    must refuse, as they do for forward-mode dual tensors [oracle: the error itself]."""
+    rng = np.random.default_rng(25)
+    if op == "deform_conv2d":
+        (x, off, w, _, _), kw = conv_case(rng, N=1, Cin=2)
+        f = lambda a: dt.deform_conv2d(a, off, w, **kw)  # noqa: E731
+    else:
+        x, c = _sampling_inputs(rng, op)
+        f = lambda a: SAMPLING_OPS[op](a, c)  # noqa: E731
+    with pytest.raises(NotImplementedError):
+        if transform == "jvp":
+            torch.func.jvp(f, (x,), (torch.ones_like(x),))
+        elif transform == "jacfwd":
+            torch.func.jacfwd(f)(x)
+        else:
+            import torch.autograd.forward_ad as fwad
+
+            with fwad.dual_level():
+                f(fwad.make_dual(x, torch.ones_like(x)))
+
+
 @pytest.mark.parametrize("wanted", ["bias", "mask", "weight", "input", "offset"])
 def test_operator_path_gradients_of_one_input(wanted):
     """The operators' autograd with a single input requiring grad (the others constants): that

@@ -90,6 +90,23 @@ try:  # private switches, present since torch 2.0; without them every call takes
     from torch.compiler import is_compiling
 except ImportError:  # pragma: no cover
     _is_torch_function_mode_enabled = None
+try:  # private too; without it forward-mode transforms are not refused
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+except ImportError:  # pragma: no cover
+    retrieve_all_functorch_interpreters = None
+
+
+def _refuse_forward_mode():
+    """``NotImplementedError`` inside ``torch.func.jvp`` (also ``jacfwd``, ``hessian``): the
+    operators have no forward-mode derivative, and under these transforms torch's custom
+    operators drop the tangent without a word (a Jacobian of zeros)."""
+    if retrieve_all_functorch_interpreters is None or peek_interpreter_stack() is None:
+        return
+    if any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters()):
+        raise NotImplementedError(
+            "deformops_torch ops have no forward-mode derivative (torch.func.jvp, jacfwd, "
+            "hessian): use reverse mode (torch.autograd.grad, Tensor.backward)")
 
 
 def _eager(*tensors):
@@ -283,6 +300,7 @@ def deform_conv2d(input, offset, weight, bias=None, stride=(1, 1), padding=(0, 0
 def _conv_call(*args):
     if _eager(*args[:5]):
         return _DeformConv2dFunction.apply(*args)
+    _refuse_forward_mode()
     return _deform_conv2d(*args)
 
 
@@ -393,7 +411,10 @@ def _check_sampling_args(order, mode, cval):
 
 
 def _sampling_call(op, function, x, coords, *options):
-    return function.apply(x, coords, *options) if _eager(x, coords) else op(x, coords, *options)
+    if _eager(x, coords):
+        return function.apply(x, coords, *options)
+    _refuse_forward_mode()
+    return op(x, coords, *options)
 
 
 def sample(x, coords, *, order=1, mode="grid-constant", cval=0.0):
