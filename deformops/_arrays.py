@@ -209,6 +209,9 @@ def check_cval(cval):
         return float(cval)
     except (TypeError, ValueError):
         raise TypeError(f"cval must be a real number, got {type(cval).__name__}") from None
+    except OverflowError:  # an int beyond float's range
+        raise ValueError(f"cval must be within the float range, got an int of "
+                         f"{int(cval).bit_length()} bits") from None
 
 
 def check_needs(needs_input_grad, count):

@@ -342,6 +342,7 @@ BAD_SAMPLE = {
     "mode-int": (lambda x, c: (x, c), {"mode": 1}, TypeError, r"mode"),
     "cval-numeric-string": (lambda x, c: (x, c), {"cval": "1.5"}, TypeError, r"cval"),
     "cval-none": (lambda x, c: (x, c), {"cval": None}, TypeError, r"cval"),
+    "cval-int-beyond-float": (lambda x, c: (x, c), {"cval": 10 ** 400}, ValueError, r"cval"),
     "bad-layout": (lambda x, c: (x, c), {"layout": "NCWH"}, ValueError, r"layout"),
     "bad-layout-type": (lambda x, c: (x, c), {"layout": 1}, (ValueError, TypeError), r"layout"),
     "order-3": (lambda x, c: (x, c), {"order": 3}, (NotImplementedError, ValueError), r"order"),

@@ -112,6 +112,34 @@ def test_layer_arguments_are_checked():
         dtf.DeformConv2D(4, 3, strides=2, dilation_rate=2)
     with pytest.raises(ValueError, match="mask_scale"):
         dtf.DeformConv2D(4, 3, mask_scale=0)
+    with pytest.raises(ValueError, match="mask_scale"):
+        dtf.DeformConv2D(4, 3, mask_scale=float("inf"))
+    with pytest.raises(TypeError, match="mask_scale"):
+        dtf.DeformConv2D(4, 3, mask_scale=True)
+    assert dtf.DeformConv2D(4, 3, mask_scale=np.float32(2)).mask_scale == 2.0
+    # never truncated or parsed: a float, string or bool size is a TypeError, as in the ops
+    for bad in ((2.7, 3), "33", (True, 3), 3.0):
+        with pytest.raises(TypeError, match="kernel_size"):
+            dtf.DeformConv2D(4, bad)
+    with pytest.raises(TypeError, match="strides"):
+        dtf.DeformConv2D(4, 3, strides=(1.9, 1))
+    assert dtf.DeformConv2D(4, [3, np.int64(1)]).kernel_size == (3, 1)
+    with pytest.raises(TypeError, match="init_normal_stddev"):
+        dtf.ConvOffset2D(init_normal_stddev="a")
+    with pytest.raises(ValueError, match="init_normal_stddev"):
+        dtf.ConvOffset2D(init_normal_stddev=-1)
+
+
+@pytest.mark.parametrize("order", [1.0, True])
+def test_sampling_options_are_checked_whatever_was_checked_before(order):
+    """The options are checked once per distinct value: 1, 1.0 and True compare and hash
+    equal, and a check of order=1 let a later order=1.0 or True through."""
+    dtf.ConvOffset2D(order=1)
+    dtf.sample(X, OFF[..., :2], order=1)
+    with pytest.raises(TypeError, match="order"):
+        dtf.ConvOffset2D(order=order)
+    with pytest.raises(TypeError, match="order"):
+        dtf.sample(X, OFF[..., :2], order=order)
 
 
 RISKY = textwrap.dedent(

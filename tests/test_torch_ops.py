@@ -560,6 +560,9 @@ def _error_cases():
         "sample string cval": (
             lambda: dt.sample(xs, cs, cval="zero"),
             lambda: deformops.sample(n(xs), n(cs), cval="zero"), TypeError),
+        "sample int cval beyond float": (
+            lambda: dt.sample(xs, cs, cval=10 ** 400),
+            lambda: deformops.sample(n(xs), n(cs), cval=10 ** 400), ValueError),
     }
 
 

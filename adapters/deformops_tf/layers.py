@@ -9,6 +9,9 @@ Internally both work channels-last (TF's CPU convolutions support NHWC only);
 ``data_format="channels_first"`` transposes at the layer boundary.
 """
 
+import math
+import numbers
+import operator
 
 import keras
 import tensorflow as tf
@@ -20,14 +23,28 @@ __all__ = ["ConvOffset2D", "DeformConv2D"]
 
 
 def _pair(value, name):
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value, value)
+    """A positive int or a pair of them, as a tuple of two ints. A float, string or bool (also
+    inside the pair) is a ``TypeError``, never truncated, as in the ops."""
+    pair = (value, value) if not isinstance(value, (tuple, list)) else tuple(value)
     try:
-        value = tuple(int(v) for v in value)
+        if any(isinstance(v, bool) for v in pair):
+            raise TypeError
+        pair = tuple(operator.index(v) for v in pair)
     except TypeError:
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
-    if len(value) != 2 or min(value) < 1:
+    if len(pair) != 2 or min(pair) < 1:
         raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}")
+    return pair
+
+
+def _positive_number(value, name, zero_ok=False):
+    """``value`` as a finite float > 0 (>= 0 with ``zero_ok``); NumPy scalars are numbers too."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not (math.isfinite(value) and (value >= 0 if zero_ok else value > 0)):
+        raise ValueError(f"{name} must be a finite number {'>=' if zero_ok else '>'} 0, got "
+                         f"{value!r}")
     return value
 
 
@@ -118,11 +135,10 @@ class ConvOffset2D(keras.layers.Layer):
         if filters is not None and (isinstance(filters, bool) or not isinstance(filters, int)
                                     or filters < 1):
             raise ValueError(f"filters must be None or a positive int, got {filters!r}")
-        if not init_normal_stddev >= 0:
-            raise ValueError(f"init_normal_stddev must be >= 0, got {init_normal_stddev!r}")
+        self.init_normal_stddev = _positive_number(init_normal_stddev, "init_normal_stddev",
+                                                   zero_ok=True)
         ops._check_options(order, mode, cval, tf.float32)
         self.filters = filters
-        self.init_normal_stddev = float(init_normal_stddev)
         self.mode, self.order, self.cval = mode, int(order), float(cval)
         self.data_format = _data_format(data_format)
         if kernel_initializer is None:
@@ -260,9 +276,7 @@ class DeformConv2D(keras.layers.Layer):
         self.padding = padding
         self.data_format = _data_format(data_format)
         self.use_mask, self.use_bias = bool(use_mask), bool(use_bias)
-        if not (isinstance(mask_scale, (int, float)) and mask_scale > 0):
-            raise ValueError(f"mask_scale must be a positive number, got {mask_scale!r}")
-        self.mask_scale = float(mask_scale)
+        self.mask_scale = _positive_number(mask_scale, "mask_scale")
         self.activation = activations.get(activation)
         self.kernel_initializer = initializers.get(kernel_initializer)
         self.bias_initializer = initializers.get(bias_initializer)

@@ -171,7 +171,7 @@ def _known(*vals):
     return all(v is not None for v in vals)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=64, typed=True)  # typed: 1, 1.0 and True are not one key
 def _check_sampling_options(order, mode, cval, dtype_name):
     """Validate order, mode and cval with deformops itself (a call on an empty batch), so that the
     rules and messages are the core's and a ``tf.function`` fails when traced, not when run."""

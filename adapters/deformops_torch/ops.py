@@ -407,7 +407,7 @@ def _check_sampling_args(order, mode, cval):
         raise TypeError(f"mode must be a string, got {type(mode).__name__}")
     if isinstance(cval, bool) or not isinstance(cval, numbers.Real):
         raise TypeError(f"cval must be a real number, got {type(cval).__name__}")
-    return order, mode, float(cval)
+    return order, mode, deformops._arrays.check_cval(cval)  # an int beyond float: ValueError
 
 
 def _sampling_call(op, function, x, coords, *options):
