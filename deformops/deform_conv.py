@@ -60,6 +60,71 @@ def _pair(value, name, minimum):
     return pair
 
 
+def check_shapes(x_shape, offset_shape, weight_shape, bias_shape, mask_shape, stride, padding,
+                 dilation, nhwc=False):
+    """Check the shapes of a ``deform_conv2d`` call, given as (N, Cin, H, W), (N, 2*G*K, Ho, Wo),
+    (Cout, Cin/groups, kh, kw), (Cout,) and (N, G*K, Ho, Wo) whatever the layout (``nhwc`` only
+    words the messages; bias and mask None when absent), with stride, padding and dilation
+    pairs: a ``ValueError`` naming the argument. Returns (N, Cout, Ho, Wo, G, K).
+
+    Shapes only, so that frameworks can check symbolic shapes before any data exists (torch's
+    fake kernels); the functions below call it too."""
+    x_doc = "(N, H, W, Cin)" if nhwc else "(N, Cin, H, W)"
+    o_doc = "(N, Ho, Wo, 2*G*K)" if nhwc else "(N, 2*G*K, Ho, Wo)"
+    m_doc = "(N, Ho, Wo, G*K)" if nhwc else "(N, G*K, Ho, Wo)"
+    for shape, name, ndim, doc in ((x_shape, "x", 4, x_doc), (offset_shape, "offset", 4, o_doc),
+                                   (weight_shape, "weight", 4, "(Cout, Cin/groups, kh, kw)"),
+                                   (mask_shape, "mask", 4, m_doc),
+                                   (bias_shape, "bias", 1, "(Cout,)")):
+        if shape is not None and len(shape) != ndim:
+            raise ValueError(f"{name} must be {ndim}-D {doc}; got shape {tuple(shape)}")
+    N, Cin, H, W = x_shape
+    Cout, cpg_w, kh, kw = weight_shape
+    K = kh * kw
+    if cpg_w == 0 or kh == 0 or kw == 0:
+        raise ValueError("weight must have non-empty (Cin/groups, kh, kw); got shape "
+                         f"{tuple(weight_shape)}")
+    if (H == 0 or W == 0) and N * Cin:
+        raise ValueError(f"x has an empty spatial size {(H, W)}: there is nothing to sample")
+    if Cin % cpg_w:
+        raise ValueError(f"x has {Cin} channels, not a multiple of weight.shape[1] = {cpg_w}")
+    groups = Cin // cpg_w
+    if groups == 0 or Cout % groups:
+        raise ValueError(f"weight has {Cout} output channels, not divisible by groups = {groups} "
+                         f"(= Cin {Cin} // weight.shape[1] {cpg_w})")
+    if bias_shape is not None and tuple(bias_shape) != (Cout,):
+        raise ValueError(f"bias must have shape ({Cout},); got {tuple(bias_shape)}")
+    Ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    Wo = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    if Ho <= 0 or Wo <= 0:
+        raise ValueError(
+            f"the kernel ({kh}, {kw}) with dilation {dilation} is larger than the padded input "
+            f"({H + 2 * padding[0]}, {W + 2 * padding[1]}): the output would be empty"
+        )
+    G2K = offset_shape[1]
+    if offset_shape[0] != N or G2K == 0 or G2K % (2 * K) or Cin % (G2K // (2 * K)):
+        raise ValueError(
+            f"offset must have 2*G*K channels for K = {K} taps and G offset groups dividing "
+            f"Cin = {Cin}, batch {N} and spatial size {(Ho, Wo)}; got shape "
+            f"{_given(offset_shape, nhwc)}"
+        )
+    if tuple(offset_shape[2:]) != (Ho, Wo):
+        raise ValueError(f"offset must have the output's spatial size {(Ho, Wo)}; "
+                         f"got shape {_given(offset_shape, nhwc)}")
+    G = G2K // (2 * K)
+    if mask_shape is not None and tuple(mask_shape) != (N, G * K, Ho, Wo):
+        want = (N, G * K, Ho, Wo) if not nhwc else (N, Ho, Wo, G * K)
+        raise ValueError(f"mask must have shape {want} (G*K = {G * K} channels); "
+                         f"got {_given(mask_shape, nhwc)}")
+    return N, Cout, Ho, Wo, G, K
+
+
+def _given(shape, nhwc):
+    """An NCHW-indexed shape as the caller gave it."""
+    shape = tuple(shape)
+    return (shape[0], shape[2], shape[3], shape[1]) if nhwc else shape
+
+
 def _prepare(x, offset, weight, bias, mask, stride, padding, dilation, layout, grad_out=None,
              backward=False):
     """Validate and convert to contiguous arrays for the backend: NCHW, or NHWC as given
@@ -96,42 +161,10 @@ def _prepare(x, offset, weight, bias, mask, stride, padding, dilation, layout, g
         x, offset = x.transpose(0, 3, 1, 2), offset.transpose(0, 3, 1, 2)
         mask = None if mask is None else mask.transpose(0, 3, 1, 2)
         grad_out = None if grad_out is None else grad_out.transpose(0, 3, 1, 2)
-    N, Cin, H, W = x.shape
-    Cout, cpg_w, kh, kw = weight.shape
-    K = kh * kw
-    if cpg_w == 0 or kh == 0 or kw == 0:
-        raise ValueError(f"weight must have non-empty (Cin/groups, kh, kw); got shape {weight.shape}")
-    if (H == 0 or W == 0) and N * Cin:
-        raise ValueError(f"x has an empty spatial size {(H, W)}: there is nothing to sample")
-    if Cin % cpg_w:
-        raise ValueError(f"x has {Cin} channels, not a multiple of weight.shape[1] = {cpg_w}")
-    groups = Cin // cpg_w
-    if groups == 0 or Cout % groups:
-        raise ValueError(f"weight has {Cout} output channels, not divisible by groups = {groups} "
-                         f"(= Cin {Cin} // weight.shape[1] {cpg_w})")
-    if bias is not None and bias.shape != (Cout,):
-        raise ValueError(f"bias must have shape ({Cout},); got {bias.shape}")
-    Ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    Wo = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    if Ho <= 0 or Wo <= 0:
-        raise ValueError(
-            f"the kernel ({kh}, {kw}) with dilation {dilation} is larger than the padded input "
-            f"({H + 2 * padding[0]}, {W + 2 * padding[1]}): the output would be empty"
-        )
-    G2K = offset.shape[1]
-    if offset.shape[0] != N or G2K == 0 or G2K % (2 * K) or Cin % (G2K // (2 * K)):
-        raise ValueError(
-            f"offset must have 2*G*K channels for K = {K} taps and G offset groups dividing "
-            f"Cin = {Cin}, batch {N} and spatial size {(Ho, Wo)}; got shape {_shape(offset, nhwc)}"
-        )
-    if offset.shape[2:] != (Ho, Wo):
-        raise ValueError(f"offset must have the output's spatial size {(Ho, Wo)}; "
-                         f"got shape {_shape(offset, nhwc)}")
-    G = G2K // (2 * K)
-    if mask is not None and mask.shape != (N, G * K, Ho, Wo):
-        want = (N, G * K, Ho, Wo) if not nhwc else (N, Ho, Wo, G * K)
-        raise ValueError(f"mask must have shape {want} (G*K = {G * K} channels); "
-                         f"got {_shape(mask, nhwc)}")
+    N, Cout, Ho, Wo, G, K = check_shapes(
+        x.shape, offset.shape, weight.shape, None if bias is None else bias.shape,
+        None if mask is None else mask.shape, stride, padding, dilation, nhwc)
+    G2K = 2 * G * K
     if grad_out is not None and grad_out.shape != (N, Cout, Ho, Wo):
         want = (N, Cout, Ho, Wo) if not nhwc else (N, Ho, Wo, Cout)
         raise ValueError(f"grad_out must have the output's shape {want}; got {_shape(grad_out, nhwc)}")

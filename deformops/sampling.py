@@ -45,6 +45,36 @@ _SEMANTICS = """
 """
 
 
+def check_shapes(x_shape, coords_shape, coords_name="coords", relative=False):
+    """Check the shapes of a sampling call, as (N, C, H, W) and (N, 2G, Ho, Wo) whatever the
+    layout (a ``ValueError`` naming the argument); the output's (N, C, Ho, Wo).
+
+    Shapes only, so that frameworks can check symbolic shapes before any data exists (torch's
+    fake kernels); the functions below call it too."""
+    for shape, name, doc in ((x_shape, "x", "(N, C, H, W)"),
+                             (coords_shape, coords_name, "(N, 2G, Ho, Wo)")):
+        if len(shape) != 4:
+            raise ValueError(f"{name} must be 4-D {doc}; got shape {tuple(shape)}")
+    N, C, H, W = x_shape
+    N2, G2, Ho, Wo = coords_shape
+    if N2 != N:
+        raise ValueError(f"{coords_name} has batch size {N2} but x has {N}")
+    if G2 < 2 or G2 % 2:
+        raise ValueError(
+            f"{coords_name} must have 2G channels (a (y, x) pair per offset group); got {G2}"
+        )
+    G = G2 // 2
+    if C % G:
+        raise ValueError(f"x has {C} channels, which {G} offset groups of {coords_name} do not divide")
+    if relative and (Ho, Wo) != (H, W):
+        raise ValueError(
+            f"{coords_name} must have the spatial size of x, {(H, W)}; got {(Ho, Wo)}"
+        )
+    if (H == 0 or W == 0) and N * C * Ho * Wo:
+        raise ValueError(f"x has an empty spatial size {(H, W)}: there is nothing to sample")
+    return N, C, Ho, Wo
+
+
 def _prepare(x, coords, layout, coords_name, relative, backward=False, grad_out=None):
     """Validate, choose the kernel memory order, return what the backend needs."""
     layout = _arrays.check_layout(layout)
@@ -64,23 +94,7 @@ def _prepare(x, coords, layout, coords_name, relative, backward=False, grad_out=
     if layout == "NHWC":  # from here on every array is indexed NCHW
         x, coords = x.transpose(0, 3, 1, 2), coords.transpose(0, 3, 1, 2)
         grad_out = None if grad_out is None else grad_out.transpose(0, 3, 1, 2)
-    N, C, H, W = x.shape
-    N2, G2, Ho, Wo = coords.shape
-    if N2 != N:
-        raise ValueError(f"{coords_name} has batch size {N2} but x has {N}")
-    if G2 < 2 or G2 % 2:
-        raise ValueError(
-            f"{coords_name} must have 2G channels (a (y, x) pair per offset group); got {G2}"
-        )
-    G = G2 // 2
-    if C % G:
-        raise ValueError(f"x has {C} channels, which {G} offset groups of {coords_name} do not divide")
-    if relative and (Ho, Wo) != (H, W):
-        raise ValueError(
-            f"{coords_name} must have the spatial size of x, {(H, W)}; got {(Ho, Wo)}"
-        )
-    if (H == 0 or W == 0) and N * C * Ho * Wo:
-        raise ValueError(f"x has an empty spatial size {(H, W)}: there is nothing to sample")
+    N, C, Ho, Wo = check_shapes(x.shape, coords.shape, coords_name, relative)
     if grad_out is not None and grad_out.shape != (N, C, Ho, Wo):
         want = (N, C, Ho, Wo) if layout == "NCHW" else (N, Ho, Wo, C)
         got = grad_out.shape if layout == "NCHW" else grad_out.transpose(0, 2, 3, 1).shape

@@ -864,6 +864,52 @@ def test_float64_under_autocast_is_left_alone():
                                rtol=0, atol=0)
 
 
+BAD_SHAPES = {
+    # name: (call with a tensor factory t(*shape), regex the core's message matches)
+    "deform_sample offset of another size": (
+        lambda t: dt.deform_sample(t(2, 4, 5, 5), t(2, 2, 9, 9)), r"offset.*spatial"),
+    "sample coords batch": (lambda t: dt.sample(t(2, 4, 5, 5), t(7, 2, 3, 3)), r"coords"),
+    "sample coords odd channels": (lambda t: dt.sample(t(2, 4, 5, 5), t(2, 3, 3, 3)),
+                                   r"coords.*2G"),
+    "sample coords 3-D": (lambda t: dt.sample(t(2, 4, 5, 5), t(2, 2, 3)), r"coords.*4-D"),
+    "deform_conv2d offset channels": (
+        lambda t: dt.deform_conv2d(t(2, 4, 5, 5), t(2, 17, 5, 5), t(3, 4, 3, 3), padding=1),
+        r"offset.*2\*G\*K"),
+    "deform_conv2d offset size": (
+        lambda t: dt.deform_conv2d(t(2, 4, 5, 5), t(2, 18, 5, 5), t(3, 4, 3, 3)),
+        r"offset.*spatial size \(3, 3\)"),
+    "deform_conv2d mask": (
+        lambda t: dt.deform_conv2d(t(2, 4, 5, 5), t(2, 18, 3, 3), t(3, 4, 3, 3),
+                                   mask=t(2, 8, 3, 3)), r"mask"),
+    "deform_conv2d weight channels": (
+        lambda t: dt.deform_conv2d(t(2, 4, 5, 5), t(2, 18, 3, 3), t(3, 3, 3, 3)),
+        r"weight.shape\[1\]"),
+    "deform_conv2d bias": (
+        lambda t: dt.deform_conv2d(t(2, 4, 5, 5), t(2, 18, 3, 3), t(3, 4, 3, 3), t(4)),
+        r"bias"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_SHAPES))
+def test_fake_kernels_check_shapes_as_the_core(name):
+    """The fake kernels (meta tensors, FakeTensorMode, torch.compile) raise the core's
+    ValueError for shapes it refuses, instead of returning a tensor of some shape (they
+    checked nothing) [oracle: the same call on CPU tensors of these shapes, eagerly]."""
+    call, message = BAD_SHAPES[name]
+    with pytest.raises(ValueError, match=message):
+        call(lambda *shape: torch.zeros(*shape, dtype=F64))
+    with pytest.raises(ValueError, match=message):
+        call(lambda *shape: torch.empty(*shape, dtype=F64, device="meta"))
+
+
+def test_fake_kernels_check_shapes_under_compile():
+    """Under torch.compile a wrong shape used to fail in the fake kernel's unpacking (a
+    RuntimeError naming nothing); now the core's message names the argument."""
+    compiled = torch.compile(lambda x, c: dt.sample(x, c), fullgraph=True, backend="eager")
+    with pytest.raises(Exception, match=r"coords must be 4-D"):
+        compiled(torch.randn(2, 4, 5, 5), torch.randn(2, 2, 3))
+
+
 def test_meta_tensors_take_the_fake_kernels():
     """Tensors on the meta device (models built under ``torch.device("meta")``, shape
     inference) reach the operators' fake kernels: shapes, no data, also with autocast checks in

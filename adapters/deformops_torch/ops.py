@@ -101,7 +101,8 @@ def _refuse_forward_mode():
     """``NotImplementedError`` inside ``torch.func.jvp`` (also ``jacfwd``, ``hessian``): the
     operators have no forward-mode derivative, and under these transforms torch's custom
     operators drop the tangent without a word (a Jacobian of zeros)."""
-    if retrieve_all_functorch_interpreters is None or peek_interpreter_stack() is None:
+    if (retrieve_all_functorch_interpreters is None or is_compiling()
+            or peek_interpreter_stack() is None):  # (dynamo cannot trace these queries)
         return
     if any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters()):
         raise NotImplementedError(
@@ -137,10 +138,6 @@ def _autocast_float32(device, tensors):
         return None
     return tuple(t.float() if t is not None and t.is_floating_point()
                  and t.dtype != torch.float64 else t for t in tensors)
-
-
-def _conv_out_size(size, k, stride, padding, dilation):
-    return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,12 +179,19 @@ def _conv_format(input):
             else torch.contiguous_format)
 
 
+def _conv_shapes(input, offset, weight, bias, mask, stride, padding, dilation):
+    """The core's shape checks on (possibly symbolic) shapes: the fake kernels raise the eager
+    calls' ValueErrors, instead of returning a tensor of a wrong shape (meta tensors,
+    FakeTensorMode) or failing somewhere later (torch.compile)."""
+    return deformops.deform_conv.check_shapes(
+        input.shape, offset.shape, weight.shape, None if bias is None else bias.shape,
+        None if mask is None else mask.shape, stride, padding, dilation)
+
+
 @_deform_conv2d.register_fake
 def _(input, offset, weight, bias, mask, stride, padding, dilation):
-    N, _, H, W = input.shape
-    Cout, _, kh, kw = weight.shape
-    Ho = _conv_out_size(H, kh, stride[0], padding[0], dilation[0])
-    Wo = _conv_out_size(W, kw, stride[1], padding[1], dilation[1])
+    N, Cout, Ho, Wo, _, _ = _conv_shapes(input, offset, weight, bias, mask, stride, padding,
+                                         dilation)
     return torch.empty((N, Cout, Ho, Wo), dtype=input.dtype, device=input.device,
                        memory_format=_conv_format(input))
 
@@ -205,6 +209,7 @@ def _deform_conv2d_backward(grad_out: Tensor, input: Tensor, offset: Tensor, wei
 
 @_deform_conv2d_backward.register_fake
 def _(grad_out, input, offset, weight, mask, stride, padding, dilation, needs_input_grad):
+    _conv_shapes(input, offset, weight, None, mask, stride, padding, dilation)
     likes = (input, offset, weight, mask, grad_out.new_empty((weight.shape[0],)))
     fmt = _conv_format(input)  # input, offset and mask gradients; weight and bias contiguous
     formats = (fmt, fmt, torch.contiguous_format, fmt, torch.contiguous_format)
@@ -348,8 +353,19 @@ def _define_sampling(name, forward, backward, coords_name):
         grads = backward_kernel(grad_out, x, coords, order, mode, cval, needs_input_grad)
         return tuple(x.new_empty(_EMPTY) if g is None else g for g in grads)
 
-    op.register_fake(_sampling_fake)
-    op_backward.register_fake(_sampling_backward_fake)
+    def check_shapes(x, coords):  # the core's checks, as _conv_shapes
+        deformops.sampling.check_shapes(x.shape, coords.shape, coords_name,
+                                        relative=name == "deform_sample")
+
+    @op.register_fake
+    def _(x, coords, order, mode, cval):
+        check_shapes(x, coords)
+        return _sampling_fake(x, coords, order, mode, cval)
+
+    @op_backward.register_fake
+    def _(grad_out, x, coords, order, mode, cval, needs_input_grad):
+        check_shapes(x, coords)
+        return _sampling_backward_fake(grad_out, x, coords, order, mode, cval, needs_input_grad)
 
     def setup_context(ctx, inputs, output):
         x, coords, order, mode, cval = inputs
