@@ -140,6 +140,28 @@ def test_scipy_quirks_are_matched():
                                        mode="nearest"), [2.0, 4.0, 1.0, 1.0])
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("cval", [np.inf, -np.inf])
+@pytest.mark.parametrize("mode", ["grid-constant", "constant"])
+@pytest.mark.parametrize("order", ORDERS)
+@settings(max_examples=examples(2))
+@given(H=sizes, W=sizes, seed=st.integers(0, 2**32 - 1))
+def test_infinite_cval_matches_scipy(order, mode, cval, dtype, H, W, seed):
+    """cval = +-inf in the constant modes, at points in and far outside the image [oracle:
+    scipy]. Corners outside with weight 0 (beyond the clamp at 2 pixels outside) added
+    0 * cval = NaN where scipy gives cval. Coordinates are not integers there: at an integer
+    coordinate outside scipy itself gives NaN (its own 0 * inf), and we give cval."""
+    rng = np.random.default_rng(seed)
+    img = rng.uniform(-1, 1, (H, W)).astype(dtype)
+    coords = np.stack([rng.uniform(-6, H + 5, 200), rng.uniform(-6, W + 5, 200)])
+    coords += (coords == np.round(coords)) * 0.25  # no integer coordinates
+    coords = coords.astype(dtype)
+    ref = ndi.map_coordinates(img.astype(np.float64), coords.astype(np.float64), order=order,
+                              mode=mode, cval=cval, prefilter=False)
+    got = dops.map_coordinates(img, coords, order=order, mode=mode, cval=cval)
+    np.testing.assert_allclose(got, ref, rtol=tol(dtype), atol=tol(dtype))
+
+
 # --------------------------------------------------------------------------------------------
 # dops.map_coordinates: the scipy drop-in (2-D input), compared with scipy called directly
 

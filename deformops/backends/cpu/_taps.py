@@ -220,9 +220,10 @@ def corner_taps(ya, xa, W, cval):
 
 @njit(cache=True, inline="always")
 def _corner(yi, xi, w, cval, bias):
-    """(weight, bias) of one corner: an outside corner (index -1) moves its weight to bias."""
+    """(weight, bias) of one corner: an outside corner (index -1) moves its weight to bias (a
+    weight 0 adds nothing: 0 * cval is NaN for cval = +-inf, where scipy gives cval)."""
     if yi < 0 or xi < 0:
-        return 0.0, bias + cval * w
+        return 0.0, (bias + cval * w) if w != 0.0 else bias
     return w, bias
 
 
@@ -251,6 +252,7 @@ def corner_slopes(ya, xa, cval):
 
 @njit(cache=True, inline="always")
 def _corner_slope(yi, xi, dy, dx, cval, cy, cx):
-    if yi < 0 or xi < 0:
-        return 0.0, 0.0, cy + cval * dy, cx + cval * dx
+    if yi < 0 or xi < 0:  # a zero slope adds nothing, as in _corner
+        return (0.0, 0.0, (cy + cval * dy) if dy != 0.0 else cy,
+                (cx + cval * dx) if dx != 0.0 else cx)
     return dy, dx, cy, cx

@@ -182,7 +182,7 @@ __device__ __forceinline__ Corners corner_taps(const AxisTaps& ya, const AxisTap
     for (int k = 0; k < 4; ++k) {
         if (yi[k] < 0 || xi[k] < 0) {  // an outside corner moves its weight to bias
             wk[k] = 0.0;
-            bias = bias + cval * w[k];
+            if (w[k] != 0.0) bias = bias + cval * w[k];  // not 0 * cval: NaN for cval = +-inf
         } else {
             wk[k] = w[k];
         }
@@ -222,8 +222,8 @@ __device__ __forceinline__ Slopes corner_slopes(const AxisTaps& ya, const AxisTa
     for (int k = 0; k < 4; ++k) {
         if (yi[k] < 0 || xi[k] < 0) {
             s.ay[k] = 0.0; s.ax[k] = 0.0;
-            s.cy = s.cy + cval * dy[k];
-            s.cx = s.cx + cval * dx[k];
+            if (dy[k] != 0.0) s.cy = s.cy + cval * dy[k];  // as in corner_taps
+            if (dx[k] != 0.0) s.cx = s.cx + cval * dx[k];
         } else {
             s.ay[k] = dy[k]; s.ax[k] = dx[k];
         }
