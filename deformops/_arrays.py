@@ -44,6 +44,12 @@ def as_array(obj, name):
     if _is_cupy(obj):
         return obj, "cuda"
     if hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__"):
+        dtype = getattr(obj, "dtype", None)
+        if hasattr(dtype, "is_floating") and not (dtype.is_floating or dtype.is_integer
+                                                  or dtype.is_complex or dtype.is_bool):
+            # a TensorFlow string, variant or resource tensor: TF aborts the whole process
+            # when asked to export one through DLPack
+            raise TypeError(f"{name} must be a numeric array; got dtype {dtype.name}")
         try:
             device_type = int(obj.__dlpack_device__()[0])
         except Exception as err:  # e.g. a torch meta tensor: no storage to share

@@ -205,3 +205,31 @@ def test_misaligned_buffers_never_crash_the_process():
                        text=True, timeout=300)
     assert r.returncode == 0, f"return code {r.returncode}\n{r.stdout}\n{r.stderr[-3000:]}"
     assert "OK 48" in r.stdout
+
+
+NON_NUMERIC = textwrap.dedent(
+    """
+    import numpy as np, tensorflow as tf
+    import deformops as dops
+    for bad in (tf.constant(["a", "b"]), tf.constant([[b"x"]])):
+        try:
+            dops.sample(bad, np.zeros((1, 2, 1, 1)))
+        except TypeError as e:
+            assert "x must be a numeric array" in str(e), e
+        else:
+            raise AssertionError("no TypeError")
+    print("OK")
+    """
+)
+
+
+def test_non_numeric_tensors_are_refused_before_dlpack():
+    """TensorFlow aborts the whole process when a string tensor is exported through DLPack:
+    the core refuses such tensors first, with a TypeError naming the argument (in a
+    subprocess: an abort would kill pytest)."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.path.join(ROOT, "adapters")
+               + os.pathsep + os.environ.get("PYTHONPATH", ""), TF_CPP_MIN_LOG_LEVEL="2")
+    r = subprocess.run([sys.executable, "-c", NON_NUMERIC], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"return code {r.returncode}\n{r.stdout}\n{r.stderr[-3000:]}"
+    assert "OK" in r.stdout
