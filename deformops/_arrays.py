@@ -50,6 +50,10 @@ def as_array(obj, name):
             # a TensorFlow string, variant or resource tensor: TF aborts the whole process
             # when asked to export one through DLPack
             raise TypeError(f"{name} must be a numeric array; got dtype {dtype.name}")
+        if callable(getattr(obj, "is_neg", None)) and (obj.is_neg() or obj.is_conj()):
+            # a torch tensor with a lazy negation or conjugation (``z.conj().imag``): DLPack
+            # would hand over the stored values, without the sign
+            obj = obj.resolve_neg().resolve_conj()
         try:
             device_type = int(obj.__dlpack_device__()[0])
         except Exception as err:  # e.g. a torch meta tensor: no storage to share

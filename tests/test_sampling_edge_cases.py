@@ -520,6 +520,11 @@ def test_dlpack_objects_numpy_cannot_take_raise_type_errors():
     # a plain CPU tensor is taken as it is
     x = torch.arange(9.0, dtype=torch.float64).reshape(1, 1, 3, 3)
     np.testing.assert_array_equal(dops.deform_sample(x, off), x.numpy())
+    # lazily negated views (z.conj().imag) with their sign, which DLPack alone drops
+    z = torch.complex(torch.ones_like(x), x)
+    for view in (z.conj().imag, torch._neg_view(x)):
+        assert view.is_neg()
+        np.testing.assert_array_equal(dops.deform_sample(view, off), -x.numpy())
 
 
 def test_numpy_next_to_a_cuda_dlpack_object_is_a_mix():
