@@ -52,7 +52,11 @@ def as_array(obj, name):
             raise TypeError(f"{name} must be a numeric array; got dtype {dtype.name}")
         if callable(getattr(obj, "is_neg", None)) and (obj.is_neg() or obj.is_conj()):
             # a torch tensor with a lazy negation or conjugation (``z.conj().imag``): DLPack
-            # would hand over the stored values, without the sign
+            # would hand over the stored values, without the sign. On the CPU resolve it here;
+            # a GPU copy could be freed and reused on torch's stream while our kernel reads it.
+            if getattr(obj, "is_cuda", False):
+                raise TypeError(f"{name} is a CUDA tensor with a lazy negation or conjugation "
+                                "(is_neg() or is_conj()): pass x.resolve_neg().resolve_conj()")
             obj = obj.resolve_neg().resolve_conj()
         try:
             device_type = int(obj.__dlpack_device__()[0])

@@ -64,11 +64,13 @@ def check_shapes(x_shape, offset_shape, weight_shape, bias_shape, mask_shape, st
                  dilation, nhwc=False):
     """Check the shapes of a ``deform_conv2d`` call, given as (N, Cin, H, W), (N, 2*G*K, Ho, Wo),
     (Cout, Cin/groups, kh, kw), (Cout,) and (N, G*K, Ho, Wo) whatever the layout (``nhwc`` only
-    words the messages; bias and mask None when absent), with stride, padding and dilation
-    pairs: a ``ValueError`` naming the argument. Returns (N, Cout, Ho, Wo, G, K).
+    words the messages; bias and mask None when absent), and stride, padding and dilation (ints
+    or pairs): a ``ValueError`` naming the argument. Returns (N, Cout, Ho, Wo, G, K).
 
     Shapes only, so that frameworks can check symbolic shapes before any data exists (torch's
     fake kernels); the functions below call it too."""
+    stride, padding = _pair(stride, "stride", 1), _pair(padding, "padding", 0)
+    dilation = _pair(dilation, "dilation", 1)
     x_doc = "(N, H, W, Cin)" if nhwc else "(N, Cin, H, W)"
     o_doc = "(N, Ho, Wo, 2*G*K)" if nhwc else "(N, 2*G*K, Ho, Wo)"
     m_doc = "(N, Ho, Wo, G*K)" if nhwc else "(N, G*K, Ho, Wo)"

@@ -124,6 +124,8 @@ def test_layer_arguments_are_checked():
     with pytest.raises(TypeError, match="strides"):
         dtf.DeformConv2D(4, 3, strides=(1.9, 1))
     assert dtf.DeformConv2D(4, [3, np.int64(1)]).kernel_size == (3, 1)
+    assert dtf.DeformConv2D(4, np.array([3, 1])).kernel_size == (3, 1)
+    assert dtf.ConvOffset2D(init_normal_stddev=np.array(0.02)).init_normal_stddev == 0.02
     with pytest.raises(TypeError, match="init_normal_stddev"):
         dtf.ConvOffset2D(init_normal_stddev="a")
     with pytest.raises(ValueError, match="init_normal_stddev"):

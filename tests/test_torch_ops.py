@@ -678,6 +678,20 @@ def test_forward_mode_derivatives_raise(op, transform):
                 f(fwad.make_dual(x, torch.ones_like(x)))
 
 
+def test_ops_on_constants_run_inside_jvp():
+    """Inside torch.func.jvp an op whose inputs carry no tangent (a frozen deformable layer
+    before the differentiated parameters) runs: the refusal is for tangents that reach it
+    [oracle: the eager value; the tangent of s * value is value]."""
+    rng = np.random.default_rng(26)
+    x, c = _sampling_inputs(rng, "sample")
+    value = dt.sample(x, c).sum()
+    out, tangent = torch.func.jvp(lambda s: dt.sample(x, c).sum() * s,
+                                  (torch.tensor(2.0, dtype=x.dtype),),
+                                  (torch.tensor(1.0, dtype=x.dtype),))
+    torch.testing.assert_close(out, 2 * value, rtol=0, atol=0)
+    torch.testing.assert_close(tangent, value, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("wanted", ["bias", "mask", "weight", "input", "offset"])
 def test_operator_path_gradients_of_one_input(wanted):
     """The operators' autograd with a single input requiring grad (the others constants): that

@@ -14,6 +14,7 @@ import numbers
 import operator
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import activations, constraints, initializers, regularizers
 
@@ -25,6 +26,8 @@ __all__ = ["ConvOffset2D", "DeformConv2D"]
 def _pair(value, name):
     """A positive int or a pair of them, as a tuple of two ints. A float, string or bool (also
     inside the pair) is a ``TypeError``, never truncated, as in the ops."""
+    if isinstance(value, np.ndarray):  # a NumPy pair, or a 0-d int
+        value = value.tolist()
     pair = (value, value) if not isinstance(value, (tuple, list)) else tuple(value)
     try:
         if any(isinstance(v, bool) for v in pair):
@@ -38,7 +41,10 @@ def _pair(value, name):
 
 
 def _positive_number(value, name, zero_ok=False):
-    """``value`` as a finite float > 0 (>= 0 with ``zero_ok``); NumPy scalars are numbers too."""
+    """``value`` as a finite float > 0 (>= 0 with ``zero_ok``); NumPy scalars and 0-d arrays
+    are numbers too."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)

@@ -91,20 +91,25 @@ try:  # private switches, present since torch 2.0; without them every call takes
 except ImportError:  # pragma: no cover
     _is_torch_function_mode_enabled = None
 try:  # private too; without it forward-mode transforms are not refused
-    from torch._C._functorch import TransformType
+    from torch._C._functorch import TransformType, maybe_get_level
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 except ImportError:  # pragma: no cover
     retrieve_all_functorch_interpreters = None
 
 
-def _refuse_forward_mode():
-    """``NotImplementedError`` inside ``torch.func.jvp`` (also ``jacfwd``, ``hessian``): the
-    operators have no forward-mode derivative, and under these transforms torch's custom
-    operators drop the tangent without a word (a Jacobian of zeros)."""
+def _refuse_forward_mode(*tensors):
+    """``NotImplementedError`` when a tangent of ``torch.func.jvp`` (also ``jacfwd``,
+    ``hessian``) reaches the op: the operators have no forward-mode derivative, and under these
+    transforms torch's custom operators drop the tangent without a word (a Jacobian of zeros).
+    Inputs wrapped at or above the outermost ``jvp``'s level may carry one; constants do not,
+    and ops on them inside ``jvp`` run. Not while compiling: dynamo cannot trace these queries
+    (``torch.compile`` of a ``jvp`` still drops the tangent)."""
     if (retrieve_all_functorch_interpreters is None or is_compiling()
-            or peek_interpreter_stack() is None):  # (dynamo cannot trace these queries)
+            or peek_interpreter_stack() is None):
         return
-    if any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters()):
+    levels = [i.level() for i in retrieve_all_functorch_interpreters()
+              if i.key() == TransformType.Jvp]
+    if levels and any(t is not None and maybe_get_level(t) >= min(levels) for t in tensors):
         raise NotImplementedError(
             "deformops_torch ops have no forward-mode derivative (torch.func.jvp, jacfwd, "
             "hessian): use reverse mode (torch.autograd.grad, Tensor.backward)")
@@ -305,7 +310,7 @@ def deform_conv2d(input, offset, weight, bias=None, stride=(1, 1), padding=(0, 0
 def _conv_call(*args):
     if _eager(*args[:5]):
         return _DeformConv2dFunction.apply(*args)
-    _refuse_forward_mode()
+    _refuse_forward_mode(*args[:5])
     return _deform_conv2d(*args)
 
 
@@ -429,7 +434,7 @@ def _check_sampling_args(order, mode, cval):
 def _sampling_call(op, function, x, coords, *options):
     if _eager(x, coords):
         return function.apply(x, coords, *options)
-    _refuse_forward_mode()
+    _refuse_forward_mode(x, coords)
     return op(x, coords, *options)
 
 

@@ -59,11 +59,14 @@ def map_coordinate(c, n, mode):
     no longer depends on c) and ``ok`` is False when the output is ``cval`` without interpolation.
     """
     if mode == GRID_CONSTANT:
-        # Beyond one pixel outside every tap reads cval: clamp so the index stays small.
+        # Beyond one pixel outside every tap reads cval: move the point into [-3, -2) or
+        # [n + 1, n + 2) so the index stays small, keeping its fraction, so that the taps'
+        # weights are scipy's (cval * 0 is NaN for an infinite cval, as in scipy).
+        # (np.floor: Numba's math.floor returns an int64, which 1e30 overflows)
         if c < -2.0:
-            return -2.0, 0.0, True
+            return -3.0 + (c - np.floor(c)), 0.0, True
         if c > n + 1.0:
-            return n + 1.0, 0.0, True
+            return n + 1.0 + (c - np.floor(c)), 0.0, True
         return c, 1.0, True
     if mode == NEAREST:
         if c < -1.0:
@@ -197,6 +200,11 @@ def corner_taps(ya, xa, W, cval):
     x_low, x_high, lx, hx, sx, okx = xa
     if not (oky and okx):
         return 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, cval, True
+    if (y_low < 0 or x_low < 0) and y_low == y_high and x_low == x_high and hy == 0.0 \
+            and hx == 0.0:
+        # one tap outside (order 0): cval itself, as scipy reads one pixel (the weight-0
+        # corners would add 0 * cval, NaN for an infinite cval)
+        return 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, cval, True
     bias = 0.0
     w0, bias = _corner(y_low, x_low, ly * lx, cval, bias)
     w1, bias = _corner(y_low, x_high, ly * hx, cval, bias)
@@ -220,10 +228,9 @@ def corner_taps(ya, xa, W, cval):
 
 @njit(cache=True, inline="always")
 def _corner(yi, xi, w, cval, bias):
-    """(weight, bias) of one corner: an outside corner (index -1) moves its weight to bias (a
-    weight 0 adds nothing: 0 * cval is NaN for cval = +-inf, where scipy gives cval)."""
+    """(weight, bias) of one corner: an outside corner (index -1) moves its weight to bias."""
     if yi < 0 or xi < 0:
-        return 0.0, (bias + cval * w) if w != 0.0 else bias
+        return 0.0, bias + cval * w
     return w, bias
 
 
@@ -252,7 +259,7 @@ def corner_slopes(ya, xa, cval):
 
 @njit(cache=True, inline="always")
 def _corner_slope(yi, xi, dy, dx, cval, cy, cx):
-    if yi < 0 or xi < 0:  # a zero slope adds nothing, as in _corner
+    if yi < 0 or xi < 0:  # a zero slope adds nothing (not 0 * cval, NaN for an infinite cval)
         return (0.0, 0.0, (cy + cval * dy) if dy != 0.0 else cy,
                 (cx + cval * dx) if dx != 0.0 else cx)
     return dy, dx, cy, cx

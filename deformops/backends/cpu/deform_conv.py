@@ -440,7 +440,10 @@ def _take_blas_control():
 
     clear = getattr(OpenBLASController, "clear_controlling_thread", None)
     if clear is not None:
-        clear(force=True)
+        try:
+            clear(force=True)
+        except TypeError:  # a version without force=: only the controlling thread may clear
+            clear()
 
 
 _blas_lock = threading.Lock()

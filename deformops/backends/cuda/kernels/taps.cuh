@@ -52,9 +52,10 @@ __device__ __forceinline__ bool map_coordinate(double& c, double& sign, long lon
     sign = 1.0;
     const double nd = (double)n;
     if (mode == MODE_GRID_CONSTANT) {
-        // beyond one pixel outside every tap reads cval: clamp so the index stays small
-        if (c < -2.0) { c = -2.0; sign = 0.0; }
-        else if (c > nd + 1.0) { c = nd + 1.0; sign = 0.0; }
+        // beyond one pixel outside every tap reads cval: move the point into [-3, -2) or
+        // [n + 1, n + 2) so the index stays small, keeping its fraction (scipy's weights)
+        if (c < -2.0) { c = -3.0 + (c - floor(c)); sign = 0.0; }
+        else if (c > nd + 1.0) { c = nd + 1.0 + (c - floor(c)); sign = 0.0; }
         return true;
     }
     if (mode == MODE_NEAREST) {
@@ -174,6 +175,13 @@ __device__ __forceinline__ Corners corner_taps(const AxisTaps& ya, const AxisTap
     }
     long long y_low = ya.i_low, y_high = ya.i_high, x_low = xa.i_low, x_high = xa.i_high;
     const double ly = ya.l, hy = ya.h, lx = xa.l, hx = xa.h;
+    if ((y_low < 0 || x_low < 0) && y_low == y_high && x_low == x_high && hy == 0.0
+        && hx == 0.0) {
+        // one tap outside (order 0): cval itself, as scipy reads one pixel (the weight-0
+        // corners would add 0 * cval, NaN for an infinite cval)
+        t.bias = cval;
+        return t;
+    }
     const long long yi[4] = {y_low, y_low, y_high, y_high};
     const long long xi[4] = {x_low, x_high, x_low, x_high};
     const double w[4] = {ly * lx, ly * hx, hy * lx, hy * hx};
@@ -182,7 +190,7 @@ __device__ __forceinline__ Corners corner_taps(const AxisTaps& ya, const AxisTap
     for (int k = 0; k < 4; ++k) {
         if (yi[k] < 0 || xi[k] < 0) {  // an outside corner moves its weight to bias
             wk[k] = 0.0;
-            if (w[k] != 0.0) bias = bias + cval * w[k];  // not 0 * cval: NaN for cval = +-inf
+            bias = bias + cval * w[k];
         } else {
             wk[k] = w[k];
         }
@@ -222,7 +230,7 @@ __device__ __forceinline__ Slopes corner_slopes(const AxisTaps& ya, const AxisTa
     for (int k = 0; k < 4; ++k) {
         if (yi[k] < 0 || xi[k] < 0) {
             s.ay[k] = 0.0; s.ax[k] = 0.0;
-            if (dy[k] != 0.0) s.cy = s.cy + cval * dy[k];  // as in corner_taps
+            if (dy[k] != 0.0) s.cy = s.cy + cval * dy[k];  // not 0 * cval (NaN if infinite)
             if (dx[k] != 0.0) s.cx = s.cx + cval * dx[k];
         } else {
             s.ay[k] = dy[k]; s.ax[k] = dx[k];
