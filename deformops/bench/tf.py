@@ -395,7 +395,7 @@ def _bench_case(report, tf, keras, dops, dtf, shape, dtype, repeat, min_time, se
     blocks = {}
     for p in range(PASSES):
         for task in (tasks if p % 2 == 0 else tasks[::-1]):
-            time.sleep(0.3)
+            time.sleep(min(0.3, min_time))  # a smoke run (tiny --min-time) need not wait
             (m,) = _timing.measure_interleaved([task], dtype=dtype,
                                                repeat=max(1, repeat // PASSES),
                                                min_s=min_time / PASSES)
