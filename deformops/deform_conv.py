@@ -122,7 +122,7 @@ def check_shapes(x_shape, offset_shape, weight_shape, bias_shape, mask_shape, st
 
 
 def _given(shape, nhwc):
-    """An NCHW-indexed shape as the caller gave it."""
+    """An NCHW-indexed shape as the caller gave it (NHWC when ``nhwc``), a tuple."""
     shape = tuple(shape)
     return (shape[0], shape[2], shape[3], shape[1]) if nhwc else shape
 
@@ -169,7 +169,7 @@ def _prepare(x, offset, weight, bias, mask, stride, padding, dilation, layout, g
     G2K = 2 * G * K
     if grad_out is not None and grad_out.shape != (N, Cout, Ho, Wo):
         want = (N, Cout, Ho, Wo) if not nhwc else (N, Ho, Wo, Cout)
-        raise ValueError(f"grad_out must have the output's shape {want}; got {_shape(grad_out, nhwc)}")
+        raise ValueError(f"grad_out must have the output's shape {want}; got {_given(grad_out.shape, nhwc)}")
     c = _arrays.xp_of(x).ascontiguousarray
     if native:
         # the NCHW-indexed arrays checked above, back as NHWC views (the given arrays for NHWC)
@@ -187,17 +187,8 @@ def _prepare(x, offset, weight, bias, mask, stride, padding, dilation, layout, g
     )
 
 
-def _shape(a, nhwc):
-    return tuple(a.transpose(0, 2, 3, 1).shape) if nhwc else tuple(a.shape)
-
-
 def _to_layout(a, layout):
     return a.transpose(0, 2, 3, 1) if layout == "NHWC" else a
-
-
-def _nhwc_shape(shape):
-    N, C, H, W = shape
-    return (N, H, W, C)
 
 
 def deform_conv2d(x, offset, weight, bias=None, *, stride=1, padding=0, dilation=1, mask=None,
@@ -241,7 +232,7 @@ def deform_conv2d(x, offset, weight, bias=None, *, stride=1, padding=0, dilation
     a = _prepare(x, offset, weight, bias, mask, stride, padding, dilation, layout)
     native = a["native"]
     with _arrays.device_of(a["x"]):
-        shape = _nhwc_shape(a["out_shape"]) if native else a["out_shape"]
+        shape = _given(a["out_shape"], native)
         out = _arrays.empty(_arrays.xp_of(a["x"]), shape, a["x"].dtype)
         if out.size:
             a["backend"].deform_conv2d_forward(a["x"], a["offset"], a["weight"], a["bias"],

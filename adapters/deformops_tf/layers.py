@@ -11,7 +11,6 @@ Internally both work channels-last (TF's CPU convolutions support NHWC only);
 
 import math
 import numbers
-import operator
 
 import keras
 import numpy as np
@@ -24,20 +23,9 @@ __all__ = ["ConvOffset2D", "DeformConv2D"]
 
 
 def _pair(value, name):
-    """A positive int or a pair of them, as a tuple of two ints. A float, string or bool (also
-    inside the pair) is a ``TypeError``, never truncated, as in the ops."""
-    if isinstance(value, np.ndarray):  # a NumPy pair, or a 0-d int
-        value = value.tolist()
-    pair = (value, value) if not isinstance(value, (tuple, list)) else tuple(value)
-    try:
-        if any(isinstance(v, bool) for v in pair):
-            raise TypeError
-        pair = tuple(operator.index(v) for v in pair)
-    except TypeError:
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
-    if len(pair) != 2 or min(pair) < 1:
-        raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}")
-    return pair
+    """A positive int or a pair of them (also as a NumPy array), as the ops check theirs: a
+    float, string or bool is a ``TypeError``, never truncated."""
+    return ops._pair(value.tolist() if isinstance(value, np.ndarray) else value, name, 1)
 
 
 def _positive_number(value, name, zero_ok=False):
