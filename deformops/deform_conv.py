@@ -61,11 +61,12 @@ def _pair(value, name, minimum):
 
 
 def check_shapes(x_shape, offset_shape, weight_shape, bias_shape, mask_shape, stride, padding,
-                 dilation, nhwc=False):
+                 dilation, nhwc=False, x_name="x"):
     """Check the shapes of a ``deform_conv2d`` call, given as (N, Cin, H, W), (N, 2*G*K, Ho, Wo),
     (Cout, Cin/groups, kh, kw), (Cout,) and (N, G*K, Ho, Wo) whatever the layout (``nhwc`` only
     words the messages; bias and mask None when absent), and stride, padding and dilation (ints
-    or pairs): a ``ValueError`` naming the argument. Returns (N, Cout, Ho, Wo, G, K).
+    or pairs): a ``ValueError`` naming the argument (the input as ``x_name``, e.g. torch's
+    ``input``). Returns (N, Cout, Ho, Wo, G, K).
 
     Shapes only, so that frameworks can check symbolic shapes before any data exists (torch's
     fake kernels); the functions below call it too."""
@@ -74,7 +75,8 @@ def check_shapes(x_shape, offset_shape, weight_shape, bias_shape, mask_shape, st
     x_doc = "(N, H, W, Cin)" if nhwc else "(N, Cin, H, W)"
     o_doc = "(N, Ho, Wo, 2*G*K)" if nhwc else "(N, 2*G*K, Ho, Wo)"
     m_doc = "(N, Ho, Wo, G*K)" if nhwc else "(N, G*K, Ho, Wo)"
-    for shape, name, ndim, doc in ((x_shape, "x", 4, x_doc), (offset_shape, "offset", 4, o_doc),
+    for shape, name, ndim, doc in ((x_shape, x_name, 4, x_doc),
+                                   (offset_shape, "offset", 4, o_doc),
                                    (weight_shape, "weight", 4, "(Cout, Cin/groups, kh, kw)"),
                                    (mask_shape, "mask", 4, m_doc),
                                    (bias_shape, "bias", 1, "(Cout,)")):
@@ -87,9 +89,11 @@ def check_shapes(x_shape, offset_shape, weight_shape, bias_shape, mask_shape, st
         raise ValueError("weight must have non-empty (Cin/groups, kh, kw); got shape "
                          f"{tuple(weight_shape)}")
     if (H == 0 or W == 0) and N * Cin:
-        raise ValueError(f"x has an empty spatial size {(H, W)}: there is nothing to sample")
+        raise ValueError(f"{x_name} has an empty spatial size {(H, W)}: there is nothing to "
+                         "sample")
     if Cin % cpg_w:
-        raise ValueError(f"x has {Cin} channels, not a multiple of weight.shape[1] = {cpg_w}")
+        raise ValueError(f"{x_name} has {Cin} channels, not a multiple of weight.shape[1] = "
+                         f"{cpg_w}")
     groups = Cin // cpg_w
     if groups == 0 or Cout % groups:
         raise ValueError(f"weight has {Cout} output channels, not divisible by groups = {groups} "

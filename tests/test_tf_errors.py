@@ -90,6 +90,31 @@ def test_errors_are_raised_when_a_tf_function_is_traced():
         f.get_concrete_function()
 
 
+def test_errors_of_shapes_unknown_when_traced_name_the_ops_arguments():
+    """Shapes only known when the graph runs: the error (TF wraps it) names this op's
+    arguments, as at trace time (filters, not the core's weight)."""
+    @tf.function(input_signature=[tf.TensorSpec((None, None, None, None), tf.float32)] * 3)
+    def f(x, off, fil):
+        return dtf.deform_conv2d(x, off, fil, padding=1)
+
+    x = tf.zeros((2, 5, 6, 6))
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"x has 6 channels, not a multiple of filters.shape\[2\] = 4"):
+        f(x, tf.zeros((2, 5, 6, 18)), tf.zeros((3, 3, 4, 2)))
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"offset must have the output's spatial size \(Ho, Wo\)"):
+        f(x, tf.zeros((2, 4, 6, 18)), tf.zeros((3, 3, 3, 2)))
+
+    @tf.function(input_signature=[tf.TensorSpec((None, None, None, None), tf.float32)] * 3)
+    def grads(x, off, fil):
+        with tf.GradientTape() as tape:
+            tape.watch(fil)
+            y = dtf.deform_conv2d(x, off, fil, padding=1)
+        return tape.gradient(y, fil)
+
+    assert grads(x, tf.zeros((2, 5, 6, 18)), tf.zeros((3, 3, 3, 2))).shape == (3, 3, 3, 2)
+
+
 def test_order_above_one_is_not_implemented():
     with pytest.raises(NotImplementedError, match="order"):
         dtf.sample(X, OFF[..., :2], order=3)

@@ -901,6 +901,16 @@ BAD_SHAPES = {
     "deform_conv2d bias": (
         lambda t: dt.deform_conv2d(t(2, 4, 5, 5), t(2, 18, 3, 3), t(3, 4, 3, 3), t(4)),
         r"bias"),
+    # torch's name for the input, not the core's x
+    "deform_conv2d input 3-D": (
+        lambda t: dt.deform_conv2d(t(4, 5, 5), t(2, 18, 3, 3), t(3, 4, 3, 3)),
+        r"^input must be 4-D \(N, Cin, H, W\)"),
+    "deform_conv2d input channels": (
+        lambda t: dt.deform_conv2d(t(2, 6, 5, 5), t(2, 18, 3, 3), t(3, 4, 3, 3)),
+        r"^input has 6 channels, not a multiple of weight.shape\[1\] = 4"),
+    "deform_conv2d input empty": (
+        lambda t: dt.deform_conv2d(t(2, 4, 0, 5), t(2, 18, 1, 3), t(3, 4, 3, 3), padding=2),
+        r"^input has an empty spatial size"),
 }
 
 
@@ -908,7 +918,8 @@ BAD_SHAPES = {
 def test_fake_kernels_check_shapes_as_the_core(name):
     """The fake kernels (meta tensors, FakeTensorMode, torch.compile) raise the core's
     ValueError for shapes it refuses, instead of returning a tensor of some shape (they
-    checked nothing) [oracle: the same call on CPU tensors of these shapes, eagerly]."""
+    checked nothing) [oracle: the same call on CPU tensors of these shapes, eagerly]. Both
+    name the input ``input``, torch's name for it, not the core's ``x``."""
     call, message = BAD_SHAPES[name]
     with pytest.raises(ValueError, match=message):
         call(lambda *shape: torch.zeros(*shape, dtype=F64))

@@ -349,21 +349,37 @@ def deform_conv2d(x, offset, filters, bias=None, *, strides=1, padding=0, dilati
         kw = dict(stride=stride, padding=pad, dilation=dil, layout=layout)
         has_bias, has_mask = bias is not None, mask is not None
 
+        def reraise_shapes(*arrays):
+            """In a ValueError's handler inside a graph node (shapes unknown when traced): the
+            shape error in this op's words (filters, strides, ...), not the core's."""
+            try:
+                _conv_shapes(*(None if a is None else _Shaped(a.shape) for a in arrays),
+                             stride, pad, dil, nhwc)
+            except ValueError as named:
+                raise named from None
+
         def forward(x_, off_, f_, *rest):
             b_ = rest[0] if has_bias else None
             m_ = rest[-1] if has_mask else None
-            out = _core(dops.deform_conv2d, to_core(x_), to_core(off_),
-                        to_core(f_, (3, 2, 0, 1)), to_core(b_), mask=to_core(m_), **kw)
-            return out
+            try:
+                return _core(dops.deform_conv2d, to_core(x_), to_core(off_),
+                             to_core(f_, (3, 2, 0, 1)), to_core(b_), mask=to_core(m_), **kw)
+            except ValueError:
+                reraise_shapes(x_, off_, f_, b_, m_)
+                raise
 
         def backward(needed, dy, x_, off_, f_, *rest):
             need = dict(zip(names, needed))
             m_ = rest[-1] if has_mask else None
-            g = _core(dops.deform_conv2d_backward, to_core(dy), to_core(x_), to_core(off_),
-                      to_core(f_, (3, 2, 0, 1)), mask=to_core(m_),
-                      needs_input_grad=(need["x"], need["offset"], need["filters"],
-                                        need.get("mask", False), need.get("bias", False)),
-                      **kw)
+            try:
+                g = _core(dops.deform_conv2d_backward, to_core(dy), to_core(x_), to_core(off_),
+                          to_core(f_, (3, 2, 0, 1)), mask=to_core(m_),
+                          needs_input_grad=(need["x"], need["offset"], need["filters"],
+                                            need.get("mask", False), need.get("bias", False)),
+                          **kw)
+            except ValueError:
+                reraise_shapes(x_, off_, f_, None, m_)
+                raise
             grads = {"x": g.grad_input, "offset": g.grad_offset, "bias": g.grad_bias,
                      "mask": g.grad_mask,
                      "filters": None if g.grad_weight is None
@@ -374,6 +390,13 @@ def deform_conv2d(x, offset, filters, bias=None, *, strides=1, padding=0, dilati
                                      ("bias", bias), ("mask", mask)) if t is not None]
         names = [n for n, _ in named]
         return _differentiable(forward, backward, [t for _, t in named], dtype, out_shape)
+
+
+class _Shaped:
+    """A concrete shape where :func:`_conv_shapes` expects a tensor (it reads ``.shape``)."""
+
+    def __init__(self, shape):
+        self.shape = tf.TensorShape(shape)
 
 
 def _conv_shapes(x, offset, filters, bias, mask, stride, pad, dil, nhwc):
