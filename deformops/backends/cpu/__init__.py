@@ -38,12 +38,6 @@ def _drop_stale_numba_cache():
 
 _drop_stale_numba_cache()
 
-# Numba's OpenMP workers spin about 0.3 ms after each parallel loop (libgomp's default), which
-# steals a core from the BLAS threads that deform_conv2d runs between its loops. A shorter spin
-# is set as a default before Numba starts its thread pool; a value the user set wins, and it has
-# no effect when libgomp is already running in this process.
-os.environ.setdefault("GOMP_SPINCOUNT", "10000")
-
 from .deform_conv import deform_conv2d_backward, deform_conv2d_forward  # noqa: E402
 from .sampling import sample_backward, sample_forward  # noqa: E402
 
