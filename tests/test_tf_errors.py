@@ -114,6 +114,13 @@ def test_errors_of_shapes_unknown_when_traced_name_the_ops_arguments():
 
     assert grads(x, tf.zeros((2, 5, 6, 18)), tf.zeros((3, 3, 3, 2))).shape == (3, 3, 3, 2)
 
+    @tf.function(input_signature=[tf.TensorSpec(None, tf.float32)] * 3)  # unknown ranks
+    def g(x, off, fil):
+        return dtf.deform_conv2d(x, off, fil, padding=1)
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"filters must be 4-D"):
+        g(x, tf.zeros((2, 5, 6, 18)), tf.zeros((3, 3, 6)))
+
 
 def test_order_above_one_is_not_implemented():
     with pytest.raises(NotImplementedError, match="order"):

@@ -352,6 +352,11 @@ def deform_conv2d(x, offset, filters, bias=None, *, strides=1, padding=0, dilati
         def reraise_shapes(*arrays):
             """In a ValueError's handler inside a graph node (shapes unknown when traced): the
             shape error in this op's words (filters, strides, ...), not the core's."""
+            for a, name, rank in zip(arrays, ("x", "offset", "filters", "bias", "mask"),
+                                     (4, 4, 4, 1, 4)):
+                if a is not None and len(a.shape) != rank:
+                    raise ValueError(f"{name} must be {rank}-D; got shape {tuple(a.shape)}"
+                                     ) from None
             try:
                 _conv_shapes(*(None if a is None else _Shaped(a.shape) for a in arrays),
                              stride, pad, dil, nhwc)
