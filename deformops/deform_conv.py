@@ -132,19 +132,20 @@ def _given(shape, nhwc):
 
 
 def _prepare(x, offset, weight, bias, mask, stride, padding, dilation, layout, grad_out=None,
-             backward=False):
+             backward=False, x_name="x"):
     """Validate and convert to contiguous arrays for the backend: NCHW, or NHWC as given
-    (``native``) for a backend whose kernels read NHWC (offset and mask then (N, Ho*Wo, .))."""
+    (``native``) for a backend whose kernels read NHWC (offset and mask then (N, Ho*Wo, .)).
+    Messages name the input ``x_name`` (an adapter's name for it, such as torch's ``input``)."""
     layout = _arrays.check_layout(layout)
     arrays, device = _arrays.as_arrays(
         optional=("bias", "mask") + (() if backward else ("grad_out",)),
-        x=x, offset=offset, weight=weight, bias=bias, mask=mask, grad_out=grad_out,
+        **{x_name: x}, offset=offset, weight=weight, bias=bias, mask=mask, grad_out=grad_out,
     )
-    x, offset, weight = arrays["x"], arrays["offset"], arrays["weight"]
+    x, offset, weight = arrays[x_name], arrays["offset"], arrays["weight"]
     bias, mask, grad_out = arrays["bias"], arrays["mask"], arrays["grad_out"]
     backend = _arrays.backend(device)
     nhwc = layout == "NHWC"
-    _arrays.check_ndim(x, "x", 4, "(N, H, W, Cin)" if nhwc else "(N, Cin, H, W)")
+    _arrays.check_ndim(x, x_name, 4, "(N, H, W, Cin)" if nhwc else "(N, Cin, H, W)")
     _arrays.check_ndim(offset, "offset", 4, "(N, Ho, Wo, 2*G*K)" if nhwc else "(N, 2*G*K, Ho, Wo)")
     _arrays.check_ndim(weight, "weight", 4, "(Cout, Cin/groups, kh, kw)")
     if mask is not None:
@@ -154,8 +155,8 @@ def _prepare(x, offset, weight, bias, mask, stride, padding, dilation, layout, g
     if backward:
         _arrays.check_ndim(grad_out, "grad_out", 4,
                            "(N, Ho, Wo, Cout)" if nhwc else "(N, Cout, Ho, Wo)")
-    _arrays.check_dtypes({"x": x, "offset": offset, "weight": weight, "bias": bias, "mask": mask,
-                          "grad_out": grad_out}, device=device)
+    _arrays.check_dtypes({x_name: x, "offset": offset, "weight": weight, "bias": bias,
+                          "mask": mask, "grad_out": grad_out}, device=device)
     stride = _pair(stride, "stride", 1)
     padding = _pair(padding, "padding", 0)
     dilation = _pair(dilation, "dilation", 1)
@@ -169,7 +170,7 @@ def _prepare(x, offset, weight, bias, mask, stride, padding, dilation, layout, g
         grad_out = None if grad_out is None else grad_out.transpose(0, 3, 1, 2)
     N, Cout, Ho, Wo, G, K = check_shapes(
         x.shape, offset.shape, weight.shape, None if bias is None else bias.shape,
-        None if mask is None else mask.shape, stride, padding, dilation, nhwc)
+        None if mask is None else mask.shape, stride, padding, dilation, nhwc, x_name)
     G2K = 2 * G * K
     if grad_out is not None and grad_out.shape != (N, Cout, Ho, Wo):
         want = (N, Cout, Ho, Wo) if not nhwc else (N, Ho, Wo, Cout)
@@ -233,7 +234,13 @@ def deform_conv2d(x, offset, weight, bias=None, *, stride=1, padding=0, dilation
     (the result is then an NCHW view of channels-last memory too); the CUDA backend converts
     NHWC to NCHW once per call.
     """
-    a = _prepare(x, offset, weight, bias, mask, stride, padding, dilation, layout)
+    return _forward(x, offset, weight, bias, stride, padding, dilation, mask, layout)
+
+
+def _forward(x, offset, weight, bias, stride, padding, dilation, mask, layout, x_name="x"):
+    """:func:`deform_conv2d`, its messages naming the input ``x_name`` (for the adapters)."""
+    a = _prepare(x, offset, weight, bias, mask, stride, padding, dilation, layout,
+                 x_name=x_name)
     native = a["native"]
     with _arrays.device_of(a["x"]):
         shape = _given(a["out_shape"], native)
@@ -271,9 +278,16 @@ def deform_conv2d_backward(grad_out, x, offset, weight, *, stride=1, padding=0, 
         of each sample's cell from its four corners (right-hand at integer positions, also at
         -1: torchvision's convention), times the mask.
     """
+    return _backward(grad_out, x, offset, weight, stride, padding, dilation, mask, layout,
+                     needs_input_grad)
+
+
+def _backward(grad_out, x, offset, weight, stride, padding, dilation, mask, layout,
+              needs_input_grad, x_name="x"):
+    """:func:`deform_conv2d_backward`, its messages naming the input ``x_name``."""
     need = _arrays.check_needs(needs_input_grad, 5)
     a = _prepare(x, offset, weight, None, mask, stride, padding, dilation, layout,
-                 grad_out=grad_out, backward=True)
+                 grad_out=grad_out, backward=True, x_name=x_name)
     xk, off, wk, mk, go = a["x"], a["offset"], a["weight"], a["mask"], a["grad_out"]
     native = a["native"]
     with _arrays.device_of(xk):

@@ -118,8 +118,24 @@ def test_errors_of_shapes_unknown_when_traced_name_the_ops_arguments():
     def g(x, off, fil):
         return dtf.deform_conv2d(x, off, fil, padding=1)
 
-    with pytest.raises(tf.errors.InvalidArgumentError, match=r"filters must be 4-D"):
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"filters must be 4-D \[kh, kw, Cin/groups, Cout\]"):
         g(x, tf.zeros((2, 5, 6, 18)), tf.zeros((3, 3, 6)))
+
+
+def test_zero_input_channels_are_a_value_error():
+    """Cin = 0 makes groups 0: a ValueError naming the numbers (it was a ZeroDivisionError in
+    the op's own check), eagerly and in a graph node with shapes unknown when traced."""
+    args = (tf.zeros((2, 5, 6, 0)), tf.zeros((2, 5, 6, 18)), tf.zeros((3, 3, 1, 2)))
+    with pytest.raises(ValueError, match=r"not divisible by groups = 0"):
+        dtf.deform_conv2d(*args, padding=1)
+
+    @tf.function(input_signature=[tf.TensorSpec((None, None, None, None), tf.float32)] * 3)
+    def f(x, off, fil):
+        return dtf.deform_conv2d(x, off, fil, padding=1)
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"not divisible by groups = 0"):
+        f(*args)
 
 
 def test_order_above_one_is_not_implemented():

@@ -591,8 +591,18 @@ def test_errors_with_grad():
     x.requires_grad_()
     with pytest.raises(ValueError, match="offset"):
         dt.deform_conv2d(x, off[:, :10], w, padding=1)
-    with pytest.raises(TypeError, match="dtype"):
+    with pytest.raises(TypeError, match="offset has dtype float32 but input has dtype float64"):
         dt.deform_conv2d(x, off.float(), w, padding=1)
+
+
+def test_backward_operator_names_the_input_as_torch():
+    """The backward operator, called directly, checks shapes with torch's name for the input
+    (``input``, not the core's ``x``) [oracle: the core's rule, DESIGN §5]."""
+    z = torch.zeros
+    with pytest.raises(ValueError, match=r"^input has 6 channels, not a multiple"):
+        torch.ops.deformops.deform_conv2d_backward(
+            z(2, 3, 3, 3, dtype=F64), z(2, 6, 5, 5, dtype=F64), z(2, 18, 3, 3, dtype=F64),
+            z(3, 4, 3, 3, dtype=F64), None, [1, 1], [0, 0], [1, 1], [True] * 5)
 
 
 # ====================================================================== the two paths

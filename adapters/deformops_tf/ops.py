@@ -352,11 +352,12 @@ def deform_conv2d(x, offset, filters, bias=None, *, strides=1, padding=0, dilati
         def reraise_shapes(*arrays):
             """In a ValueError's handler inside a graph node (shapes unknown when traced): the
             shape error in this op's words (filters, strides, ...), not the core's."""
-            for a, name, rank in zip(arrays, ("x", "offset", "filters", "bias", "mask"),
-                                     (4, 4, 4, 1, 4)):
+            for a, name, rank, doc in zip(
+                    arrays, ("x", "offset", "filters", "bias", "mask"), (4, 4, 4, 1, 4),
+                    (xd, od, "[kh, kw, Cin/groups, Cout]", "(Cout,)", md)):
                 if a is not None and len(a.shape) != rank:
-                    raise ValueError(f"{name} must be {rank}-D; got shape {tuple(a.shape)}"
-                                     ) from None
+                    raise ValueError(f"{name} must be {rank}-D {doc}; got shape "
+                                     f"{tuple(a.shape)}") from None
             try:
                 _conv_shapes(*(None if a is None else _Shaped(a.shape) for a in arrays),
                              stride, pad, dil, nhwc)
@@ -416,7 +417,7 @@ def _conv_shapes(x, offset, filters, bias, mask, stride, pad, dil, nhwc):
             raise ValueError(f"x has {Cin} channels, not a multiple of filters.shape[2] = {cpg} "
                              "(Cin/groups)")
         groups = Cin // cpg
-        if _known(Cout) and Cout % groups:
+        if groups == 0 or (_known(Cout) and Cout % groups):
             raise ValueError(f"filters has {Cout} output channels, not divisible by groups = "
                              f"{groups} (= Cin {Cin} // filters.shape[2] {cpg})")
     if bias is not None and _known(Cout) and bias.shape[0] is not None and bias.shape[0] != Cout:

@@ -157,41 +157,23 @@ def _deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional
 
 
 def _conv_forward_kernel(input, offset, weight, bias, mask, stride, padding, dilation):
-    try:
-        with on_stream(input):
-            out = deformops.deform_conv2d(
-                to_array(input, "input"), to_array(offset, "offset"),
-                to_array(weight, "weight"), to_array(bias, "bias"), stride=stride,
-                padding=padding, dilation=dilation, mask=to_array(mask, "mask"))
-    except ValueError:
-        _reraise_shapes(input, offset, weight, bias, mask, stride, padding, dilation)
-        raise
+    with on_stream(input):
+        out = deformops.deform_conv._forward(  # the core's, naming the input as torch does
+            to_array(input, "input"), to_array(offset, "offset"), to_array(weight, "weight"),
+            to_array(bias, "bias"), stride, padding, dilation, to_array(mask, "mask"), "NCHW",
+            x_name="input")
     return to_tensor(out)
-
-
-def _reraise_shapes(*conv_args):
-    """In a ValueError's handler: the shape error, if the call has one, in torch's words (the
-    core names the input ``x``), instead of the core's; returns if the shapes are fine."""
-    try:
-        _conv_shapes(*conv_args)
-    except ValueError as named:
-        raise named from None
 
 
 def _conv_backward_kernel(grad_out, input, offset, weight, mask, stride, padding, dilation,
                           needs_input_grad):
     """(grad_input, grad_offset, grad_weight, grad_mask, grad_bias) as tensors, None where
     not needed."""
-    try:
-        with on_stream(input):
-            grads = deformops.deform_conv2d_backward(
-                to_array(grad_out, "grad_out"), to_array(input, "input"),
-                to_array(offset, "offset"), to_array(weight, "weight"), stride=stride,
-                padding=padding, dilation=dilation, mask=to_array(mask, "mask"),
-                needs_input_grad=needs_input_grad)
-    except ValueError:
-        _reraise_shapes(input, offset, weight, None, mask, stride, padding, dilation)
-        raise
+    with on_stream(input):
+        grads = deformops.deform_conv._backward(
+            to_array(grad_out, "grad_out"), to_array(input, "input"), to_array(offset, "offset"),
+            to_array(weight, "weight"), stride, padding, dilation, to_array(mask, "mask"),
+            "NCHW", needs_input_grad, x_name="input")
     return tuple(None if g is None else to_tensor(g) for g in grads)
 
 
