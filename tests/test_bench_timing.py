@@ -60,12 +60,12 @@ def test_core_timer_counts_inside_time_and_restores_functions():
     def failing(*args, **kwargs):
         raise RuntimeError("boom")
 
-    core = types.SimpleNamespace(deform_conv2d=slow, deform_conv2d_backward=failing)
+    core = types.SimpleNamespace(_forward=slow, _backward=failing)
     with pytest.raises(RuntimeError, match="boom"), _CoreTimer(core) as timer:
-        assert core.deform_conv2d(1, k=2) == ((1,), {"k": 2})
+        assert core._forward(1, k=2) == ((1,), {"k": 2})
         assert timer.inside_ms >= 20.0
-        core.deform_conv2d_backward()
-    assert core.deform_conv2d is slow and core.deform_conv2d_backward is failing
+        core._backward()
+    assert core._forward is slow and core._backward is failing
 
 
 def test_measure_interleaved_alternates_the_order():
