@@ -331,7 +331,7 @@ class _CoreTimer:
     NAMES = ("_forward", "_backward")
 
     def __init__(self, module):
-        self.dops, self.inside_ms, self.calls, self._saved = module, 0.0, 0, {}
+        self.module, self.inside_ms, self.calls, self._saved = module, 0.0, 0, {}
 
     def _wrap(self, fn):
         def timed(*args, **kwargs):
@@ -345,13 +345,13 @@ class _CoreTimer:
 
     def __enter__(self):
         for name in self.NAMES:
-            self._saved[name] = getattr(self.dops, name)
-            setattr(self.dops, name, self._wrap(self._saved[name]))
+            self._saved[name] = getattr(self.module, name)
+            setattr(self.module, name, self._wrap(self._saved[name]))
         return self
 
     def __exit__(self, *exc):
         for name, fn in self._saved.items():
-            setattr(self.dops, name, fn)
+            setattr(self.module, name, fn)
 
 
 def _outside_core_percent(dops, with_torch, repeat):
