@@ -367,6 +367,49 @@ def test_calls_from_tf_threads_through_the_worker_thread(monkeypatch):
         g(tf.constant(x), tf.constant(offset[:, :3, :, :8]))
 
 
+@pytest.mark.parametrize("op", ["deform_conv2d", "deform_sample", "sample"])
+def test_graph_nodes_run_plain_python_not_autograph(monkeypatch, op):
+    """Inside tf.function (autograph on, as in Keras' train step) the graph nodes' bodies run
+    the ops' own Python code: no frame of an AutoGraph-converted function is on the stack when
+    a node calls the core (converted closures pay AutoGraph's dispatch at every step)."""
+    import sys
+
+    from deformops_tf import ops
+
+    stacks = []
+
+    def spy(fn, *args, _real=ops._core, **kwargs):
+        frame, files = sys._getframe(1), []
+        while frame is not None:
+            files.append(frame.f_code.co_filename)
+            frame = frame.f_back
+        stacks.append(files)
+        return _real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(ops, "_core", spy)
+    rng = np.random.default_rng(3)
+    x, offset, filters, bias, mask = _conv_data(rng, 1, 2, 2, 5, 4, (3, 3), (1, 1), (1, 1),
+                                                (1, 1), 1, 1, True, True)
+    coords = rng.uniform(-1, 5, (1, 5, 4, 2))
+    call = {"deform_conv2d": lambda a: dtf.deform_conv2d(a, offset, filters, bias, padding=1,
+                                                         mask=mask),
+            "deform_sample": lambda a: dtf.deform_sample(a, _frac_offsets(rng, (1, 5, 4, 2))),
+            "sample": lambda a: dtf.sample(a, coords)}[op]
+
+    @tf.function(autograph=True)
+    def f(a):
+        with tf.GradientTape() as tape:
+            tape.watch(a)
+            out = call(a)
+        return tape.gradient(out, a)
+
+    stacks.clear()
+    f(tf.constant(x))
+    assert len(stacks) == 2  # the forward node and the backward node
+    converted = [p for files in stacks for p in files if "__autograph_generated" in p]
+    assert not converted, converted
+
+
 # ------------------------------------------------------------------------------------------------
 # only the gradients the caller needs
 

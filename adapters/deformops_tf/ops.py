@@ -58,6 +58,14 @@ _WORKER = []  # the one thread that runs the kernels for calls from TF's threads
 _HANDOVER_ELEMENTS = 1 << 17  # input elements from which such calls go to _WORKER
 
 
+# AutoGraph converts the Python functions that a tf.function calls, closures included, and the
+# converted closures are what the graph nodes run: every call and conditional expression in
+# them then went through AutoGraph's dispatch at each step (about 0.5 ms per forward + backward
+# of deform_conv2d in a tf.function, N=8, 64 channels, 28x28; Keras calls layers unconverted).
+# The ops need no conversion: their Python control flow depends on static arguments only.
+_not_converted = tf.autograph.experimental.do_not_convert
+
+
 def _reset_worker():
     _WORKER.clear()
 
@@ -70,10 +78,14 @@ def _core(fn, *args, **kwargs):
 
     Large calls from threads other than the main thread (graph-node bodies inside
     ``tf.function``, which TF runs on whichever inter-op thread is free) go to one dedicated
-    thread: the CPU backend keeps its workspace per calling thread, and calls hopping between
-    TF's threads measured 15-40% slower than calls from one thread (N=8, 64 channels, 28x28).
-    Small calls stay where they are: there the hand-over to the worker (about 0.1-0.2 ms per
-    call on a busy 2-core machine) costs more than it saves.
+    thread. On TF's own threads the kernels' buffers come from the malloc arenas TF's ops
+    allocate from, where glibc's adaptive thresholds hand memory back to the OS and take it
+    again: a DeformConv2D training step run there page-faulted about 1200 times (3-5 times
+    through the worker) and its backward took 20-25 ms instead of 15-17 (N=8, 64 channels,
+    28x28; with glibc's thresholds fixed by ``mallopt``, as ``keep_freed_memory`` in
+    ``examples/scaled_mnist.py`` does, the faults go away too). The kernels' workspace is also
+    kept per calling thread. Small calls stay where they are: there the hand-over (two thread
+    wake-ups, about 0.15 ms per call in median on a 2-core VM) costs more than it saves.
     """
     if (threading.current_thread() is threading.main_thread()
             or sum(getattr(a, "size", 0) for a in args) < _HANDOVER_ELEMENTS):
@@ -296,6 +308,7 @@ def _no_gradient_of_gradient(op, *grads):
 # deform_conv2d
 
 
+@_not_converted
 def deform_conv2d(x, offset, filters, bias=None, *, strides=1, padding=0, dilations=1, mask=None,
                   data_format="NHWC", name=None):
     """Deformable convolution: DCNv1 (``mask=None``) and DCNv2 (``mask`` given).
@@ -504,6 +517,7 @@ def _sampling(x, coords, order, mode, cval, data_format, name, coords_name, rela
         return _differentiable(forward, backward, [x, coords], dtype, out_shape)
 
 
+@_not_converted
 def sample(x, coords, *, order=1, mode="grid-constant", cval=0.0, data_format="NHWC", name=None):
     """Sample every channel of ``x`` at absolute pixel coordinates (differentiable).
 
@@ -535,6 +549,7 @@ def sample(x, coords, *, order=1, mode="grid-constant", cval=0.0, data_format="N
                      relative=False)
 
 
+@_not_converted
 def deform_sample(x, offset, *, order=1, mode="grid-constant", cval=0.0, data_format="NHWC",
                   name=None):
     """Sample every channel of ``x`` at offsets from its own pixel grid (differentiable).
