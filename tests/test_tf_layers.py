@@ -191,6 +191,43 @@ def test_built_layers_reject_another_channel_count(make, data_format):
         layer(keras.Input(other[1:]))
 
 
+EMPTY_BATCH_LAYERS = {
+    "DeformConv2D same": lambda f: dtf.DeformConv2D(4, 3, padding="same", data_format=f),
+    "DeformConv2D valid, strides 2": lambda f: dtf.DeformConv2D(4, 3, strides=2, data_format=f),
+    "DeformConv2D same, strides 2, mask": lambda f: dtf.DeformConv2D(
+        4, (3, 2), strides=2, padding="same", use_mask=True, data_format=f),
+    "DeformConv2D valid, dilation 2, groups": lambda f: dtf.DeformConv2D(
+        6, 3, dilation_rate=2, groups=3, offset_groups=3, data_format=f),
+    "ConvOffset2D": lambda f: dtf.ConvOffset2D(data_format=f),
+}
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+@pytest.mark.parametrize("name", list(EMPTY_BATCH_LAYERS))
+def test_layers_take_an_empty_batch(name, data_format):
+    """N = 0: the output has the layer's output shape with 0 images and every weight a zero
+    gradient, eagerly and inside tf.function with unknown sizes [oracles: compute_output_shape,
+    and the same layer's output on one image]. (TF 2.21's conv2d returns its input's shape for
+    an empty batch, which the offset predictors must not pass on.)"""
+    last = data_format == "channels_last"
+    shape = (7, 6, 3) if last else (3, 7, 6)
+    layer = EMPTY_BATCH_LAYERS[name](data_format)
+    one = layer(_x((1, *shape), dtype="float32"))
+    empty = tf.zeros((0, *shape))
+    with tf.GradientTape() as tape:
+        out = layer(empty)
+        loss = tf.reduce_sum(out)
+    assert tuple(out.shape) == (0, *one.shape[1:]) == tuple(layer.compute_output_shape(
+        (0, *shape)))
+    grads = tape.gradient(loss, layer.trainable_weights)
+    for g, w in zip(grads, layer.trainable_weights):
+        np.testing.assert_array_equal(tf.convert_to_tensor(g).numpy(), np.zeros(w.shape))
+    unknown = (None, None, None, 3) if last else (None, 3, None, None)
+    f = tf.function(layer.__call__, input_signature=[tf.TensorSpec(unknown)])
+    assert tuple(f(empty).shape) == tuple(out.shape)
+    np.testing.assert_array_equal(f(_x((1, *shape), dtype="float32")).numpy(), one.numpy())
+
+
 def test_valid_padding_on_an_input_smaller_than_the_kernel_is_a_value_error():
     """'valid' padding, 3x3 input, 5x5 kernel (or 3x3 dilated by 2): ValueError naming the size,
     as keras' Conv2D, at model-building time and when called [oracle: keras Conv2D]."""

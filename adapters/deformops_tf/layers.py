@@ -85,6 +85,13 @@ def _same_padding(size, k, s, d):
     return total // 2, total - total // 2
 
 
+def _with_shape(pred, sizes, channels):
+    """``pred``, a ``tf.nn.conv2d`` result, reshaped to (N, Ho, Wo, channels): TF 2.21's conv2d
+    returns its input's shape for an empty batch (N = 0), which later ops refuse. ``sizes``
+    (Ho, Wo) as ints or scalar tensors. Otherwise the reshape changes nothing and copies nothing."""
+    return tf.reshape(pred, [-1, sizes[0], sizes[1], channels])
+
+
 @keras.saving.register_keras_serializable(package="deformops")
 class ConvOffset2D(keras.layers.Layer):
     """The deformable layer of the original Keras project (felixlaumon/deform-conv), done right.
@@ -168,6 +175,8 @@ class ConvOffset2D(keras.layers.Layer):
         x = tf.cast(inputs, _kernel_dtype(inputs))
         x = x if self.data_format == "channels_last" else tf.transpose(x, (0, 2, 3, 1))
         offset = tf.nn.conv2d(x, tf.cast(self.kernel, x.dtype), 1, "SAME")
+        sizes = [tf.shape(x)[1 + a] if x.shape[1 + a] is None else x.shape[1 + a] for a in (0, 1)]
+        offset = _with_shape(offset, sizes, 2 * x.shape[-1])
         out = ops.deform_sample(x, offset, order=self.order, mode=self.mode, cval=self.cval)
         out = out if self.data_format == "channels_last" else tf.transpose(out, (0, 3, 1, 2))
         return tf.cast(out, inputs.dtype)
@@ -328,6 +337,7 @@ class DeformConv2D(keras.layers.Layer):
         dt = x.dtype
         pred = tf.nn.conv2d(x, tf.cast(self.offset_kernel, dt), self.strides,
                             self.padding.upper(), dilations=self.dilation_rate)
+        pred = _with_shape(pred, self._output_sizes(x), self.offset_kernel.shape[-1])
         pred = tf.nn.bias_add(pred, tf.cast(self.offset_bias, dt))
         offset, mask = pred, None
         if self.use_mask:
@@ -349,6 +359,19 @@ class DeformConv2D(keras.layers.Layer):
             out = self.activation(out)
         out = out if self.data_format == "channels_last" else tf.transpose(out, (0, 3, 1, 2))
         return tf.cast(out, inputs.dtype)
+
+    def _output_sizes(self, x):
+        """(Ho, Wo) of the channels-last ``x``: ints where its sizes are static, else tensors."""
+        sizes = []
+        for a in (0, 1):
+            size = x.shape[1 + a]
+            size = tf.shape(x)[1 + a] if size is None else size
+            k, s, d = self.kernel_size[a], self.strides[a], self.dilation_rate[a]
+            if self.padding == "same":
+                sizes.append((size + s - 1) // s)
+            else:
+                sizes.append((size - d * (k - 1) - 1) // s + 1)
+        return sizes
 
     def _check_valid_size(self, sizes):
         """'valid' padding: a ValueError, as keras' Conv2D gives, where a known spatial size is
