@@ -85,6 +85,14 @@ def _same_padding(size, k, s, d):
     return total // 2, total - total // 2
 
 
+def _output_size(size, k, s, d, padding):
+    """Output rows (or columns) of a convolution along one axis of ``size`` (an int or a scalar
+    tensor): ``ceil(size / s)`` for 'same', as Keras' ``Conv2D``."""
+    if padding == "same":
+        return (size + s - 1) // s
+    return (size - d * (k - 1) - 1) // s + 1
+
+
 def _with_shape(pred, sizes, channels):
     """``pred``, a ``tf.nn.conv2d`` result, reshaped to (N, Ho, Wo, channels): TF 2.21's conv2d
     returns its input's shape for an empty batch (N = 0), which later ops refuse. ``sizes``
@@ -362,16 +370,9 @@ class DeformConv2D(keras.layers.Layer):
 
     def _output_sizes(self, x):
         """(Ho, Wo) of the channels-last ``x``: ints where its sizes are static, else tensors."""
-        sizes = []
-        for a in (0, 1):
-            size = x.shape[1 + a]
-            size = tf.shape(x)[1 + a] if size is None else size
-            k, s, d = self.kernel_size[a], self.strides[a], self.dilation_rate[a]
-            if self.padding == "same":
-                sizes.append((size + s - 1) // s)
-            else:
-                sizes.append((size - d * (k - 1) - 1) // s + 1)
-        return sizes
+        return [_output_size(tf.shape(x)[1 + a] if x.shape[1 + a] is None else x.shape[1 + a],
+                             self.kernel_size[a], self.strides[a], self.dilation_rate[a],
+                             self.padding) for a in (0, 1)]
 
     def _check_valid_size(self, sizes):
         """'valid' padding: a ValueError, as keras' Conv2D gives, where a known spatial size is
@@ -413,14 +414,9 @@ class DeformConv2D(keras.layers.Layer):
             N, H, W = input_shape[0], input_shape[2], input_shape[3]
         if self.padding == "valid":
             self._check_valid_size((H, W))
-        sizes = []
-        for size, k, s, d in zip((H, W), self.kernel_size, self.strides, self.dilation_rate):
-            if size is None:
-                sizes.append(None)
-            elif self.padding == "same":
-                sizes.append(-(-size // s))
-            else:
-                sizes.append((size - d * (k - 1) - 1) // s + 1)
+        sizes = [None if size is None else _output_size(size, k, s, d, self.padding)
+                 for size, k, s, d in zip((H, W), self.kernel_size, self.strides,
+                                          self.dilation_rate)]
         if self.data_format == "channels_last":
             return (N, sizes[0], sizes[1], self.filters)
         return (N, self.filters, sizes[0], sizes[1])
