@@ -25,7 +25,9 @@ copy (see :mod:`deformops_tf._convert`). Inside ``tf.function`` (Keras ``model.f
 same code runs in a ``tf.numpy_function`` (a ``tf.py_function`` where a GPU is visible), and the
 static shapes TF cannot infer through it are restored with ``set_shape``. Such graphs cannot be
 compiled with XLA (``jit_compile=True``) or exported as a SavedModel without the Python code;
-``.keras`` files (configuration + weights) are fine.
+``.keras`` files (configuration + weights) are fine. AutoGraph leaves the ops unconverted
+(``tf.autograph.experimental.do_not_convert``): their Python runs as written, when traced and,
+in the graph nodes, at each step.
 
 Arguments are checked when the op is called (also when a ``tf.function`` is traced): a
 ``ValueError`` for shapes and values, a ``TypeError`` for dtypes and types, naming the argument.
