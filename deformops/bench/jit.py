@@ -6,7 +6,7 @@ directory (``NUMBA_CACHE_DIR``), so it never reads or writes the cache of the in
 1. cold: every sampling kernel (float32 and float64, NCHW and NHWC, forward and backward) called
    once through the public API on an input large enough to be split among threads, timed call
    by call; then deform_conv2d forward
-   and backward (NCHW, both dtypes) for information;
+   and backward (NCHW, both dtypes) for information (skipped with ``--sampling-only``);
 2. cached: the same calls in a second process on the cache the first one filled.
 
 The target (issue 2) is the cold total of the sampling kernels: under 20 s.
@@ -50,7 +50,7 @@ for dtype in sys.argv[1].split(","):
         timed(f"sample forward {layout}|{dtype}", lambda: dops.sample(xl, cl, layout=layout))
         timed(f"sample backward {layout}|{dtype}",
               lambda: dops.sample_backward(xl, xl, cl, layout=layout))
-for dtype in sys.argv[1].split(","):
+for dtype in sys.argv[1].split(",") if sys.argv[2] == "1" else ():
     x = rng.uniform(-1, 1, (2, 4, 9, 11)).astype(dtype)
     w = rng.uniform(-1, 1, (6, 4, 3, 3)).astype(dtype)
     off = rng.uniform(-2, 2, (2, 18, 9, 11)).astype(dtype)
@@ -68,18 +68,24 @@ CHILD_TIMEOUT_S = 600
 
 
 def add_arguments(parser) -> None:
-    """No options of its own (``--dtype`` and ``--threads`` apply)."""
+    """``--sampling-only`` (``--dtype`` and ``--threads`` apply too)."""
+    g = parser.add_argument_group("jit options")
+    g.add_argument("--sampling-only", action="store_true",
+                   help="time the sampling kernels only (the target's), without "
+                        "deform_conv2d's rows for information (about half the run time)")
 
 
-def _child(cache_dir: str, dtypes, threads: int) -> dict[str, float]:
+def _child(cache_dir: str, dtypes, threads: int, conv: bool) -> dict[str, float]:
     """Run :data:`_CHILD` in a fresh interpreter with Numba's cache in ``cache_dir``;
-    {label: seconds}. This package's parent directory goes first on its PYTHONPATH, so that
-    the child times this copy of deformops (a checkout or an install alike)."""
+    {label: seconds} (``conv``: deform_conv2d's calls too). This package's parent directory
+    goes first on its PYTHONPATH, so that the child times this copy of deformops (a checkout
+    or an install alike)."""
     env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir, NUMBA_NUM_THREADS=str(threads))
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    out = subprocess.run([sys.executable, "-c", _CHILD, ",".join(dtypes)], env=env,
-                         capture_output=True, text=True, check=False, timeout=CHILD_TIMEOUT_S)
+    argv = [sys.executable, "-c", _CHILD, ",".join(dtypes), str(int(conv))]
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, check=False,
+                         timeout=CHILD_TIMEOUT_S)
     if out.returncode != 0:
         raise RuntimeError(f"the timing process failed (exit {out.returncode}):\n"
                            + out.stderr[-3000:])
@@ -92,12 +98,14 @@ def run(args) -> _timing.Report:
     dtypes = args.dtypes
     report.config = {"dtypes": ",".join(dtypes), "threads": args.threads,
                      "input": "sampling N=2, C=16, G=2, 32x32 (large enough for the parallel "
-                              "driver), deform_conv2d N=2, 4->6, 9x11, 3x3"}
+                              "driver)" + ("" if args.sampling_only
+                                           else ", deform_conv2d N=2, 4->6, 9x11, 3x3")}
+    conv = not args.sampling_only
     with tempfile.TemporaryDirectory(prefix="deformops-jit-") as cache:
         _timing.progress("cold: compiling every kernel in a fresh process ...")
-        cold = _child(cache, dtypes, args.threads)
+        cold = _child(cache, dtypes, args.threads, conv)
         _timing.progress("cached: loading them in a second process ...")
-        warm = _child(cache, dtypes, args.threads)
+        warm = _child(cache, dtypes, args.threads, conv)
     for label, seconds in cold.items():
         op, dtype = label.split("|")
         for peer, s in (("cold compile", seconds), ("from cache", warm[label])):
@@ -111,8 +119,10 @@ def run(args) -> _timing.Report:
         f"sampling kernels ({len(sampling)} calls), cold total: {total:.1f} s "
         f"(target < {TARGET_S:.0f} s): {verdict}; from cache: "
         f"{sum(warm[k] for k in sampling):.2f} s",
-        "deform_conv2d rows are for information: its kernels are compiled on its first call.",
         "Each process starts with an empty Numba cache of its own (NUMBA_CACHE_DIR); the first "
         "call also pays Numba's one-time start-up (LLVM and type-system initialisation).",
     ]
+    if conv:
+        report.notes.append("deform_conv2d rows are for information: its kernels are compiled on "
+                            "its first call.")
     return report
