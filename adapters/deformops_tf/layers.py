@@ -93,6 +93,11 @@ def _output_size(size, k, s, d, padding):
     return (size - d * (k - 1) - 1) // s + 1
 
 
+def _spatial_sizes(x):
+    """(H, W) of the channels-last ``x``: ints where static, else scalar tensors."""
+    return [tf.shape(x)[1 + a] if x.shape[1 + a] is None else x.shape[1 + a] for a in (0, 1)]
+
+
 def _with_shape(pred, sizes, channels):
     """``pred``, a ``tf.nn.conv2d`` result, reshaped to (N, Ho, Wo, channels): TF 2.21's conv2d
     returns its input's shape for an empty batch (N = 0), which later ops refuse. ``sizes``
@@ -183,8 +188,7 @@ class ConvOffset2D(keras.layers.Layer):
         x = tf.cast(inputs, _kernel_dtype(inputs))
         x = x if self.data_format == "channels_last" else tf.transpose(x, (0, 2, 3, 1))
         offset = tf.nn.conv2d(x, tf.cast(self.kernel, x.dtype), 1, "SAME")
-        sizes = [tf.shape(x)[1 + a] if x.shape[1 + a] is None else x.shape[1 + a] for a in (0, 1)]
-        offset = _with_shape(offset, sizes, 2 * x.shape[-1])
+        offset = _with_shape(offset, _spatial_sizes(x), 2 * x.shape[-1])
         out = ops.deform_sample(x, offset, order=self.order, mode=self.mode, cval=self.cval)
         out = out if self.data_format == "channels_last" else tf.transpose(out, (0, 3, 1, 2))
         return tf.cast(out, inputs.dtype)
@@ -370,9 +374,8 @@ class DeformConv2D(keras.layers.Layer):
 
     def _output_sizes(self, x):
         """(Ho, Wo) of the channels-last ``x``: ints where its sizes are static, else tensors."""
-        return [_output_size(tf.shape(x)[1 + a] if x.shape[1 + a] is None else x.shape[1 + a],
-                             self.kernel_size[a], self.strides[a], self.dilation_rate[a],
-                             self.padding) for a in (0, 1)]
+        return [_output_size(size, self.kernel_size[a], self.strides[a], self.dilation_rate[a],
+                             self.padding) for a, size in enumerate(_spatial_sizes(x))]
 
     def _check_valid_size(self, sizes):
         """'valid' padding: a ValueError, as keras' Conv2D gives, where a known spatial size is
