@@ -154,12 +154,14 @@ def _build(cxx):
     os.makedirs(folder, exist_ok=True)
     lib = os.path.join(folder, f"emu-{digest}.so")
     if not os.path.exists(lib):
-        cpp = os.path.join(folder, f"emu-{digest}.cpp")
+        # per-process names: test processes running at once (pytest-xdist) build side by side
+        cpp = os.path.join(folder, f"emu-{digest}.{os.getpid()}.cpp")
         with open(cpp, "w") as f:
             f.write(code)
         tmp = lib + f".{os.getpid()}.tmp"
         res = subprocess.run([cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread",
                               "-w", cpp, "-o", tmp], capture_output=True, text=True)
+        os.remove(cpp)
         if res.returncode:
             pytest.fail(f"the kernels do not compile as host C++:\n{res.stderr[-6000:]}")
         os.replace(tmp, lib)
