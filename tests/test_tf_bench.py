@@ -33,5 +33,19 @@ def test_bench_tf_runs_on_a_tiny_shape():
                 "2nd layer: DeformConv2D net / numpy op",
                 "(DeformConv2D step - predictor step) / numpy op, no x grad",
                 "(DeformConv2D step - Keras step, bias only) / numpy op, no x grad",
-                "(tf op tf.function - numpy_function floor) / numpy op"):
+                "(tf op tf.function - numpy_function floor) / numpy op",
+                "1st layer: DeformConv2D net / numpy op, no x grad, per pass",
+                "2nd layer: DeformConv2D net / numpy op, per pass"):
         assert row in r.stdout, r.stdout
+    # Per pass: a note per layer with the range over the passes, which holds the median that
+    # the ratio row reports [oracles: the command's PASSES; min <= median <= max].
+    from deformops.bench.tf import PASSES
+
+    lines = r.stdout.splitlines()
+    for layer in ("1st", "2nd"):
+        (row,) = [ln for ln in lines if ln.startswith(f"| {layer} layer: ") and ", per pass" in ln]
+        median = float(row.split("|")[4])
+        (note,) = [ln for ln in lines if ln.startswith(f"- N1 4->4 6x6 v2 [float32], {layer}")]
+        low, high = (float(v) for v in
+                     note.split(f"per pass ({PASSES} passes): ")[1].split(" to "))
+        assert low - 0.01 <= median <= high + 0.01, (row, note)

@@ -8,8 +8,8 @@ bias on, float32, NHWC (TensorFlow's layout):
 
 Data as ``python -m deformops.bench conv`` (offsets uniform in [-2, 2] px, mask uniform in
 [0, 1]), transposed to NHWC. Measured per shape, each callable in blocks of its own, as
-``model.fit`` runs its steps (four passes over the callables, every other one in reverse order;
-per block one warm-up call, then at least --repeat/4 calls and --min-time/4 seconds):
+``model.fit`` runs its steps (eight passes over the callables, every other one in reverse order;
+per block one warm-up call, then at least --repeat/8 calls and --min-time/8 seconds):
 
 - numpy op: ``deformops.deform_conv2d`` + ``deform_conv2d_backward`` (all five gradients) on
   NumPy arrays in NHWC, the reference of the overhead ratios; the same without the input
@@ -43,7 +43,9 @@ minus the predictor step's net time (the predictor's conv and update cancel). It
 with the NumPy op with the gradients that step computes: four as the first layer, all five as
 the second. Targets, at the representative shape (N=8, 64 channels, 28x28; at other shapes the
 ratios are information): both at most 1.2x (framework overhead at most 20%), and the
-tf.function op at most 1.2x the NumPy op. Information: what the layer costs in ``model.fit``,
+tf.function op at most 1.2x the NumPy op. The same two ratios are also taken within each pass,
+from its blocks' medians: their median and range over the passes (information) show how far the
+machine's own noise moves them in this run. Information: what the layer costs in ``model.fit``,
 its predictor included (the DeformConv2D step's net time, the predictor not taken out). At the small
 shape (a 1.6 ms op) TF's fixed cost per step shows instead: two ``tf.numpy_function`` calls and
 the predictor conv's dispatch come to more than 20% of the op.
@@ -56,6 +58,7 @@ of the tape); the command exits 1 on a mismatch.
 from __future__ import annotations
 
 import functools
+import statistics
 import time
 
 from . import _timing
@@ -65,7 +68,7 @@ HELP = "deformops_tf: DeformConv2D / deform_conv2d in TensorFlow vs the NumPy op
 
 REPEAT = 10
 MIN_TIME = 1.0  # seconds of timed calls per callable at least
-PASSES = 4  # blocks per callable, in passes of alternating order
+PASSES = 8  # blocks per callable, in passes of alternating order
 DEFAULT_DTYPE = "float32"
 DEFAULT_SHAPES = ((8, 64, 64, 28, 28, True), (4, 16, 16, 16, 16, True))
 TARGET_SHAPE = DEFAULT_SHAPES[0]  # the representative layer: targets are set here
@@ -317,9 +320,11 @@ def run(args) -> _timing.Report:
         "every row times forward + backward with the gradients of x, offset, filters, bias and "
         "mask; the Keras steps also run the loss, the offset predictor (DeformConv2D) and an SGD "
         "update. Each callable is timed in blocks of its own, 0.3 s apart, as model.fit runs "
-        "its steps: four passes over the callables, every other one in reverse order, each block "
-        "one warm-up call then at least --repeat/4 calls and --min-time/4 seconds; the median "
-        "is over all four blocks' calls. Ratios are ratios of the medians. "
+        f"its steps: {PASSES} passes over the callables, every other one in reverse order, each "
+        f"block one warm-up call then at least --repeat/{PASSES} calls and --min-time/{PASSES} "
+        f"seconds; the median is over all {PASSES} blocks' calls. Ratios are ratios of the "
+        "medians; 'per pass' ratios are the median over the passes of the ratio of each pass's "
+        "block medians. "
         "'(min ms)' ratios compare the least disturbed calls. A step's net time: minus the step "
         "of a bias model (x + b) of its output size (Keras' fixed cost, the loss and its "
         "gradient). DeformConv2D "
@@ -340,17 +345,35 @@ def _net_ratio(report, label, dtype, timed, peer, minus, den, target=None):
     report.ratios.append(Ratio(f"({peer} - {minus}) / {den}", label, dtype, value, target))
 
 
+def _overhead(ms, layer, pred, den):
+    """``((layer - bias only) - (pred - bias only of the predictor's size)) / den`` from times in
+    ms by row name: the layer's cost in the Keras step net of its predictor's, each net of the
+    step's own cost (Keras' fixed cost, the MSE loss on its output and the loss's gradient, which
+    differ in size). None where a time is missing."""
+    t = [ms.get(k) for k in (layer, EMPTY, pred, EMPTY_PRED, den)]
+    if any(v is None for v in t) or t[4] <= 0:
+        return None
+    return ((t[0] - t[1]) - (t[2] - t[3])) / t[4]
+
+
 def _overhead_ratio(report, label, dtype, timed, layer, pred, den, name, target=None):
-    """Add ``name``: ``((layer - bias only) - (pred - bias only of the predictor's size)) / den``,
-    the layer's cost in the Keras step net of its predictor's, each net of the step's own cost
-    (Keras' fixed cost, the MSE loss on its output and the loss's gradient, which differ in
-    size), from medians."""
-    t = [timed.get(k) for k in (layer, EMPTY, pred, EMPTY_PRED, den)]
-    if any(m is None for m in t) or t[4].median_ms <= 0:
+    """Add ``name``: :func:`_overhead` of the medians."""
+    value = _overhead({k: m.median_ms for k, m in timed.items()}, layer, pred, den)
+    if value is not None:
+        report.ratios.append(Ratio(name, label, dtype, value, target))
+
+
+def _overhead_per_pass(report, label, dtype, blocks, layer, pred, den, name):
+    """Add ``name``, per pass: :func:`_overhead` of each pass's block medians, their median as
+    an information ratio and their range in a note."""
+    values = [_overhead({k: b[p].median_ms for k, b in blocks.items()}, layer, pred, den)
+              for p in range(PASSES)]
+    values = [v for v in values if v is not None]
+    if not values:
         return
-    ms = [m.median_ms for m in t]
-    value = ((ms[0] - ms[1]) - (ms[2] - ms[3])) / ms[4]
-    report.ratios.append(Ratio(name, label, dtype, value, target))
+    report.ratios.append(Ratio(f"{name}, per pass", label, dtype, statistics.median(values)))
+    report.notes.append(f"{label} [{dtype}], {name}, per pass ({len(values)} passes): "
+                        f"{min(values):.2f} to {max(values):.2f}")
 
 
 def _bench_case(report, tf, keras, dops, dtf, shape, dtype, repeat, min_time, seed):
@@ -388,10 +411,10 @@ def _bench_case(report, tf, keras, dops, dtf, shape, dtype, repeat, min_time, se
     # to the adapter's worker thread) took turns, and each switch cost both sides the other
     # thread's workspace: the NumPy op measured 35 ms instead of 22, the
     # tf.function op 40 instead of 25 (N=8, 64 channels, 28x28) -- a cost model.fit never pays.
-    # Passes in alternating order, each block a quarter of --min-time: a slow spell of the
+    # Passes in alternating order, each block 1/PASSES of --min-time: a slow spell of the
     # machine (they last seconds here), or what the previous block leaves behind, falls on each
     # callable alike. (With two passes, the overhead ratios of runs minutes apart differed by
-    # up to 0.15.)
+    # up to 0.15; with four, four runs within an hour of a busy day gave 1.08 to 1.30.)
     blocks = {}
     for p in range(PASSES):
         for task in (tasks if p % 2 == 0 else tasks[::-1]):
@@ -415,6 +438,11 @@ def _bench_case(report, tf, keras, dops, dtf, shape, dtype, repeat, min_time, se
                     f"1st layer: DeformConv2D net / {NUMPY_NO_X}", target)
     _overhead_ratio(report, label, dtype, timed, LAYER_2, PRED_2, NUMPY,
                     f"2nd layer: DeformConv2D net / {NUMPY}", target)
+    # The same per pass (information): how far this run's own noise moves them.
+    _overhead_per_pass(report, label, dtype, blocks, LAYER, PRED, NUMPY_NO_X,
+                       f"1st layer: DeformConv2D net / {NUMPY_NO_X}")
+    _overhead_per_pass(report, label, dtype, blocks, LAYER_2, PRED_2, NUMPY,
+                       f"2nd layer: DeformConv2D net / {NUMPY}")
     _net_ratio(report, label, dtype, timed, LAYER, PRED, NUMPY_NO_X)
     _net_ratio(report, label, dtype, timed, LAYER, EMPTY, NUMPY_NO_X)
     _net_ratio(report, label, dtype, timed, GRAPH, FLOOR, NUMPY)
