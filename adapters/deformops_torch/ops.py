@@ -26,8 +26,13 @@ transform, plain CPU/CUDA tensors) skip the dispatcher: the public functions run
 kernels through a ``torch.autograd.Function``. The registered operators' Python autograd and
 dispatch layers cost about 70 us per call on tiny inputs, the Function about 35 us, against a
 budget of 50 us (``python -m deformops.bench torch``); both paths give bit-identical results.
-Everything else (``torch.compile``, ``torch.export``, FakeTensor, ``vmap``, dispatch modes such
-as FlopCounterMode) goes through the operators.
+Under torch.func transforms (``grad``, ``vjp``, ``jacrev``, ``vmap`` and their compositions,
+outside ``torch.compile``) the public functions call the operators through
+``torch.autograd.Function``s that functorch supports: the operators' own autograd fails there
+in torch 2.14 (pytorch/pytorch#170834). Every operator has a vmap batching rule
+(:mod:`deformops_torch._vmap`): a mapped dimension folds into the batch, one kernel call.
+Everything else (``torch.compile``, ``torch.export``, FakeTensor, dispatch modes such as
+FlopCounterMode) goes through the operators.
 """
 
 import numbers
@@ -40,6 +45,7 @@ from torch import Tensor
 import deformops
 from deformops.backends import cuda as deformops_cuda
 
+from . import _vmap
 from ._dlpack import is_channels_last, on_stream, to_array, to_tensor
 
 # torch.use_deterministic_algorithms(True) also makes the CUDA input gradients deterministic
@@ -128,6 +134,13 @@ def _eager(*tensors):
         if t is not None and (type(t) not in _PLAIN or not (t.is_cpu or t.is_cuda)):
             return False
     return True
+
+
+def _transformed():
+    """True under a torch.func transform (``grad``, ``vmap``, ...) outside ``torch.compile``:
+    calls there go through the Functions that support them (``_DeformConv2dTransformed``)."""
+    return (_is_torch_function_mode_enabled is not None and not is_compiling()
+            and peek_interpreter_stack() is not None)
 
 
 _AUTOCAST_DEVICES = ("cpu", "cuda")
@@ -231,12 +244,13 @@ def _conv_setup_context(ctx, inputs, output):
     ctx.has_bias, ctx.has_mask = bias is not None, mask is not None
 
 
-def _conv_backward(ctx, grad_out):
+def _conv_backward(ctx, grad_out, backward_op=None):
     input, offset, weight, mask = ctx.saved_tensors
     n = ctx.needs_input_grad
     needs = [n[0], n[1], n[2], n[4] and ctx.has_mask, n[3] and ctx.has_bias]
-    gi, go, gw, gm, gb = torch.ops.deformops.deform_conv2d_backward(
-        grad_out, input, offset, weight, mask, *ctx.conv_args, needs)
+    backward_op = backward_op or torch.ops.deformops.deform_conv2d_backward
+    gi, go, gw, gm, gb = backward_op(grad_out, input, offset, weight, mask, *ctx.conv_args,
+                                     needs)
     g = [gi, go, gw, gm, gb]
     # inputs: input, offset, weight, bias, mask, stride, padding, dilation
     return (g[0] if needs[0] else None, g[1] if needs[1] else None, g[2] if needs[2] else None,
@@ -244,6 +258,57 @@ def _conv_backward(ctx, grad_out):
 
 
 _deform_conv2d.register_autograd(_conv_backward, setup_context=_conv_setup_context)
+_deform_conv2d.register_vmap(_vmap.conv_forward_rule(_deform_conv2d))
+_deform_conv2d_backward.register_vmap(_vmap.conv_backward_rule(_deform_conv2d_backward))
+
+
+def _first_order_only(backward_op):
+    """An autograd.Function that runs ``backward_op`` (a backward operator) under torch.func
+    transforms, and refuses to be differentiated: the kernels have first derivatives only."""
+
+    class Backward(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(*args):
+            return backward_op(*args)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def backward(ctx, *grads):
+            raise RuntimeError(
+                f"deformops_torch ops have first derivatives only: there is no autograd formula "
+                f"for {backward_op._qualname} (second-order derivatives, such as torch.func.grad "
+                "of a gradient, hessian or a gradient penalty)")
+
+    Backward.__name__ = Backward.__qualname__ = f"_{backward_op._name}_transformed"
+    return Backward
+
+
+class _DeformConv2dTransformed(torch.autograd.Function):
+    """The path of :func:`deform_conv2d` under torch.func transforms (``grad``, ``vjp``,
+    ``jacrev``, ``vmap``, and their compositions, such as per-sample gradients).
+
+    The registered operator's own autograd cannot run there in torch 2.14 (its generated
+    Function has no ``setup_context``: pytorch/pytorch#170834). This Function calls the same
+    operators and backward rule; its vmap rule is derived from the operators'
+    (``generate_vmap_rule``)."""
+
+    generate_vmap_rule = True
+    _backward_op = _first_order_only(_deform_conv2d_backward)
+
+    @staticmethod
+    def forward(input, offset, weight, bias, mask, stride, padding, dilation):
+        return _deform_conv2d(input, offset, weight, bias, mask, stride, padding, dilation)
+
+    setup_context = staticmethod(_conv_setup_context)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _conv_backward(ctx, grad_out, _DeformConv2dTransformed._backward_op.apply)
 
 
 class _DeformConv2dFunction(torch.autograd.Function):
@@ -311,6 +376,8 @@ def _conv_call(*args):
     if _eager(*args[:5]):
         return _DeformConv2dFunction.apply(*args)
     _refuse_forward_mode(*args[:5])
+    if _transformed():
+        return _DeformConv2dTransformed.apply(*args)
     return _deform_conv2d(*args)
 
 
@@ -377,14 +444,34 @@ def _define_sampling(name, forward, backward, coords_name):
         ctx.save_for_backward(x, coords)
         ctx.sampling_args = (order, mode, cval)
 
-    def backward_rule(ctx, grad_out):
+    def backward_rule(ctx, grad_out, backward_op=op_backward):
         x, coords = ctx.saved_tensors
         needs = list(ctx.needs_input_grad[:2])
-        grad_x, grad_coords = op_backward(grad_out, x, coords, *ctx.sampling_args, needs)
+        grad_x, grad_coords = backward_op(grad_out, x, coords, *ctx.sampling_args, needs)
         return (grad_x if needs[0] else None, grad_coords if needs[1] else None,
                 None, None, None)
 
     op.register_autograd(backward_rule, setup_context=setup_context)
+    op.register_vmap(_vmap.sampling_forward_rule(op))
+    op_backward.register_vmap(_vmap.sampling_backward_rule(op_backward))
+
+    context_rule = setup_context  # a class body cannot read a name that it assigns
+    transformed_backward = _first_order_only(op_backward)
+
+    class Transformed(torch.autograd.Function):
+        """The path under torch.func transforms (see ``_DeformConv2dTransformed``)."""
+
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(x, coords, order, mode, cval):
+            return op(x, coords, order, mode, cval)
+
+        setup_context = staticmethod(context_rule)
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            return backward_rule(ctx, grad_out, transformed_backward.apply)
 
     class Function(torch.autograd.Function):
         """The eager path: the same kernels without the dispatcher."""
@@ -404,14 +491,17 @@ def _define_sampling(name, forward, backward, coords_name):
                                                   ctx.needs_input_grad[:2])
             return grad_x, grad_coords, None, None, None
 
-    Function.__name__ = Function.__qualname__ = f"_{name.title().replace('_', '')}Function"
-    return op, Function
+    title = name.title().replace("_", "")
+    Function.__name__ = Function.__qualname__ = f"_{title}Function"
+    Transformed.__name__ = Transformed.__qualname__ = f"_{title}Transformed"
+    return op, Function, Transformed
 
 
-_sample, _SampleFunction = _define_sampling("sample", deformops.sample,
-                                            deformops.sample_backward, "coords")
-_deform_sample, _DeformSampleFunction = _define_sampling(
+_sample, _SampleFunction, _SampleTransformed = _define_sampling(
+    "sample", deformops.sample, deformops.sample_backward, "coords")
+_deform_sample, _DeformSampleFunction, _DeformSampleTransformed = _define_sampling(
     "deform_sample", deformops.deform_sample, deformops.deform_sample_backward, "offset")
+_SAMPLING_TRANSFORMED = {_sample: _SampleTransformed, _deform_sample: _DeformSampleTransformed}
 
 
 def _check_sampling_args(order, mode, cval):
@@ -435,6 +525,8 @@ def _sampling_call(op, function, x, coords, *options):
     if _eager(x, coords):
         return function.apply(x, coords, *options)
     _refuse_forward_mode(x, coords)
+    if _transformed():
+        return _SAMPLING_TRANSFORMED[op].apply(x, coords, *options)
     return op(x, coords, *options)
 
 

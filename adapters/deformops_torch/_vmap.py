@@ -1,0 +1,126 @@
+"""Batching rules of the deformops operators for ``torch.func.vmap``.
+
+Without them torch runs an operator once per element of the mapped dimension (its "batching
+rule" fallback, with a performance warning). Every operator here works image by image along
+its batch dimension N, so a mapped dimension of size B folds into it: one call on B*N images,
+whose per-image results unfold to (B, N, ...). Unmapped per-image inputs (an ``offset`` shared
+by every mapped element) are expanded to B first. Two cases are looped instead, one call per
+mapped element: a mapped ``weight`` or ``bias`` (an ensemble of layers), whose images do not
+share one convolution; and a ``deform_conv2d_backward`` asked for the weight or bias gradient,
+which sums over the images and must give each mapped element its own sum (per-sample
+gradients).
+
+A rule is ``rule(info, in_dims, *args) -> (output, out_dims)``
+(``torch.library.register_vmap``): ``in_dims`` holds the mapped dimension of each argument
+(None where unmapped, or not a tensor).
+"""
+
+import torch
+
+__all__ = ["conv_forward_rule", "conv_backward_rule", "sampling_forward_rule",
+           "sampling_backward_rule"]
+
+
+def _front(t, dim, size):
+    """``t`` with its mapped dimension first (expanded to ``size`` where unmapped)."""
+    if dim is None:
+        return t.expand(size, *t.shape)
+    return t.movedim(dim, 0)
+
+
+def _fold(t, dim, size):
+    """(B, N, ...) of ``t`` as (B*N, ...); None stays None."""
+    return None if t is None else _front(t, dim, size).flatten(0, 1)
+
+
+def _images(t, dim, size):
+    """N: the images per mapped element."""
+    return _front(t, dim, size).shape[1]
+
+
+def _loop(op, size, args, in_dims):
+    """``op`` on each mapped element: a list of its results."""
+    def element(b):
+        return [a.select(d, b) if isinstance(a, torch.Tensor) and d is not None else a
+                for a, d in zip(args, in_dims)]
+
+    return [op(*element(b)) for b in range(size)]
+
+
+def _stacked(results, needed):
+    """Per output index of tuple results: stacked along a new dimension 0 where ``needed``,
+    else the first element's (an empty placeholder, unmapped)."""
+    outs = tuple(torch.stack(parts) if need else parts[0]
+                 for parts, need in zip(zip(*results), needed))
+    return outs, tuple(0 if need else None for need in needed)
+
+
+def _unfolded(outs, needed, size, images):
+    outs = tuple(o.unflatten(0, (size, images)) if need else o
+                 for o, need in zip(outs, needed))
+    return outs, tuple(0 if need else None for need in needed)
+
+
+def conv_forward_rule(op):
+    """The rule of ``deformops::deform_conv2d``."""
+
+    def rule(info, in_dims, input, offset, weight, bias, mask, stride, padding, dilation):
+        B = info.batch_size
+        d_in, d_off, d_w, d_b, d_m = in_dims[:5]
+        if d_w is None and d_b is None:
+            N = _images(input, d_in, B)
+            out = op(_fold(input, d_in, B), _fold(offset, d_off, B), weight, bias,
+                     _fold(mask, d_m, B), stride, padding, dilation)
+            return out.unflatten(0, (B, N)), 0
+        args = (input, offset, weight, bias, mask, stride, padding, dilation)
+        return torch.stack(_loop(op, B, args, in_dims)), 0
+
+    return rule
+
+
+def conv_backward_rule(op):
+    """The rule of ``deformops::deform_conv2d_backward`` (outputs: input, offset, weight, mask
+    and bias gradients; an empty placeholder for one not needed)."""
+
+    def rule(info, in_dims, grad_out, input, offset, weight, mask, stride, padding, dilation,
+             needs_input_grad):
+        B = info.batch_size
+        d_go, d_in, d_off, d_w, d_m = in_dims[:5]
+        needed = tuple(bool(n) for n in needs_input_grad)
+        if d_w is None and not needed[2] and not needed[4]:  # per-image gradients only
+            N = _images(input, d_in, B)
+            outs = op(_fold(grad_out, d_go, B), _fold(input, d_in, B), _fold(offset, d_off, B),
+                      weight, _fold(mask, d_m, B), stride, padding, dilation, needs_input_grad)
+            return _unfolded(outs, needed, B, N)
+        args = (grad_out, input, offset, weight, mask, stride, padding, dilation,
+                needs_input_grad)
+        return _stacked(_loop(op, B, args, in_dims), needed)
+
+    return rule
+
+
+def sampling_forward_rule(op):
+    """The rule of ``deformops::sample`` and ``deformops::deform_sample``."""
+
+    def rule(info, in_dims, x, coords, order, mode, cval):
+        B = info.batch_size
+        d_x, d_c = in_dims[:2]
+        out = op(_fold(x, d_x, B), _fold(coords, d_c, B), order, mode, cval)
+        return out.unflatten(0, (B, _images(x, d_x, B))), 0
+
+    return rule
+
+
+def sampling_backward_rule(op):
+    """The rule of ``deformops::sample_backward`` and ``deformops::deform_sample_backward``
+    (outputs: x and coordinate gradients, both per image)."""
+
+    def rule(info, in_dims, grad_out, x, coords, order, mode, cval, needs_input_grad):
+        B = info.batch_size
+        d_go, d_x, d_c = in_dims[:3]
+        outs = op(_fold(grad_out, d_go, B), _fold(x, d_x, B), _fold(coords, d_c, B), order,
+                  mode, cval, needs_input_grad)
+        return _unfolded(outs, tuple(bool(n) for n in needs_input_grad), B,
+                         _images(x, d_x, B))
+
+    return rule
