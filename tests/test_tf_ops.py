@@ -610,3 +610,24 @@ def test_graph_nodes_and_their_values(monkeypatch, gpu_visible):
             g.grad_mask]
     for got, exp in zip(grads, want):
         np.testing.assert_allclose(got.numpy(), exp, rtol=0, atol=1e-12 * (1 + np.abs(exp).max()))
+
+
+def test_op_determinism_asks_for_deterministic_cuda_gradients(monkeypatch):
+    """``tf.config.experimental.enable_op_determinism()`` switches the CUDA backend to ordered
+    input gradients, as ``torch.use_deterministic_algorithms(True)`` does; disabling it switches
+    back [oracle: the backend's own switch, which the CUDA tests check]."""
+    from deformops.backends import cuda as dcuda
+    from tensorflow.python.framework import config
+
+    monkeypatch.delenv("DEFORMOPS_DETERMINISTIC", raising=False)
+    previous = dcuda.set_deterministic(None)
+    try:
+        assert not config.is_op_determinism_enabled() and not dcuda.is_deterministic()
+        tf.config.experimental.enable_op_determinism()
+        try:
+            assert dcuda.is_deterministic()
+        finally:
+            config.disable_op_determinism()
+        assert not dcuda.is_deterministic()
+    finally:
+        dcuda.set_deterministic(previous)

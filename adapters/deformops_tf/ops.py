@@ -43,8 +43,18 @@ from concurrent.futures import ThreadPoolExecutor
 import deformops as dops
 import numpy as np
 import tensorflow as tf
+from deformops.backends import cuda as deformops_cuda
 
 from ._convert import to_core, to_numpy, to_tf
+
+try:  # TF's own query (private; tf.config.experimental has the setters only)
+    from tensorflow.python.framework.config import is_op_determinism_enabled
+except ImportError:  # pragma: no cover
+    is_op_determinism_enabled = None
+if is_op_determinism_enabled is not None:
+    # tf.config.experimental.enable_op_determinism() also makes the CUDA input gradients
+    # deterministic (ordered gathers instead of atomicAdd scatters)
+    deformops_cuda.register_framework_switch(is_op_determinism_enabled)
 
 __all__ = ["deform_conv2d", "deform_sample", "sample"]
 
