@@ -275,3 +275,79 @@ def test_second_order_raises_under_transforms(case):
 
     with pytest.raises(RuntimeError, match="first derivatives only"):
         torch.func.grad(first)(inputs[0])
+
+
+# ================================================================ kernel calls, other transforms
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts of the core's deform_conv2d forward and backward calls."""
+    import deformops.deform_conv as core
+
+    calls = {"forward": 0, "backward": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(core, "_forward", counted("forward", core._forward))
+    monkeypatch.setattr(core, "_backward", counted("backward", core._backward))
+    return calls
+
+
+@pytest.mark.parametrize("how", ["vmap, then backward", "grad of vmap", "per-sample grad"])
+def test_vmapped_calls_fold_into_one_kernel_call(kernel_calls, how):
+    """A vmapped layer with a shared weight runs one forward and one backward kernel call, its
+    weight gradient summed over all images, under plain autograd and under torch.func.grad;
+    per-sample gradients run one backward call per element [oracle: the calls counted, and
+    the gradient of the same images as one batch]."""
+    rng = np.random.default_rng(9)
+    x, off, w, b, m = conv_tensors(rng, (4,), 1)
+    f = lambda a, o, mm, w_: conv(a, o, w_, b, mm)  # noqa: E731
+
+    def loss(w_):
+        return (torch.func.vmap(f, in_dims=(0, 0, 0, None))(x, off, m, w_) ** 2).sum()
+
+    want = _autograd(lambda w_: (conv(x.flatten(0, 1), off.flatten(0, 1), w_, b,
+                                      m.flatten(0, 1)) ** 2).sum(), (w,), None)[0]
+    kernel_calls.update(forward=0, backward=0)
+    if how == "vmap, then backward":
+        got = _autograd(loss, (w,), None)[0]
+    elif how == "grad of vmap":
+        got = torch.func.grad(loss)(w)
+    else:
+        per = torch.func.vmap(torch.func.grad(lambda w_, a, o, mm: (f(a, o, mm, w_) ** 2).sum()),
+                              in_dims=(None, 0, 0, 0))(w, x, off, m)
+        got = per.sum(0)
+    torch.testing.assert_close(got, want, **TIGHT)
+    assert kernel_calls == {"forward": 1, "backward": 4 if how == "per-sample grad" else 1}
+
+
+def test_functionalize_and_make_fx():
+    """torch.func.functionalize runs the operators (no Function: it cannot functionalize
+    one), and make_fx of it records them [oracle: the eager call]."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    rng = np.random.default_rng(10)
+    x, off, w, b, m = conv_tensors(rng, (), 1)
+    for f in (lambda a: conv(a, off, w, b, m), lambda a: dt.sample(a, off[:, :2] + 1)):
+        torch.testing.assert_close(torch.func.functionalize(f)(x), f(x), rtol=0, atol=0)
+        graph = make_fx(torch.func.functionalize(f))(x).graph
+        assert any(str(n.target).startswith("deformops.") for n in graph.nodes)
+
+
+def test_vmap_errors_name_the_element_shapes():
+    """A wrong shape under vmap is reported as one mapped element has it, not as folded; a
+    mapped dimension of size 0 where each element needs a call of its own is a ValueError
+    [oracle: the messages]."""
+    rng = np.random.default_rng(11)
+    x, off, w, b, m = conv_tensors(rng, (3,), 2)
+    with pytest.raises(ValueError, match=r"offset must .*got shape \(1, 18, 4, 5\)"):
+        torch.func.vmap(lambda a, o: conv(a, o, w))(x, off[:, :1])
+    with pytest.raises(ValueError, match=r"offset has batch size 1 but x has 2"):
+        torch.func.vmap(lambda a, o: dt.deform_sample(a, o))(x, off[:, :1, :2])
+    with pytest.raises(ValueError, match="size 0"):
+        torch.func.vmap(lambda w_: conv(x[0], off[0], w_))(w[None][:0])

@@ -10,9 +10,11 @@ share one convolution; and a ``deform_conv2d_backward`` asked for the weight or 
 which sums over the images and must give each mapped element its own sum (per-sample
 gradients).
 
-A rule is ``rule(info, in_dims, *args) -> (output, out_dims)``
-(``torch.library.register_vmap``): ``in_dims`` holds the mapped dimension of each argument
-(None where unmapped, or not a tensor).
+A rule is ``rule(info, in_dims, *args) -> (output, out_dims)``, as
+``torch.library.register_vmap`` and ``torch.autograd.Function.vmap`` take it: ``in_dims`` holds
+the mapped dimension of each argument (None where unmapped, or not a tensor). The forward rules
+check the shapes of one mapped element first (``check``), so that a wrong shape is reported as
+the caller passed it, not as folded.
 """
 
 import torch
@@ -33,13 +35,23 @@ def _fold(t, dim, size):
     return None if t is None else _front(t, dim, size).flatten(0, 1)
 
 
-def _images(t, dim, size):
-    """N: the images per mapped element."""
-    return _front(t, dim, size).shape[1]
+def _element_shape(t, dim):
+    """The shape of one mapped element of ``t`` (None for None)."""
+    if t is None:
+        return None
+    shape = list(t.shape)
+    if dim is not None:
+        del shape[dim]
+    return torch.Size(shape)
 
 
 def _loop(op, size, args, in_dims):
     """``op`` on each mapped element: a list of its results."""
+    if size == 0:
+        raise ValueError("vmap over a dimension of size 0 is not supported where each mapped "
+                         "element needs a call of its own (a mapped weight or bias, or the "
+                         "weight or bias gradient of each element)")
+
     def element(b):
         return [a.select(d, b) if isinstance(a, torch.Tensor) and d is not None else a
                 for a, d in zip(args, in_dims)]
@@ -61,14 +73,17 @@ def _unfolded(outs, needed, size, images):
     return outs, tuple(0 if need else None for need in needed)
 
 
-def conv_forward_rule(op):
-    """The rule of ``deformops::deform_conv2d``."""
+def conv_forward_rule(op, check):
+    """The rule of ``op``, ``deformops::deform_conv2d`` or a Function around it; ``check`` takes
+    the (input, offset, weight, bias, mask) shapes of one element and the conv arguments."""
 
     def rule(info, in_dims, input, offset, weight, bias, mask, stride, padding, dilation):
         B = info.batch_size
         d_in, d_off, d_w, d_b, d_m = in_dims[:5]
+        check(*(_element_shape(t, d) for t, d in zip((input, offset, weight, bias, mask),
+                                                      in_dims)), stride, padding, dilation)
         if d_w is None and d_b is None:
-            N = _images(input, d_in, B)
+            N = _element_shape(input, d_in)[0]
             out = op(_fold(input, d_in, B), _fold(offset, d_off, B), weight, bias,
                      _fold(mask, d_m, B), stride, padding, dilation)
             return out.unflatten(0, (B, N)), 0
@@ -88,10 +103,9 @@ def conv_backward_rule(op):
         d_go, d_in, d_off, d_w, d_m = in_dims[:5]
         needed = tuple(bool(n) for n in needs_input_grad)
         if d_w is None and not needed[2] and not needed[4]:  # per-image gradients only
-            N = _images(input, d_in, B)
             outs = op(_fold(grad_out, d_go, B), _fold(input, d_in, B), _fold(offset, d_off, B),
                       weight, _fold(mask, d_m, B), stride, padding, dilation, needs_input_grad)
-            return _unfolded(outs, needed, B, N)
+            return _unfolded(outs, needed, B, _element_shape(input, d_in)[0])
         args = (grad_out, input, offset, weight, mask, stride, padding, dilation,
                 needs_input_grad)
         return _stacked(_loop(op, B, args, in_dims), needed)
@@ -99,14 +113,16 @@ def conv_backward_rule(op):
     return rule
 
 
-def sampling_forward_rule(op):
-    """The rule of ``deformops::sample`` and ``deformops::deform_sample``."""
+def sampling_forward_rule(op, check):
+    """The rule of ``op``, ``deformops::sample`` / ``deform_sample`` or a Function around it;
+    ``check`` takes the (x, coords) shapes of one element."""
 
     def rule(info, in_dims, x, coords, order, mode, cval):
         B = info.batch_size
         d_x, d_c = in_dims[:2]
+        check(_element_shape(x, d_x), _element_shape(coords, d_c))
         out = op(_fold(x, d_x, B), _fold(coords, d_c, B), order, mode, cval)
-        return out.unflatten(0, (B, _images(x, d_x, B))), 0
+        return out.unflatten(0, (B, _element_shape(x, d_x)[0])), 0
 
     return rule
 
@@ -121,6 +137,6 @@ def sampling_backward_rule(op):
         outs = op(_fold(grad_out, d_go, B), _fold(x, d_x, B), _fold(coords, d_c, B), order,
                   mode, cval, needs_input_grad)
         return _unfolded(outs, tuple(bool(n) for n in needs_input_grad), B,
-                         _images(x, d_x, B))
+                         _element_shape(x, d_x)[0])
 
     return rule

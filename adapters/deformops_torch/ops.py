@@ -26,13 +26,14 @@ transform, plain CPU/CUDA tensors) skip the dispatcher: the public functions run
 kernels through a ``torch.autograd.Function``. The registered operators' Python autograd and
 dispatch layers cost about 70 us per call on tiny inputs, the Function about 35 us, against a
 budget of 50 us (``python -m deformops.bench torch``); both paths give bit-identical results.
-Under torch.func transforms (``grad``, ``vjp``, ``jacrev``, ``vmap`` and their compositions,
-outside ``torch.compile``) the public functions call the operators through
+Under torch.func's reverse-mode transforms (``grad``, ``vjp``, ``jacrev`` and what is composed
+with them, outside ``torch.compile``) the public functions call the operators through
 ``torch.autograd.Function``s that functorch supports: the operators' own autograd fails there
-in torch 2.14 (pytorch/pytorch#170834). Every operator has a vmap batching rule
-(:mod:`deformops_torch._vmap`): a mapped dimension folds into the batch, one kernel call.
-Everything else (``torch.compile``, ``torch.export``, FakeTensor, dispatch modes such as
-FlopCounterMode) goes through the operators.
+in torch 2.14 (pytorch/pytorch#170834). Every operator, and each such Function, has a vmap
+batching rule (:mod:`deformops_torch._vmap`): a mapped dimension folds into the batch, one
+kernel call. Everything else (``vmap`` alone, ``functionalize``, ``torch.compile``,
+``torch.export``, FakeTensor, dispatch modes such as FlopCounterMode) goes through the
+operators.
 """
 
 import numbers
@@ -137,10 +138,15 @@ def _eager(*tensors):
 
 
 def _transformed():
-    """True under a torch.func transform (``grad``, ``vmap``, ...) outside ``torch.compile``:
-    calls there go through the Functions that support them (``_DeformConv2dTransformed``)."""
-    return (_is_torch_function_mode_enabled is not None and not is_compiling()
-            and peek_interpreter_stack() is not None)
+    """True under a torch.func reverse-mode transform (``grad``, ``vjp``, ``jacrev``), outside
+    ``torch.compile`` and ``functionalize``: calls there go through the Functions that support
+    them (``_DeformConv2dTransformed``). Under ``vmap`` alone the operators run, with their
+    batching rules."""
+    if (_is_torch_function_mode_enabled is None or retrieve_all_functorch_interpreters is None
+            or is_compiling() or peek_interpreter_stack() is None):  # private imports failed
+        return False
+    keys = {i.key() for i in retrieve_all_functorch_interpreters()}
+    return TransformType.Grad in keys and TransformType.Functionalize not in keys
 
 
 _AUTOCAST_DEVICES = ("cpu", "cuda")
@@ -257,8 +263,13 @@ def _conv_backward(ctx, grad_out, backward_op=None):
             g[4] if needs[4] else None, g[3] if needs[3] else None, None, None, None)
 
 
+def _check_conv_shapes(input, offset, weight, bias, mask, stride, padding, dilation):
+    deformops.deform_conv.check_shapes(input, offset, weight, bias, mask, stride, padding,
+                                       dilation, x_name="input")
+
+
 _deform_conv2d.register_autograd(_conv_backward, setup_context=_conv_setup_context)
-_deform_conv2d.register_vmap(_vmap.conv_forward_rule(_deform_conv2d))
+_deform_conv2d.register_vmap(_vmap.conv_forward_rule(_deform_conv2d, _check_conv_shapes))
 _deform_conv2d_backward.register_vmap(_vmap.conv_backward_rule(_deform_conv2d_backward))
 
 
@@ -281,8 +292,8 @@ def _first_order_only(backward_op):
         def backward(ctx, *grads):
             raise RuntimeError(
                 f"deformops_torch ops have first derivatives only: there is no autograd formula "
-                f"for {backward_op._qualname} (second-order derivatives, such as torch.func.grad "
-                "of a gradient, hessian or a gradient penalty)")
+                f"for {backward_op._qualname} (second-order derivatives: grad of grad, jacrev of "
+                "jacrev, a gradient penalty)")
 
     Backward.__name__ = Backward.__qualname__ = f"_{backward_op._name}_transformed"
     return Backward
@@ -294,10 +305,10 @@ class _DeformConv2dTransformed(torch.autograd.Function):
 
     The registered operator's own autograd cannot run there in torch 2.14 (its generated
     Function has no ``setup_context``: pytorch/pytorch#170834). This Function calls the same
-    operators and backward rule; its vmap rule is derived from the operators'
-    (``generate_vmap_rule``)."""
+    operators and backward rule. Its vmap rule is the operator's, folding into one call of
+    this Function: a rule derived by torch (``generate_vmap_rule``) would run the backward
+    under vmap, one call per element for a shared weight's gradient."""
 
-    generate_vmap_rule = True
     _backward_op = _first_order_only(_deform_conv2d_backward)
 
     @staticmethod
@@ -305,6 +316,8 @@ class _DeformConv2dTransformed(torch.autograd.Function):
         return _deform_conv2d(input, offset, weight, bias, mask, stride, padding, dilation)
 
     setup_context = staticmethod(_conv_setup_context)
+    vmap = staticmethod(_vmap.conv_forward_rule(
+        lambda *args: _DeformConv2dTransformed.apply(*args), _check_conv_shapes))
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -425,18 +438,18 @@ def _define_sampling(name, forward, backward, coords_name):
         grads = backward_kernel(grad_out, x, coords, order, mode, cval, needs_input_grad)
         return tuple(x.new_empty(_EMPTY) if g is None else g for g in grads)
 
-    def check_shapes(x, coords):  # the core's checks, as _conv_shapes
-        deformops.sampling.check_shapes(x.shape, coords.shape, coords_name,
+    def check_shapes(x_shape, coords_shape):  # the core's checks, as _conv_shapes
+        deformops.sampling.check_shapes(x_shape, coords_shape, coords_name,
                                         relative=name == "deform_sample")
 
     @op.register_fake
     def _(x, coords, order, mode, cval):
-        check_shapes(x, coords)
+        check_shapes(x.shape, coords.shape)
         return _sampling_fake(x, coords, order, mode, cval)
 
     @op_backward.register_fake
     def _(grad_out, x, coords, order, mode, cval, needs_input_grad):
-        check_shapes(x, coords)
+        check_shapes(x.shape, coords.shape)
         return _sampling_backward_fake(grad_out, x, coords, order, mode, cval, needs_input_grad)
 
     def setup_context(ctx, inputs, output):
@@ -452,7 +465,7 @@ def _define_sampling(name, forward, backward, coords_name):
                 None, None, None)
 
     op.register_autograd(backward_rule, setup_context=setup_context)
-    op.register_vmap(_vmap.sampling_forward_rule(op))
+    op.register_vmap(_vmap.sampling_forward_rule(op, check_shapes))
     op_backward.register_vmap(_vmap.sampling_backward_rule(op_backward))
 
     context_rule = setup_context  # a class body cannot read a name that it assigns
@@ -461,13 +474,13 @@ def _define_sampling(name, forward, backward, coords_name):
     class Transformed(torch.autograd.Function):
         """The path under torch.func transforms (see ``_DeformConv2dTransformed``)."""
 
-        generate_vmap_rule = True
-
         @staticmethod
         def forward(x, coords, order, mode, cval):
             return op(x, coords, order, mode, cval)
 
         setup_context = staticmethod(context_rule)
+        vmap = staticmethod(_vmap.sampling_forward_rule(lambda *a: Transformed.apply(*a),
+                                                        check_shapes))
 
         @staticmethod
         def backward(ctx, grad_out):
