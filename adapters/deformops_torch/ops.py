@@ -300,8 +300,8 @@ def _first_order_only(backward_op):
 
 
 class _DeformConv2dTransformed(torch.autograd.Function):
-    """The path of :func:`deform_conv2d` under torch.func transforms (``grad``, ``vjp``,
-    ``jacrev``, ``vmap``, and their compositions, such as per-sample gradients).
+    """The path of :func:`deform_conv2d` under torch.func's reverse-mode transforms (``grad``,
+    ``vjp``, ``jacrev``, and ``vmap`` composed with them, such as per-sample gradients).
 
     The registered operator's own autograd cannot run there in torch 2.14 (its generated
     Function has no ``setup_context``: pytorch/pytorch#170834). This Function calls the same
@@ -472,7 +472,7 @@ def _define_sampling(name, forward, backward, coords_name):
     transformed_backward = _first_order_only(op_backward)
 
     class Transformed(torch.autograd.Function):
-        """The path under torch.func transforms (see ``_DeformConv2dTransformed``)."""
+        """The path under reverse-mode torch.func transforms (``_DeformConv2dTransformed``)."""
 
         @staticmethod
         def forward(x, coords, order, mode, cval):
