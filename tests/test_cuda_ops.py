@@ -410,6 +410,32 @@ def test_deform_conv2d_vs_torchvision_cuda():
             check(g, r, dtype, scale=max(1.0, float(np.abs(r).max())))
 
 
+def test_torch_func_per_sample_gradients_cuda():
+    """[CPU backend] deformops_torch under torch.func (vmap of grad: per-sample gradients, the
+    vmap batching rules and the transformed Functions) on CUDA tensors, float64: the same
+    gradients as on CPU tensors."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch sees no GPU")
+    import deformops_torch as dt
+
+    arrays = _conv_case(23, N=3, Cin=4, Cout=5, H=7, W=6)
+
+    def per_sample(device):
+        x, offset, weight, bias, mask = (torch.tensor(a, device=device) for a in arrays)
+
+        def loss(w_, b_, xi, oi, mi):
+            out = dt.deform_conv2d(xi[None], oi[None], w_, b_, padding=1, mask=mi[None])
+            return (out ** 2).sum()
+
+        grads = torch.func.grad(loss, argnums=(0, 1, 2, 3, 4))
+        return torch.func.vmap(grads, in_dims=(None, None, 0, 0, 0))(weight, bias, x, offset,
+                                                                      mask)
+
+    for got, ref in zip(per_sample("cuda"), per_sample("cpu")):
+        check(got.cpu().numpy(), ref.numpy(), np.float64)
+
+
 def test_torch_dlpack_input():
     """[CPU backend] CUDA torch tensors go through __dlpack__ to the CUDA backend."""
     torch = pytest.importorskip("torch")
