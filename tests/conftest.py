@@ -48,3 +48,22 @@ def one_thread():
     numba.set_num_threads(numba_threads)
     torch.set_num_threads(torch_threads)
     torch.compiler.reset()
+
+
+@pytest.fixture
+def launch_threads(monkeypatch):
+    """The thread count (``numba.get_num_threads()`` of the calling thread) at every launch of a
+    CPU kernel, in order: a list that the test reads after its calls."""
+    import numba
+
+    from deformops.backends.cpu import _threads
+
+    seen = []
+    call = _threads.ParallelKernel.__call__
+
+    def counted(self, *args):
+        seen.append(numba.get_num_threads())
+        return call(self, *args)
+
+    monkeypatch.setattr(_threads.ParallelKernel, "__call__", counted)
+    return seen

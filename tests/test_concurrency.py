@@ -221,3 +221,96 @@ def test_torch_dataloader_workers_call_the_ops_after_the_main_process_did():
             got = torch.cat(list(loader))
             assert torch.equal(got, expected), epoch
     """)
+
+
+# ------------------------------------------------------------------------------ thread counts
+
+
+def _two_numba_threads():
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("Numba has one thread here")
+    return numba
+
+
+def test_limit_threads_is_the_calling_threads_own():
+    """``limit_threads(n)`` lowers the calling thread's kernel threads to n within the block and
+    gives them back after; it never raises them, and other threads keep theirs [oracle:
+    ``numba.get_num_threads()`` in each thread]."""
+    numba = _two_numba_threads()
+    from deformops.backends.cpu import limit_threads
+
+    before = numba.get_num_threads()
+    numba.set_num_threads(2)
+    try:
+        with limit_threads(1):
+            assert numba.get_num_threads() == 1
+            with ThreadPoolExecutor(1) as pool:
+                assert pool.submit(numba.get_num_threads).result() == \
+                    numba.config.NUMBA_NUM_THREADS
+        assert numba.get_num_threads() == 2
+        numba.set_num_threads(1)
+        for n in (None, 2, 5):
+            with limit_threads(n):
+                assert numba.get_num_threads() == 1
+    finally:
+        numba.set_num_threads(before)
+
+
+def test_torch_ops_run_on_at_most_torchs_threads(launch_threads):
+    """The torch adapter's CPU kernels follow ``torch.set_num_threads`` (1 in DataLoader
+    workers, OMP_NUM_THREADS under torchrun), never above Numba's own count, and leave the
+    thread's Numba count as it was [oracle: the thread count at every kernel launch]."""
+    numba = _two_numba_threads()
+    torch = pytest.importorskip("torch")
+    import deformops_torch as dt
+
+    x = torch.rand(2, 4, 6, 6, dtype=torch.float64, requires_grad=True)
+    off = torch.rand(2, 18, 6, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(3, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    before = numba.get_num_threads(), torch.get_num_threads()
+    try:
+        for numba_n, torch_n in ((2, 1), (1, 2), (2, 2)):
+            numba.set_num_threads(numba_n)
+            torch.set_num_threads(torch_n)
+            launch_threads.clear()
+            y = dt.deform_conv2d(x, off, w, padding=1).sum() + dt.sample(x, off[:, :2]).sum()
+            y.backward()
+            assert launch_threads and set(launch_threads) == {min(numba_n, torch_n)}
+            assert numba.get_num_threads() == numba_n
+    finally:
+        numba.set_num_threads(before[0])
+        torch.set_num_threads(before[1])
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "tf.function"])
+def test_tf_ops_run_on_at_most_tfs_intra_op_threads(monkeypatch, launch_threads, graph):
+    """The TF adapter's CPU kernels follow TF's intra-op thread count where it is set (patched
+    here: TF fixes it when its runtime starts), on whichever thread runs them [oracle: the
+    thread count at every kernel launch]."""
+    _two_numba_threads()
+    tf = pytest.importorskip("tensorflow")
+    import numpy as np
+
+    import deformops_tf as dtf
+    from deformops_tf import ops
+
+    monkeypatch.setattr(ops, "_HANDOVER_ELEMENTS", 0)  # graph nodes use the worker thread too
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.random((2, 6, 6, 4)))
+    off = tf.constant(rng.random((2, 6, 6, 18)))
+    w = tf.constant(rng.random((3, 3, 4, 3)))
+
+    def step():
+        with tf.GradientTape() as tape:
+            tape.watch(off)
+            y = tf.reduce_sum(dtf.deform_conv2d(x, off, w, padding=1))
+        return tape.gradient(y, off)
+
+    run = tf.function(step) if graph else step
+    for limit, want in ((1, 1), (None, 2)):
+        monkeypatch.setattr(ops, "_intra_op_threads", lambda limit=limit: limit)
+        launch_threads.clear()
+        run()
+        assert launch_threads and set(launch_threads) <= {want}

@@ -44,6 +44,7 @@ import deformops as dops
 import numpy as np
 import tensorflow as tf
 from deformops.backends import cuda as deformops_cuda
+from deformops.backends.cpu import limit_threads
 
 from ._convert import to_core, to_numpy, to_tf
 
@@ -101,8 +102,7 @@ def _core(fn, *args, **kwargs):
     """
     if (threading.current_thread() is threading.main_thread()
             or sum(getattr(a, "size", 0) for a in args) < _HANDOVER_ELEMENTS):
-        with _LOCK:
-            return fn(*args, **kwargs)
+        return _locked(fn, args, kwargs)
     if not _WORKER:
         with _LOCK:
             if not _WORKER:
@@ -111,8 +111,16 @@ def _core(fn, *args, **kwargs):
 
 
 def _locked(fn, args, kwargs):
-    with _LOCK:
+    with _LOCK, limit_threads(_intra_op_threads()):
         return fn(*args, **kwargs)
+
+
+@functools.lru_cache(maxsize=1)
+def _intra_op_threads():
+    """TF's intra-op thread count where set (``tf.config.threading``), which the CPU kernels do
+    not exceed; None when TF chooses. Read once, at the first call: TF fixes it when its
+    runtime starts, and each read costs about 17 us."""
+    return tf.config.threading.get_intra_op_parallelism_threads() or None
 
 
 # ------------------------------------------------------------------------------------------------

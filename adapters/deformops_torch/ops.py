@@ -45,6 +45,7 @@ from torch import Tensor
 
 import deformops
 from deformops.backends import cuda as deformops_cuda
+from deformops.backends.cpu import limit_threads
 
 from . import _vmap
 from ._dlpack import is_channels_last, on_stream, to_array, to_tensor
@@ -149,6 +150,16 @@ def _transformed():
     return TransformType.Grad in keys and TransformType.Functionalize not in keys
 
 
+def _running(t):
+    """The context of a kernel call on ``t``'s device: on the CPU, at most torch's intra-op
+    thread count (``torch.set_num_threads``; 1 in ``DataLoader`` workers, ``OMP_NUM_THREADS``
+    under ``torchrun``), so that the kernels never oversubscribe what torch was given; on CUDA,
+    torch's current stream."""
+    if t.device.type == "cpu":
+        return limit_threads(torch.get_num_threads())
+    return on_stream(t)
+
+
 _AUTOCAST_DEVICES = ("cpu", "cuda")
 
 
@@ -176,7 +187,7 @@ def _deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional
 
 
 def _conv_forward_kernel(input, offset, weight, bias, mask, stride, padding, dilation):
-    with on_stream(input):
+    with _running(input):
         out = deformops.deform_conv._forward(  # the core's, naming the input as torch does
             to_array(input, "input"), to_array(offset, "offset"), to_array(weight, "weight"),
             to_array(bias, "bias"), stride, padding, dilation, to_array(mask, "mask"), "NCHW",
@@ -188,7 +199,7 @@ def _conv_backward_kernel(grad_out, input, offset, weight, mask, stride, padding
                           needs_input_grad):
     """(grad_input, grad_offset, grad_weight, grad_mask, grad_bias) as tensors, None where
     not needed."""
-    with on_stream(input):
+    with _running(input):
         grads = deformops.deform_conv._backward(
             to_array(grad_out, "grad_out"), to_array(input, "input"), to_array(offset, "offset"),
             to_array(weight, "weight"), stride, padding, dilation, to_array(mask, "mask"),
@@ -415,13 +426,13 @@ def _define_sampling(name, forward, backward, coords_name):
     """Register ``deformops::<name>`` and its backward; return the forward operator."""
 
     def forward_kernel(x, coords, order, mode, cval):
-        with on_stream(x):
+        with _running(x):
             out = forward(to_array(x, "x"), to_array(coords, coords_name), order=order,
                           mode=mode, cval=cval)
         return to_tensor(out)
 
     def backward_kernel(grad_out, x, coords, order, mode, cval, needs_input_grad):
-        with on_stream(x):
+        with _running(x):
             grads = backward(to_array(grad_out, "grad_out"), to_array(x, "x"),
                              to_array(coords, coords_name), order=order, mode=mode, cval=cval,
                              needs_input_grad=needs_input_grad)

@@ -39,9 +39,11 @@ def _drop_stale_numba_cache():
 _drop_stale_numba_cache()
 
 from .deform_conv import deform_conv2d_backward, deform_conv2d_forward  # noqa: E402
+from ._threads import limit as limit_threads  # noqa: E402
 from .sampling import sample_backward, sample_forward  # noqa: E402
 
 # deform_conv2d reads and writes NHWC arrays as they are (channels_last=True)
 NATIVE_NHWC = True
 
-__all__ = ["sample_forward", "sample_backward", "deform_conv2d_forward", "deform_conv2d_backward"]
+__all__ = ["sample_forward", "sample_backward", "deform_conv2d_forward", "deform_conv2d_backward",
+           "limit_threads"]

@@ -27,6 +27,33 @@ def count():
     return 1 if forked_from_gnu_openmp() else numba.get_num_threads()
 
 
+class limit:  # noqa: N801 (used as a function: ``with limit_threads(n):``)
+    """Within the block, the kernels that this thread calls run on at most ``n`` threads (None:
+    no limit). Numba's thread count belongs to the calling thread: other threads keep theirs,
+    and this one gets its own back afterwards. The adapters follow their framework's setting
+    with it (``torch.set_num_threads``, TF's intra-op threads), at every call: where ``n`` is at
+    least Numba's team size, entering costs one comparison."""
+
+    __slots__ = ("_n", "_have")
+
+    def __init__(self, n):
+        self._n, self._have = n, None
+
+    def __enter__(self):
+        n = self._n
+        if n is not None and n < numba.config.NUMBA_NUM_THREADS:
+            have = numba.get_num_threads()
+            if n < have:
+                numba.set_num_threads(max(1, n))
+                self._have = have
+        return self
+
+    def __exit__(self, *exc):
+        if self._have is not None:
+            numba.set_num_threads(self._have)
+            self._have = None
+
+
 class ParallelKernel:
     """``njit(parallel=True, **options)(fn)`` that runs its serial twin in a process forked from
     one that started GNU OpenMP (:func:`deformops._forks.forked_from_gnu_openmp`).
