@@ -19,22 +19,12 @@ from hypothesis import strategies as st
 torch = pytest.importorskip("torch")
 
 import deformops_torch as dt  # noqa: E402
+from _torch_inputs import rand, smooth  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 F64 = torch.float64
 TIGHT = dict(rtol=1e-12, atol=1e-12)  # folding images into one call may change BLAS blocking
-
-
-def smooth(rng, shape, span=1):
-    """Offsets whose fractional part is 0.5 +- [0.1, 0.3] (no kink within 0.1 px)."""
-    ints = rng.integers(-span, span + 1, size=shape)
-    frac = 0.5 + rng.choice([-1.0, 1.0], size=shape) * rng.uniform(0.1, 0.3, size=shape)
-    return torch.from_numpy(ints + frac)
-
-
-def rand(rng, *shape, lo=-1.0, hi=1.0):
-    return torch.from_numpy(rng.uniform(lo, hi, size=shape))
 
 
 def conv_tensors(rng, lead, N, mask=True, bias=True, C=2, Cout=3, H=4, W=5):

@@ -24,6 +24,7 @@ torch = pytest.importorskip("torch")
 
 import deformops  # noqa: E402
 import deformops_torch as dt  # noqa: E402
+from _torch_inputs import rand, smooth  # noqa: E402
 import deformops_torch.ops as dt_ops  # noqa: E402
 
 F64 = torch.float64
@@ -33,18 +34,6 @@ F64 = torch.float64
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 MODES = ("grid-constant", "constant", "nearest", "reflect", "mirror", "wrap", "grid-wrap")
-
-
-def smooth(rng, shape, span=1):
-    """Offsets (or coordinate parts) whose fractional part is 0.5 +- [0.1, 0.3]: never within
-    0.1 px of an integer or a half-integer, so central differences never straddle a kink."""
-    ints = rng.integers(-span, span + 1, size=shape)
-    frac = 0.5 + rng.choice([-1.0, 1.0], size=shape) * rng.uniform(0.1, 0.3, size=shape)
-    return torch.from_numpy(ints + frac)
-
-
-def rand(rng, *shape, lo=-1.0, hi=1.0):
-    return torch.from_numpy(rng.uniform(lo, hi, size=shape))
 
 
 def conv_case(rng, N=1, Cin=2, Cout=2, H=4, W=4, k=(3, 3), stride=1, padding=1, dilation=1,
