@@ -329,6 +329,20 @@ def test_functionalize_and_make_fx():
         assert any(str(n.target).startswith("deformops.") for n in graph.nodes)
 
 
+@pytest.mark.parametrize("order", ["grad(functionalize)", "functionalize(grad)"])
+def test_reverse_mode_with_functionalize_raises(order):
+    """grad composed with functionalize: torch supports it for no custom operator (its own
+    autograd of them and autograd.Functions both fail with internal errors); the public
+    functions say so [oracle: the error itself]."""
+    rng = np.random.default_rng(11)
+    x, off, w, b, m = conv_tensors(rng, (), 1)
+    for f in (lambda a: conv(a, off, w, b, m).sum(), lambda a: dt.sample(a, off[:, :2]).sum()):
+        fn = (torch.func.grad(torch.func.functionalize(f)) if order == "grad(functionalize)"
+              else torch.func.functionalize(torch.func.grad(f)))
+        with pytest.raises(NotImplementedError, match="functionalize"):
+            fn(x)
+
+
 def test_vmap_errors_name_the_element_shapes():
     """A wrong shape under vmap is reported as one mapped element has it, not as folded; a
     mapped dimension of size 0 where each element needs a call of its own is a ValueError

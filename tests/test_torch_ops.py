@@ -652,12 +652,18 @@ def test_second_derivatives_raise_also_through_the_inputs(op, path):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("transform", ["jvp", "jacfwd", "dual tensors"])
+FORWARD_MODES = ["jvp", "jacfwd", "jvp of vmap", "dual tensors", "linearize", "dual under vmap",
+                 "dual under functionalize", "dual under grad"]
+
+
+@pytest.mark.parametrize("transform", FORWARD_MODES)
 @pytest.mark.parametrize("op", ["deform_conv2d", "sample", "deform_sample"])
 def test_forward_mode_derivatives_raise(op, transform):
-    """The kernels have no forward-mode derivative. Under torch.func.jvp / jacfwd torch's custom
-    operators dropped the tangent without a word (a Jacobian of zeros); the public functions
-    must refuse, as they do for forward-mode dual tensors [oracle: the error itself]."""
+    """The kernels have no forward-mode derivative. Under torch.func.jvp / jacfwd / linearize,
+    and with ``torch.autograd.forward_ad`` dual tensors under vmap or functionalize, torch's
+    custom operators dropped the tangent without a word (a Jacobian of zeros); the public
+    functions must refuse, as torch does for dual tensors in plain eager calls [oracle: the
+    error itself]."""
     rng = np.random.default_rng(25)
     if op == "deform_conv2d":
         (x, off, w, _, _), kw = conv_case(rng, N=1, Cin=2)
@@ -670,22 +676,52 @@ def test_forward_mode_derivatives_raise(op, transform):
             torch.func.jvp(f, (x,), (torch.ones_like(x),))
         elif transform == "jacfwd":
             torch.func.jacfwd(f)(x)
+        elif transform == "jvp of vmap":
+            torch.func.jvp(torch.func.vmap(f), (x[None],), (torch.ones_like(x[None]),))
+        elif transform == "linearize":
+            torch.func.linearize(f, x)[1](torch.ones_like(x))
         else:
             import torch.autograd.forward_ad as fwad
 
             with fwad.dual_level():
-                f(fwad.make_dual(x, torch.ones_like(x)))
+                dual = fwad.make_dual(x, torch.ones_like(x))
+                if transform == "dual tensors":
+                    f(dual)
+                elif transform == "dual under vmap":
+                    torch.func.vmap(f)(dual[None])
+                elif transform == "dual under functionalize":
+                    torch.func.functionalize(f)(dual)
+                else:
+                    torch.func.grad(lambda a: f(a).sum())(dual)
 
 
-def test_ops_on_constants_run_inside_jvp():
+def test_ops_run_inside_a_dual_level_without_tangents():
+    """Inside ``torch.autograd.forward_ad.dual_level`` (another tensor dual), ops whose inputs
+    carry no tangent run, eagerly and under vmap and functionalize [oracle: the call outside]."""
+    import torch.autograd.forward_ad as fwad
+
+    rng = np.random.default_rng(27)
+    (x, off, w, _, _), kw = conv_case(rng, N=1, Cin=2)
+    f = lambda a: dt.deform_conv2d(a, off, w, **kw)  # noqa: E731
+    want = f(x)
+    with fwad.dual_level():
+        fwad.make_dual(torch.ones(3, dtype=x.dtype), torch.ones(3, dtype=x.dtype))
+        for got in (f(x), torch.func.vmap(f)(x[None])[0], torch.func.functionalize(f)(x)):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("vmapped", [False, True])
+def test_ops_on_constants_run_inside_jvp(vmapped):
     """Inside torch.func.jvp an op whose inputs carry no tangent (a frozen deformable layer
-    before the differentiated parameters) runs: the refusal is for tangents that reach it
-    [oracle: the eager value; the tangent of s * value is value]."""
+    before the differentiated parameters) runs, also under a vmap inside the jvp: the refusal
+    is for tangents that reach it [oracle: the eager value; the tangent of s * value is
+    value]."""
     rng = np.random.default_rng(26)
     x, c = _sampling_inputs(rng, "sample")
     value = dt.sample(x, c).sum()
-    out, tangent = torch.func.jvp(lambda s: dt.sample(x, c).sum() * s,
-                                  (torch.tensor(2.0, dtype=x.dtype),),
+    total = ((lambda: torch.func.vmap(lambda a: dt.sample(a, c))(x[None]).sum()) if vmapped
+             else (lambda: dt.sample(x, c).sum()))
+    out, tangent = torch.func.jvp(lambda s: total() * s, (torch.tensor(2.0, dtype=x.dtype),),
                                   (torch.tensor(1.0, dtype=x.dtype),))
     torch.testing.assert_close(out, 2 * value, rtol=0, atol=0)
     torch.testing.assert_close(tangent, value, rtol=0, atol=0)

@@ -41,6 +41,7 @@ import operator
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 import deformops
@@ -99,28 +100,45 @@ try:  # private switches, present since torch 2.0; without them every call takes
 except ImportError:  # pragma: no cover
     _is_torch_function_mode_enabled = None
 try:  # private too; without it forward-mode transforms are not refused
-    from torch._C._functorch import TransformType, maybe_get_level
+    from torch._C._functorch import TransformType, get_unwrapped, maybe_get_level
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 except ImportError:  # pragma: no cover
     retrieve_all_functorch_interpreters = None
 
 
 def _refuse_forward_mode(*tensors):
-    """``NotImplementedError`` when a tangent of ``torch.func.jvp`` (also ``jacfwd``,
-    ``hessian``) reaches the op: the operators have no forward-mode derivative, and under these
-    transforms torch's custom operators drop the tangent without a word (a Jacobian of zeros).
-    Inputs wrapped at or above the outermost ``jvp``'s level may carry one; constants do not,
-    and ops on them inside ``jvp`` run. Not while compiling: dynamo cannot trace these queries
+    """``NotImplementedError`` when a forward-mode tangent reaches the op: one of
+    ``torch.func.jvp`` (also ``jacfwd``, ``hessian``), or of ``torch.autograd.forward_ad``
+    (also ``torch.func.linearize``). The operators have no forward-mode derivative, and under
+    transforms, ``make_fx`` and ``functionalize`` torch's custom operators drop the tangent
+    without a word (a Jacobian of zeros). Inputs without a tangent (constants, a frozen layer's
+    inside ``jvp``) run. Not while compiling: dynamo cannot trace these queries
     (``torch.compile`` of a ``jvp`` still drops the tangent)."""
-    if (retrieve_all_functorch_interpreters is None or is_compiling()
-            or peek_interpreter_stack() is None):
+    if retrieve_all_functorch_interpreters is None or is_compiling():
         return
-    levels = [i.level() for i in retrieve_all_functorch_interpreters()
-              if i.key() == TransformType.Jvp]
-    if levels and any(t is not None and maybe_get_level(t) >= min(levels) for t in tensors):
+    if getattr(fwAD, "_current_level", -1) < 0 and (
+            peek_interpreter_stack() is None
+            or all(i.key() != TransformType.Jvp for i in retrieve_all_functorch_interpreters())):
+        return
+    if any(_dual(t) for t in tensors):
         raise NotImplementedError(
             "deformops_torch ops have no forward-mode derivative (torch.func.jvp, jacfwd, "
-            "hessian): use reverse mode (torch.autograd.grad, Tensor.backward)")
+            "hessian, linearize, torch.autograd.forward_ad): use reverse mode "
+            "(torch.autograd.grad, Tensor.backward)")
+
+
+def _dual(t):
+    """Whether ``t``, or a tensor that torch.func transforms wrapped into it (``jvp``,
+    ``vmap``, ``grad``, ``functionalize``), carries a forward-mode tangent: a ``jvp``'s, at its
+    level, or a ``torch.autograd.forward_ad`` one (also ``linearize``'s)."""
+    while t is not None:
+        try:
+            if fwAD.unpack_dual(t).tangent is not None:
+                return True
+        except RuntimeError:  # vmap's wrappers: unpack_dual has no batching rule
+            pass
+        t = get_unwrapped(t) if maybe_get_level(t) >= 0 else None
+    return False
 
 
 def _eager(*tensors):
@@ -140,14 +158,22 @@ def _eager(*tensors):
 
 def _transformed():
     """True under a torch.func reverse-mode transform (``grad``, ``vjp``, ``jacrev``), outside
-    ``torch.compile`` and ``functionalize``: calls there go through the Functions that support
-    them (``_DeformConv2dTransformed``). Under ``vmap`` alone the operators run, with their
-    batching rules."""
+    ``torch.compile``: calls there go through the Functions that support them
+    (``_DeformConv2dTransformed``). Under ``vmap`` alone the operators run, with their batching
+    rules. Combined with ``functionalize``: ``NotImplementedError``."""
     if (_is_torch_function_mode_enabled is None or retrieve_all_functorch_interpreters is None
             or is_compiling() or peek_interpreter_stack() is None):  # private imports failed
         return False
     keys = {i.key() for i in retrieve_all_functorch_interpreters()}
-    return TransformType.Grad in keys and TransformType.Functionalize not in keys
+    if TransformType.Grad not in keys:
+        return False
+    if TransformType.Functionalize in keys:
+        # torch's custom operators and autograd.Functions both fail there, with internal errors
+        raise NotImplementedError(
+            "deformops_torch ops do not support torch.func.grad / vjp / jacrev combined with "
+            "torch.func.functionalize (torch supports neither for custom operators); use "
+            "either transform alone")
+    return True
 
 
 def _running(t):
@@ -398,6 +424,8 @@ def deform_conv2d(input, offset, weight, bias=None, stride=(1, 1), padding=(0, 0
 
 def _conv_call(*args):
     if _eager(*args[:5]):
+        if fwAD._current_level >= 0:
+            _refuse_forward_mode(*args[:5])
         return _DeformConv2dFunction.apply(*args)
     _refuse_forward_mode(*args[:5])
     if _transformed():
@@ -547,6 +575,8 @@ def _check_sampling_args(order, mode, cval):
 
 def _sampling_call(op, function, x, coords, *options):
     if _eager(x, coords):
+        if fwAD._current_level >= 0:
+            _refuse_forward_mode(x, coords)
         return function.apply(x, coords, *options)
     _refuse_forward_mode(x, coords)
     if _transformed():
