@@ -138,6 +138,48 @@ def test_zero_input_channels_are_a_value_error():
         f(*args)
 
 
+def test_missing_tensors_and_empty_filters_known_in_part():
+    """A required tensor given as None is a TypeError naming it (it was an AttributeError);
+    filters with a zero size known while tracing, other sizes not, a ValueError (it was a
+    ZeroDivisionError in the shape checks)."""
+    fil = np.zeros((3, 3, 4, 2), f32)
+    for name, call in (("x", lambda: dtf.deform_conv2d(None, OFF, fil, padding=1)),
+                       ("offset", lambda: dtf.deform_conv2d(X, None, fil, padding=1)),
+                       ("filters", lambda: dtf.deform_conv2d(X, OFF, None, padding=1)),
+                       ("x", lambda: dtf.sample(None, OFF[..., :2])),
+                       ("coords", lambda: dtf.sample(X, None)),
+                       ("offset", lambda: dtf.deform_sample(X, None))):
+        with pytest.raises(TypeError, match=f"{name} must be a tensor or array, got None"):
+            call()
+    for spec in ((None, 3, 0, 2), (0, 3, None, 2), (3, None, 0, None)):
+        f = tf.function(lambda x, o, w: dtf.deform_conv2d(x, o, w), input_signature=[
+            tf.TensorSpec((None, 6, 6, 4)), tf.TensorSpec((None, 4, 4, 18)), tf.TensorSpec(spec)])
+        with pytest.raises(ValueError, match=r"filters must have non-empty \[kh, kw, Cin/groups\]"):
+            f.get_concrete_function()
+
+
+def test_saved_model_export_is_a_clear_error(tmp_path):
+    """tf.saved_model.save and Keras' model.export, of a function traced before or while
+    saving: a ValueError saying why and what to save instead (TF's own error pointed at its
+    gradient options, and a model saved without gradients failed in any other process)."""
+    import keras
+
+    class Module(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec((None, 6, 6, 2))] * 2)
+        def f(self, x, offset):
+            return dtf.deform_sample(x, offset)
+
+    module = Module()
+    module.f(tf.zeros((1, 6, 6, 2)), tf.zeros((1, 6, 6, 2)))
+    for options in (None, tf.saved_model.SaveOptions(experimental_custom_gradients=False)):
+        with pytest.raises(ValueError, match=r"cannot be saved in a SavedModel.*\.keras"):
+            tf.saved_model.save(module, str(tmp_path / "module"), options=options)
+    inp = keras.Input((8, 8, 3))
+    model = keras.Model(inp, dtf.DeformConv2D(4, 3)(inp))
+    with pytest.raises(ValueError, match=r"cannot be saved in a SavedModel"):
+        model.export(str(tmp_path / "model"), verbose=False)
+
+
 def test_order_above_one_is_not_implemented():
     with pytest.raises(NotImplementedError, match="order"):
         dtf.sample(X, OFF[..., :2], order=3)
@@ -178,6 +220,23 @@ def test_layer_arguments_are_checked():
         dtf.ConvOffset2D(init_normal_stddev="a")
     with pytest.raises(ValueError, match="init_normal_stddev"):
         dtf.ConvOffset2D(init_normal_stddev=-1)
+    # counts: NumPy integers taken (as Keras' Conv2D does), floats and bools a TypeError
+    layer = dtf.DeformConv2D(np.int64(4), 3, groups=np.int32(2), offset_groups=np.int64(2))
+    assert (layer.filters, layer.groups, layer.offset_groups) == (4, 2, 2)
+    assert type(layer.get_config()["filters"]) is int
+    assert dtf.ConvOffset2D(np.int64(3)).filters == 3
+    for name in ("filters", "groups", "offset_groups"):
+        for bad in (4.0, True, "4"):
+            with pytest.raises(TypeError, match=name):
+                dtf.DeformConv2D(**{"filters": 4, "kernel_size": 3, name: bad})
+        with pytest.raises(ValueError, match=name):
+            dtf.DeformConv2D(**{"filters": 4, "kernel_size": 3, name: 0})
+    with pytest.raises(TypeError, match="filters"):
+        dtf.ConvOffset2D(3.0)
+    # no input channels: a ValueError when built, not TF's error from the predictor's conv
+    for make in (lambda: dtf.DeformConv2D(3, 3), dtf.ConvOffset2D):
+        with pytest.raises(ValueError, match="at least one input channel"):
+            make()(np.zeros((2, 6, 6, 0), np.float32))
 
 
 @pytest.mark.parametrize("order", [1.0, True])

@@ -206,7 +206,8 @@ EMPTY_BATCH_LAYERS = {
 @pytest.mark.parametrize("name", list(EMPTY_BATCH_LAYERS))
 def test_layers_take_an_empty_batch(name, data_format):
     """N = 0: the output has the layer's output shape with 0 images and every weight a zero
-    gradient, eagerly and inside tf.function with unknown sizes [oracles: compute_output_shape,
+    gradient, eagerly and inside tf.function with unknown sizes and with known ones (as under
+    keras.Input; TF's graph optimizer removed a reshape there) [oracles: compute_output_shape,
     and the same layer's output on one image]. (TF 2.21's conv2d returns its input's shape for
     an empty batch, which the offset predictors must not pass on.)"""
     last = data_format == "channels_last"
@@ -223,9 +224,41 @@ def test_layers_take_an_empty_batch(name, data_format):
     for g, w in zip(grads, layer.trainable_weights):
         np.testing.assert_array_equal(tf.convert_to_tensor(g).numpy(), np.zeros(w.shape))
     unknown = (None, None, None, 3) if last else (None, 3, None, None)
-    f = tf.function(layer.__call__, input_signature=[tf.TensorSpec(unknown)])
-    assert tuple(f(empty).shape) == tuple(out.shape)
-    np.testing.assert_array_equal(f(_x((1, *shape), dtype="float32")).numpy(), one.numpy())
+    for signature in (unknown, (None, *shape)):
+        f = tf.function(layer.__call__, input_signature=[tf.TensorSpec(signature)])
+        assert tuple(f(empty).shape) == tuple(out.shape)
+        np.testing.assert_array_equal(f(_x((1, *shape), dtype="float32")).numpy(), one.numpy())
+
+        @tf.function(input_signature=[tf.TensorSpec(signature)])
+        def grads_of(x):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(layer(x))
+            return tape.gradient(loss, layer.trainable_weights)
+
+        for g, w in zip(grads_of(empty), layer.trainable_weights):
+            np.testing.assert_array_equal(tf.convert_to_tensor(g).numpy(), np.zeros(w.shape))
+
+
+@pytest.mark.parametrize("dilation_rate", [2, (1, 2)])
+def test_dilated_deform_conv2d_input_gradient_in_float64(dilation_rate):
+    """The input gradient of a dilated DeformConv2D in float64, where TF's CPU conv2d (without
+    oneDNN) has no dilated input gradient, through the predictor too [oracle:
+    tf.test.compute_gradient, float64 central differences]."""
+    layer = dtf.DeformConv2D(2, 2, padding="same", dilation_rate=dilation_rate, use_mask=True,
+                             offset_initializer=keras.initializers.RandomNormal(0.0, 0.3, seed=3),
+                             dtype="float64")
+    x = tf.constant(_x((1, 6, 5, 2), seed=4))
+    layer(x)
+    theo, num = tf.test.compute_gradient(layer, [x], delta=1e-6)
+    np.testing.assert_allclose(theo[0], num[0], rtol=1e-6, atol=1e-7)
+
+
+def test_conv_offset2d_on_empty_images():
+    """H = W = 0 with N = 2: an empty output of the layer's shape, not an error about a batch of
+    1 (a reshape to -1 images made one) [oracle: compute_output_shape]."""
+    layer = dtf.ConvOffset2D()
+    out = layer(np.zeros((2, 0, 0, 3), np.float32))
+    assert tuple(out.shape) == tuple(layer.compute_output_shape((2, 0, 0, 3))) == (2, 0, 0, 3)
 
 
 def test_valid_padding_on_an_input_smaller_than_the_kernel_is_a_value_error():

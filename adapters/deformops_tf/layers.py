@@ -11,6 +11,7 @@ Internally both work channels-last (TF's CPU convolutions support NHWC only);
 
 import math
 import numbers
+import operator
 
 import keras
 import numpy as np
@@ -26,6 +27,32 @@ def _pair(value, name):
     """A positive int or a pair of them (also as a NumPy array), as the ops check theirs: a
     float, string or bool is a ``TypeError``, never truncated."""
     return ops._pair(value.tolist() if isinstance(value, np.ndarray) else value, name, 1)
+
+
+def _positive_int(value, name):
+    """``value`` as a Python int >= 1 (NumPy integers too, as Keras' Conv2D takes them): a
+    ``TypeError`` for a float, string or bool, a ``ValueError`` below 1."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a positive int, got {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} "
+                        f"{value!r}") from None
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value}")
+    return value
+
+
+def _known_channels(C, layer, input_shape):
+    """The input's channel count, which the layer needs known and positive."""
+    if C is None:
+        raise ValueError(f"{layer} needs a known channel count; got input shape "
+                         f"{tuple(input_shape)}")
+    if C < 1:
+        raise ValueError(f"{layer} needs at least one input channel; got input shape "
+                         f"{tuple(input_shape)}")
+    return C
 
 
 def _positive_number(value, name, zero_ok=False):
@@ -99,10 +126,17 @@ def _spatial_sizes(x):
 
 
 def _with_shape(pred, sizes, channels):
-    """``pred``, a ``tf.nn.conv2d`` result, reshaped to (N, Ho, Wo, channels): TF 2.21's conv2d
-    returns its input's shape for an empty batch (N = 0), which later ops refuse. ``sizes``
-    (Ho, Wo) as ints or scalar tensors. Otherwise the reshape changes nothing and copies nothing."""
-    return tf.reshape(pred, [-1, sizes[0], sizes[1], channels])
+    """``pred``, a ``tf.nn.convolution`` result, with the shape (N, Ho, Wo, channels): TF 2.21's
+    oneDNN conv2d returns its input's shape for an empty batch (N = 0), which later ops refuse.
+    ``sizes`` (Ho, Wo) as ints or scalar tensors. A reshape (that copies nothing), except in a
+    graph where N may be 0: TF's graph optimizer removes a reshape where the static shapes
+    agree, so there a ``tf.cond`` gives an empty batch the empty tensor of that shape."""
+    batch = pred.shape[0]
+    shape = [tf.shape(pred)[0] if batch is None else batch, sizes[0], sizes[1], channels]
+    if batch is not None and (batch > 0 or tf.executing_eagerly()):
+        return tf.reshape(pred, shape)
+    return tf.cond(tf.shape(pred)[0] > 0, lambda: tf.reshape(pred, shape),
+                   lambda: tf.zeros([0, sizes[0], sizes[1], channels], pred.dtype))
 
 
 @keras.saving.register_keras_serializable(package="deformops")
@@ -146,9 +180,7 @@ class ConvOffset2D(keras.layers.Layer):
                  kernel_constraint=None, **kwargs):
         _check_backend("ConvOffset2D")
         super().__init__(**kwargs)
-        if filters is not None and (isinstance(filters, bool) or not isinstance(filters, int)
-                                    or filters < 1):
-            raise ValueError(f"filters must be None or a positive int, got {filters!r}")
+        filters = None if filters is None else _positive_int(filters, "filters")
         self.init_normal_stddev = _positive_number(init_normal_stddev, "init_normal_stddev",
                                                    zero_ok=True)
         ops._check_options(order, mode, cval, tf.float32)
@@ -171,10 +203,7 @@ class ConvOffset2D(keras.layers.Layer):
         return input_shape[-1] if self.data_format == "channels_last" else input_shape[1]
 
     def build(self, input_shape):
-        C = self._channels(input_shape)
-        if C is None:
-            raise ValueError("ConvOffset2D needs a known channel count; got input shape "
-                             f"{tuple(input_shape)}")
+        C = _known_channels(self._channels(input_shape), "ConvOffset2D", input_shape)
         if self.filters is not None and self.filters != C:
             raise ValueError(f"filters ({self.filters}) must equal the input's channel count "
                              f"({C}): ConvOffset2D resamples each channel in place")
@@ -187,7 +216,7 @@ class ConvOffset2D(keras.layers.Layer):
     def call(self, inputs):
         x = tf.cast(inputs, _kernel_dtype(inputs))
         x = x if self.data_format == "channels_last" else tf.transpose(x, (0, 2, 3, 1))
-        offset = tf.nn.conv2d(x, tf.cast(self.kernel, x.dtype), 1, "SAME")
+        offset = tf.nn.convolution(x, tf.cast(self.kernel, x.dtype), 1, "SAME")
         offset = _with_shape(offset, _spatial_sizes(x), 2 * x.shape[-1])
         out = ops.deform_sample(x, offset, order=self.order, mode=self.mode, cval=self.cval)
         out = out if self.data_format == "channels_last" else tf.transpose(out, (0, 3, 1, 2))
@@ -272,9 +301,8 @@ class DeformConv2D(keras.layers.Layer):
                  kernel_constraint=None, bias_constraint=None, **kwargs):
         _check_backend("DeformConv2D")
         super().__init__(activity_regularizer=activity_regularizer, **kwargs)
-        for name, v in (("filters", filters), ("groups", groups), ("offset_groups", offset_groups)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        filters, groups = _positive_int(filters, "filters"), _positive_int(groups, "groups")
+        offset_groups = _positive_int(offset_groups, "offset_groups")
         if filters % groups:
             raise ValueError(f"filters ({filters}) must be divisible by groups ({groups})")
         self.filters, self.groups, self.offset_groups = filters, groups, offset_groups
@@ -309,10 +337,8 @@ class DeformConv2D(keras.layers.Layer):
         return self.kernel_size[0] * self.kernel_size[1]
 
     def build(self, input_shape):
-        Cin = input_shape[-1] if self.data_format == "channels_last" else input_shape[1]
-        if Cin is None:
-            raise ValueError("DeformConv2D needs a known channel count; got input shape "
-                             f"{tuple(input_shape)}")
+        Cin = _known_channels(input_shape[-1] if self.data_format == "channels_last"
+                              else input_shape[1], "DeformConv2D", input_shape)
         if Cin % self.groups:
             raise ValueError(f"the input's {Cin} channels are not divisible by groups "
                              f"({self.groups})")
@@ -347,8 +373,10 @@ class DeformConv2D(keras.layers.Layer):
         if self.padding == "valid":
             self._check_valid_size(x.shape[1:3])
         dt = x.dtype
-        pred = tf.nn.conv2d(x, tf.cast(self.offset_kernel, dt), self.strides,
-                            self.padding.upper(), dilations=self.dilation_rate)
+        # tf.nn.convolution, not conv2d: TF's CPU kernels without oneDNN (float64, or
+        # TF_ENABLE_ONEDNN_OPTS=0) have no input gradient of a dilated conv2d
+        pred = tf.nn.convolution(x, tf.cast(self.offset_kernel, dt), self.strides,
+                                 self.padding.upper(), dilations=self.dilation_rate)
         pred = _with_shape(pred, self._output_sizes(x), self.offset_kernel.shape[-1])
         pred = tf.nn.bias_add(pred, tf.cast(self.offset_bias, dt))
         offset, mask = pred, None

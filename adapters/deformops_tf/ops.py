@@ -24,7 +24,7 @@ tape (``tf.gradients``, a tape outside ``tf.function``) all of them. Eagerly, te
 copy (see :mod:`deformops_tf._convert`). Inside ``tf.function`` (Keras ``model.fit`` included) the
 same code runs in a ``tf.numpy_function`` (a ``tf.py_function`` where a GPU is visible), and the
 static shapes TF cannot infer through it are restored with ``set_shape``. Such graphs cannot be
-compiled with XLA (``jit_compile=True``) or exported as a SavedModel without the Python code;
+compiled with XLA (``jit_compile=True``) or saved as a SavedModel (a ``ValueError`` says so);
 ``.keras`` files (configuration + weights) are fine. AutoGraph leaves the ops unconverted
 (``tf.autograph.experimental.do_not_convert``): their Python runs as written, when traced and,
 in the graph nodes, at each step.
@@ -52,6 +52,11 @@ try:  # TF's own query (private; tf.config.experimental has the setters only)
     from tensorflow.python.framework.config import is_op_determinism_enabled
 except ImportError:  # pragma: no cover
     is_op_determinism_enabled = None
+try:  # private too: whether tf.saved_model.save (also Keras' model.export) is tracing
+    from tensorflow.python.saved_model.save_context import in_save_context
+except ImportError:  # pragma: no cover
+    def in_save_context():
+        return False
 if is_op_determinism_enabled is not None:
     # tf.config.experimental.enable_op_determinism() also makes the CUDA input gradients
     # deterministic (ordered gathers instead of atomicAdd scatters)
@@ -148,11 +153,14 @@ def _data_format(data_format):
     return data_format
 
 
-def _tensor(value, name, rank, doc):
+def _tensor(value, name, rank, doc, optional=False):
     """``value`` as a tensor of the given rank (a tf.Variable is read here, outside the gradient
-    function, so that its gradient flows through the read)."""
+    function, so that its gradient flows through the read); None stays None where
+    ``optional``."""
     if value is None:
-        return None
+        if optional:
+            return None
+        raise TypeError(f"{name} must be a tensor or array, got None")
     try:
         t = tf.convert_to_tensor(value)
     except (TypeError, ValueError) as e:
@@ -237,6 +245,7 @@ def _graph_call(fn, inputs, dtypes, shapes):
     in an eager tensor. With a GPU the node is a ``tf.py_function``, so that GPU tensors reach
     CuPy where they are.
     """
+    _refuse_saving()
     if _gpu_visible():
         def body(*tensors):
             return [to_tf(a) for a in fn(*tensors) if a is not None]
@@ -253,6 +262,18 @@ def _graph_call(fn, inputs, dtypes, shapes):
     for o, s in zip(outs, shapes):
         o.set_shape(s)
     return outs
+
+
+def _refuse_saving():
+    """A clear ``ValueError`` while a SavedModel is being written: its graphs would hold the
+    ops' Python bodies by reference only, and fail to run in any other process (TF's own
+    message, when saving gradients, points at its options instead)."""
+    if in_save_context():
+        raise ValueError(
+            "deformops_tf ops cannot be saved in a SavedModel (tf.saved_model.save, Keras' "
+            "model.export): their graph nodes run Python (tf.numpy_function / tf.py_function), "
+            "which a SavedModel cannot hold. Save the model as a .keras file (model.save("
+            "'model.keras')) or its weights, and load it where deformops_tf is installed.")
 
 
 # Gradients. Every op is recorded on the gradient tapes as one "DeformopsOp" whose gradient
@@ -291,8 +312,10 @@ def _differentiable(forward, backward, inputs, dtype, out_shape):
 
 
 @tf.RegisterGradient(_GRAD_OP)
-def _gradient(op, dy):
-    """The gradients of a deformops op that its caller needs (all when unknown)."""
+def _gradient(op, dy, *_):
+    """The gradients of a deformops op that its caller needs (all when unknown). (A SavedModel's
+    gradient tracing passes more arguments: :func:`_refuse_saving` then explains.)"""
+    _refuse_saving()
     if isinstance(op, tf.Operation):  # a graph's op, differentiated without a tape
         backward, skip = _GRAPH_BACKWARDS[op.graph][op.name], None
     else:  # the tape's record
@@ -373,8 +396,8 @@ def deform_conv2d(x, offset, filters, bias=None, *, strides=1, padding=0, dilati
         x = _tensor(x, "x", 4, xd)
         offset = _tensor(offset, "offset", 4, od)
         filters = _tensor(filters, "filters", 4, "[kh, kw, Cin/groups, Cout]")
-        bias = _tensor(bias, "bias", 1, "(Cout,)")
-        mask = _tensor(mask, "mask", 4, md)
+        bias = _tensor(bias, "bias", 1, "(Cout,)", optional=True)
+        mask = _tensor(mask, "mask", 4, md, optional=True)
         dtype = _check_dtypes({"x": x, "offset": offset, "filters": filters, "bias": bias,
                                "mask": mask})
         out_shape = _conv_shapes(x, offset, filters, bias, mask, stride, pad, dil, nhwc)
@@ -442,7 +465,7 @@ def _conv_shapes(x, offset, filters, bias, mask, stride, pad, dil, nhwc):
     """Check every statically known shape (ValueError naming the argument); the output shape."""
     N, H, W, Cin = _dims(x, nhwc)
     kh, kw, cpg, Cout = filters.shape.as_list() if filters.shape.rank else [None] * 4
-    if _known(kh, kw, cpg) and 0 in (kh, kw, cpg):
+    if 0 in (kh, kw, cpg):  # each as soon as it is known: the checks below divide by them
         raise ValueError(f"filters must have non-empty [kh, kw, Cin/groups]; got {filters.shape}")
     groups = None
     if _known(Cin, cpg):
