@@ -144,8 +144,14 @@ def _backward(grad_out, x, coords, order, mode, cval, layout, needs_input_grad, 
     with _arrays.device_of(x_k):
         grad_x = _arrays.empty_like(xp, x_k) if need_x else None
         grad_coords = _arrays.empty_like(xp, coords_k) if need_coords else None
-        backend.sample_backward(go_k, x_k, coords_k, grad_x, grad_coords, order, mode, cval,
-                                relative, cl)
+        # order 0 is piecewise constant: its coordinate gradient is 0, whatever the pixels
+        # (the kernels' sums would make 0 * Inf = NaN of a non-finite one)
+        ask = None if order == 0 else grad_coords
+        if grad_coords is not None and ask is None:
+            grad_coords[...] = 0
+        if grad_x is not None or ask is not None:
+            backend.sample_backward(go_k, x_k, coords_k, grad_x, ask, order, mode, cval,
+                                    relative, cl)
     return (
         None if grad_x is None else _from_kernel_order(grad_x, cl, layout),
         None if grad_coords is None else _from_kernel_order(grad_coords, cl, layout),

@@ -109,6 +109,35 @@ def test_nonfinite_grad_out_reaches_only_the_pixels_read(mode, order, layout):
     assert not np.isfinite(got[reached]).any()
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mode", MODES)
+def test_order0_reads_non_finite_pixels_once(mode, layout):
+    """Order 0 with +-Inf and NaN pixels: exactly scipy's value, +-Inf where the nearest pixel is
+    infinite (its weight-0 taps, which point at that pixel, made 0 * Inf = NaN), and a
+    coordinate gradient of exactly 0 (piecewise constant; the slope sums made NaN there)
+    [oracle: scipy.ndimage.map_coordinates; the contract for the gradient]."""
+    rng = np.random.default_rng(12)
+    N, C, G, H, W, Ho, Wo = 2, 4, 2, 4, 5, 6, 7
+    x = rng.uniform(-1, 1, (N, C, H, W))
+    x[rng.uniform(size=x.shape) < 0.3] = np.inf
+    x[rng.uniform(size=x.shape) < 0.15] = -np.inf
+    x[rng.uniform(size=x.shape) < 0.1] = np.nan
+    c = rng.uniform(-2.0, 7.0, (N, 2 * G, Ho, Wo))
+    c = np.where(rng.uniform(size=c.shape) < 0.3, np.round(c), c)
+    L = lambda a: to_layout(a, layout)  # noqa: E731
+    for dtype in DTYPES:
+        xd, cd = L(x.astype(dtype)), L(c.astype(dtype))
+        got = from_layout(dops.sample(xd, cd, order=0, mode=mode, cval=0.5, layout=layout),
+                          layout)
+        want = from_layout(scipy_sample(xd, cd, 0, mode, 0.5, layout), layout)
+        assert np.isinf(want).sum() > 5
+        np.testing.assert_array_equal(got, want.astype(dtype))
+        g = dops.sample_backward(L(np.ones((N, C, Ho, Wo), dtype)), xd, cd, order=0, mode=mode,
+                                 cval=0.5, layout=layout)
+        np.testing.assert_array_equal(g.grad_coords, np.zeros_like(cd))
+
+
 # -------------------------------------------------------------------------------- empty arrays
 
 

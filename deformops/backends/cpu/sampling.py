@@ -154,6 +154,17 @@ def _blend4(xf, of, c, idx, wt, bias, p0, m):
 
 
 @njit(cache=True)
+def _pick1(xf, of, c, idx, wt, bias, p0, m):
+    """:func:`_blend1` for order 0: the one tap of weight 1 (tap 0) alone. The other taps point
+    at its pixel with weight 0, which an infinite pixel would turn into NaN (0 * Inf), where
+    scipy reads that pixel once."""
+    src = xf[c]
+    dst = of[c]
+    for j in range(m):
+        dst[p0 + j] = bias[j] + wt[0, j] * src[idx[0, j]]
+
+
+@njit(cache=True)
 def _slope_sums(xf, gof, c0, c1, idx, ay, ax, cst, p0, m, acc):
     """acc[:, j] = sum over channels c0..c1-1 of grad_out * (d value / dy, d value / dx).
 
@@ -253,6 +264,10 @@ def _forward_nchw(t0, t1, first, maddr):
                               0, idx, wt, bias, empty, no_slopes, no_slopes, no_slopes)
         c = n * C + g * cpg
         c_end = c + cpg
+        if order == 0:
+            while c < c_end:
+                _pick1(xf, of, c, idx, wt, bias, p0, m)
+                c += 1
         while c + 4 <= c_end:  # four channels share each load of the taps
             _blend4(xf, of, c, idx, wt, bias, p0, m)
             c += 4
@@ -296,6 +311,9 @@ def _forward_nhwc(t0, t1, first, maddr):
                 if empty[t]:  # reads no pixel: cval
                     for c in range(g * cpg, (g + 1) * cpg):
                         dst[c] = b
+                elif order == 0:  # tap 0 alone (see _pick1)
+                    for c in range(g * cpg, (g + 1) * cpg):
+                        dst[c] = b + w0 * r0[c]
                 else:
                     for c in range(g * cpg, (g + 1) * cpg):
                         dst[c] = b + w0 * r0[c] + w1 * r1[c] + w2 * r2[c] + w3 * r3[c]

@@ -117,9 +117,12 @@ sample_forward(const T* __restrict__ x, const T* __restrict__ coords, T* __restr
                 const I E = tab.E;
                 const I* i = tab.idx + s;
                 const acc_t* w = tab.w + s;
-                v = bias + w[0] * to_acc(plane[i[0] * step]) + w[E] * to_acc(plane[i[E] * step])
-                    + w[2 * E] * to_acc(plane[i[2 * E] * step])
-                    + w[3 * E] * to_acc(plane[i[3 * E] * step]);
+                // order 0: tap 0 alone (the others point at its pixel with weight 0, and
+                // 0 * Inf would be NaN where scipy reads an infinite pixel once)
+                v = order == 0 ? bias + w[0] * to_acc(plane[i[0] * step])
+                    : bias + w[0] * to_acc(plane[i[0] * step]) + w[E] * to_acc(plane[i[E] * step])
+                      + w[2 * E] * to_acc(plane[i[2 * E] * step])
+                      + w[3 * E] * to_acc(plane[i[3 * E] * step]);
             }
             store(out + (CL ? (n * P + p0 + j) * C + c : (n * C + c) * P + p0 + j), v);
         }
