@@ -11,6 +11,8 @@ Most cases use the ``aot_eager`` backend (AOT autograd and the fake kernels, no 
 fast on a small shared machine); one module runs through ``inductor``.
 """
 
+import re
+
 import numpy as np
 import pytest
 
@@ -184,3 +186,22 @@ def test_error_under_compile():
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     with pytest.raises(TypeError, match="dtype"):
         compiled(x, off.float(), w, b, m)
+
+
+def test_export_refuses_bad_sampling_options_when_traced():
+    """An unknown mode or unsupported order raises when torch.export traces the call, with the
+    core's error, not only when the exported program runs [oracle: NumPy core]."""
+    import deformops
+
+    x, c = torch.rand(1, 2, 4, 4), torch.rand(1, 2, 4, 4)
+    for options, error in ((dict(mode="bogus"), ValueError), (dict(order=3), NotImplementedError),
+                           (dict(order=-1), ValueError)):
+        with pytest.raises(error) as core:
+            deformops.sample(x.numpy(), c.numpy(), **options)
+
+        class M(torch.nn.Module):
+            def forward(self, a, b, options=options):
+                return dt.sample(a, b, **options)
+
+        with pytest.raises(error, match=re.escape(str(core.value)[:20])):
+            torch.export.export(M(), (x, c))

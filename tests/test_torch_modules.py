@@ -283,13 +283,17 @@ def test_reprs():
     (lambda: dt.ConvOffset2D(2.0), TypeError, "channels"),
     (lambda: dt.ConvOffset2D(2, init_normal_stddev=-1), ValueError, "init_normal_stddev"),
     (lambda: dt.ConvOffset2D(2, init_normal_stddev="0.1"), TypeError, "init_normal_stddev"),
+    (lambda: dt.ConvOffset2D(2, init_normal_stddev=float("inf")), ValueError,
+     "init_normal_stddev"),
+    (lambda: dt.DeformConv2dPack(4, 4, 3, modulated="yes"), TypeError, "modulated"),
     (lambda: dt.ConvOffset2D(2, mode="clamp"), ValueError, "mode"),
     (lambda: dt.ConvOffset2D(2, order=3), NotImplementedError, "order"),
     (lambda: dt.DeformConv2dPack(4, 4, 3, offset_groups=2.0), TypeError, "offset_groups"),
     (lambda: dt.DeformConv2dPack(4, 4, 3, offset_groups=True), TypeError, "offset_groups"),
     (lambda: dt.DeformConv2dPack(4, 4, 3, offset_groups=0), ValueError, "offset_groups"),
     (lambda: dt.DeformConv2dPack(4, 4, 3, offset_groups=3), ValueError, "offset_groups"),
-], ids=["channels 0", "channels float", "negative stddev", "string stddev", "mode", "order",
+], ids=["channels 0", "channels float", "negative stddev", "string stddev", "infinite stddev",
+        "string modulated", "mode", "order",
         "float offset_groups", "bool offset_groups", "zero offset_groups", "3 offset_groups"])
 def test_modules_that_predict_offsets_reject_bad_arguments_when_built(make, error, match):
     """Bad arguments raise when the module is built, naming the argument [oracle: DESIGN §5;
@@ -302,8 +306,66 @@ def test_modules_that_predict_offsets_reject_another_channel_count():
     """An input with other channels than the module was built for: ValueError naming input,
     not the predictor conv's bare RuntimeError [oracle: DESIGN §5]."""
     x = torch.zeros(1, 6, 5, 5)
-    for m in (dt.ConvOffset2D(4), dt.DeformConv2dPack(4, 4, 3, padding=1)):
-        with pytest.raises(ValueError, match="input"):
+    for m, name in ((dt.ConvOffset2D(4), "x"), (dt.DeformConv2dPack(4, 4, 3, padding=1), "input")):
+        with pytest.raises(ValueError, match=f"{name} must be"):
             m(x)
-        with pytest.raises(ValueError, match="input"):
+        with pytest.raises(ValueError, match=f"{name} must be"):
             m(x[0])
+
+
+def test_modules_that_predict_offsets_check_their_input_first():
+    """What the predictor conv would refuse with a bare RuntimeError (or an AttributeError):
+    a TypeError for a NumPy array, an integer tensor, another dtype than the module's
+    (float64 into a float32 module), a ValueError for an input smaller than the kernel, each
+    naming the forward's argument [oracle: DESIGN §5]. Under autocast another dtype runs."""
+    for m, name in ((dt.ConvOffset2D(4), "x"), (dt.DeformConv2dPack(4, 4, 3), "input")):
+        for bad in (np.zeros((1, 4, 5, 5), np.float32), torch.zeros(1, 4, 5, 5, dtype=torch.int64),
+                    torch.zeros(1, 4, 5, 5, dtype=torch.float64)):
+            with pytest.raises(TypeError, match=f"{name} must"):
+                m(bad)
+    with pytest.raises(ValueError, match="input of shape .* is smaller than"):
+        dt.DeformConv2dPack(4, 4, 3, dilation=2, padding=1)(torch.zeros(1, 4, 2, 6))
+    assert dt.DeformConv2dPack(4, 4, 3, dilation=2, padding=1)(torch.zeros(1, 4, 3, 3)).shape \
+        == (1, 4, 1, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = dt.DeformConv2dPack(4, 4, 3, padding=1)(torch.zeros(1, 4, 5, 5, dtype=torch.bfloat16))
+    assert out.shape == (1, 4, 5, 5)
+
+
+def test_numpy_integer_arguments_are_stored_as_ints():
+    """NumPy integers are taken, and stored as Python ints: torch.compile(fullgraph=True)
+    traced stored NumPy integers as tensors, and failed on the channel check [oracle: the same
+    module built with ints, compiled and eager]."""
+    torch.manual_seed(0)
+    pack = dt.DeformConv2dPack(np.int64(4), np.int32(6), 3, groups=np.int64(2),
+                               offset_groups=np.int64(2), padding=1, modulated=np.bool_(True))
+    conv = dt.ConvOffset2D(np.int64(4))
+    for m, names in ((pack, ("in_channels", "out_channels", "groups", "offset_groups")),
+                     (conv, ("channels",))):
+        assert all(type(getattr(m, n)) is int for n in names)
+    x = torch.rand(2, 4, 6, 5)
+    for m in (pack, conv):
+        want = m(x)
+        got = torch.compile(m, fullgraph=True, backend="eager")(x)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_reset_parameters_of_every_submodule_keeps_the_predictors_initialisation():
+    """torch's idiom for modules built on the meta device (also FSDP's): to_empty, then
+    reset_parameters on every submodule. The predictors keep their initialisation (zeros for
+    DeformConv2dPack, normal with the given stddev for ConvOffset2D), not nn.Conv2d's Kaiming
+    one; DeformConv2dPack.reset_parameters resets its predictor too [oracle: the documented
+    initialisation]."""
+    with torch.device("meta"):
+        pack, conv = dt.DeformConv2dPack(8, 8, 3, modulated=True), dt.ConvOffset2D(64)
+    for m in (pack, conv):
+        m.to_empty(device="cpu")
+        for sub in m.modules():
+            if hasattr(sub, "reset_parameters"):
+                sub.reset_parameters()
+    assert not pack.conv_offset.weight.any() and not pack.conv_offset.bias.any()
+    assert pack.weight.abs().max() > 0
+    assert 0.009 < conv.conv.weight.std().item() < 0.011
+    pack.conv_offset.weight.data.fill_(1.0)
+    pack.reset_parameters()
+    assert not pack.conv_offset.weight.any()

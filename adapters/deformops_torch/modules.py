@@ -3,6 +3,7 @@ predicts its own offsets (and DCNv2 mask), and the original project's ``ConvOffs
 
 import math
 import numbers
+import operator
 
 import numpy as np
 import torch
@@ -14,21 +15,65 @@ from torch.nn import init
 from .ops import _pair, deform_conv2d, deform_sample
 
 
-def _positive_ints(**named):
-    """TypeError for anything but an int (a bool included), ValueError for one below 1."""
-    for name, value in named.items():
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"{name} must be an int, got {value!r}")
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value!r}")
+def _positive_int(value, name):
+    """``value`` as a Python int (NumPy integers too: stored as given, torch.compile would
+    trace them as tensors); TypeError for anything but an integer (a bool included),
+    ValueError for one below 1."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value!r}")
+    return int(value)
 
 
-def _check_input(input, channels, cls):
-    """A ValueError naming ``input`` for a tensor that is not (N, channels, H, W) (the
-    predictor conv would raise a bare RuntimeError)."""
+def _check_input(input, predictor, name, cls):
+    """The checks of deformops' own ops, for the argument ``name`` of a module whose
+    ``predictor`` conv runs first (it would raise bare RuntimeErrors): a TypeError for a
+    non-tensor, a non-floating tensor, or one of another dtype than the predictor's weight
+    (outside autocast); a ValueError unless it is (N, Cin, H, W) with the predictor's Cin and
+    an output of at least one pixel."""
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(input).__name__}")
+    weight = predictor.weight
+    if not input.is_floating_point() or (
+            input.dtype != weight.dtype
+            and not torch.is_autocast_enabled(input.device.type)):
+        raise TypeError(f"{name} must have this {cls}'s dtype {weight.dtype}, got {input.dtype}")
+    channels = predictor.in_channels
     if input.dim() != 4 or input.shape[1] != channels:
-        raise ValueError(f"input must be (N, {channels}, H, W) for this {cls}, got shape "
+        raise ValueError(f"{name} must be (N, {channels}, H, W) for this {cls}, got shape "
                          f"{tuple(input.shape)}")
+    for a in (0, 1):
+        size = input.shape[2 + a] + 2 * predictor.padding[a]
+        span = predictor.dilation[a] * (predictor.kernel_size[a] - 1) + 1
+        if size < span:
+            raise ValueError(
+                f"{name} of shape {tuple(input.shape)} is smaller than this {cls}'s kernel "
+                f"{predictor.kernel_size} with dilation {predictor.dilation} and padding "
+                f"{predictor.padding}: the output would be empty")
+
+
+class _InitConv2d(nn.Conv2d):
+    """A predictor ``nn.Conv2d`` whose ``reset_parameters`` keeps its module's initialisation
+    (zeros, or a normal weight of standard deviation ``std``; a zero bias): torch's idiom of
+    resetting every submodule (a model built on the meta device, FSDP) would otherwise give
+    it Kaiming's, and nonzero offsets."""
+
+    def __init__(self, *args, std=0.0, **kwargs):
+        self.std = std
+        super().__init__(*args, **kwargs)
+
+    def _get_name(self):  # printed as the nn.Conv2d it is
+        return "Conv2d"
+
+    def reset_parameters(self):
+        super().reset_parameters()  # draws as nn.Conv2d does: later layers' seeds unchanged
+        if self.std:
+            nn.init.normal_(self.weight, 0.0, float(self.std))
+        else:
+            nn.init.zeros_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
 
 
 class DeformConv2d(nn.Module):
@@ -50,7 +95,9 @@ class DeformConv2d(nn.Module):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                  groups=1, bias=True):
         super().__init__()
-        _positive_ints(in_channels=in_channels, out_channels=out_channels, groups=groups)
+        in_channels = _positive_int(in_channels, "in_channels")
+        out_channels = _positive_int(out_channels, "out_channels")
+        groups = _positive_int(groups, "groups")
         if in_channels % groups != 0:
             raise ValueError(f"in_channels ({in_channels}) must be divisible by groups ({groups})")
         if out_channels % groups != 0:
@@ -136,22 +183,28 @@ class DeformConv2dPack(DeformConv2d):
                  groups=1, offset_groups=1, bias=True, modulated=False):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
                          groups, bias)
-        _positive_ints(offset_groups=offset_groups)
+        offset_groups = _positive_int(offset_groups, "offset_groups")
         if in_channels % offset_groups:
             raise ValueError(f"offset_groups ({offset_groups}) must be >= 1 and divide "
                              f"in_channels ({in_channels})")
+        if not isinstance(modulated, (bool, np.bool_)):
+            raise TypeError(f"modulated must be a bool, got {modulated!r}")
         self.offset_groups = offset_groups
-        self.modulated = modulated
+        self.modulated = bool(modulated)
         taps = offset_groups * self.kernel_size[0] * self.kernel_size[1]
-        self.conv_offset = nn.Conv2d(in_channels, (3 if modulated else 2) * taps,
-                                     self.kernel_size, self.stride, self.padding, self.dilation,
-                                     bias=True)
-        self.init_offset()
+        self.conv_offset = _InitConv2d(self.in_channels, (3 if modulated else 2) * taps,
+                                       self.kernel_size, self.stride, self.padding,
+                                       self.dilation, bias=True)
+
+    def reset_parameters(self):
+        """:class:`DeformConv2d`'s initialisation, and the offset predictor's zeros."""
+        super().reset_parameters()
+        if hasattr(self, "conv_offset"):  # not yet while DeformConv2d.__init__ runs
+            self.init_offset()
 
     def init_offset(self):
         """Zero the offset predictor: offsets 0 (and mask 0.5) for every input."""
-        nn.init.zeros_(self.conv_offset.weight)
-        nn.init.zeros_(self.conv_offset.bias)
+        self.conv_offset.reset_parameters()
 
     def forward(self, input):
         """
@@ -163,7 +216,7 @@ class DeformConv2dPack(DeformConv2d):
         -------
         Tensor, (N, Cout, Ho, Wo)
         """
-        _check_input(input, self.in_channels, "DeformConv2dPack")
+        _check_input(input, self.conv_offset, "input", "DeformConv2dPack")
         pred = self.conv_offset(input)
         n_offset = 2 * self.offset_groups * self.kernel_size[0] * self.kernel_size[1]
         offset = pred[:, :n_offset]
@@ -203,26 +256,25 @@ class ConvOffset2D(nn.Module):
 
     def __init__(self, channels, init_normal_stddev=0.01, order=1, mode="nearest"):
         super().__init__()
-        _positive_ints(channels=channels)
+        channels = _positive_int(channels, "channels")
         if isinstance(init_normal_stddev, bool) or not isinstance(init_normal_stddev,
                                                                    numbers.Real):
             raise TypeError(f"init_normal_stddev must be a number, got {init_normal_stddev!r}")
-        if not init_normal_stddev >= 0:
-            raise ValueError(f"init_normal_stddev must be >= 0, got {init_normal_stddev!r}")
+        if not (init_normal_stddev >= 0 and math.isfinite(init_normal_stddev)):
+            raise ValueError(f"init_normal_stddev must be a finite number >= 0, got "
+                             f"{init_normal_stddev!r}")
         # order and mode by the core's own rules and messages, now rather than at the first call
         deformops.sample(np.zeros((0, 1, 1, 1)), np.zeros((0, 2, 1, 1)), order=order, mode=mode)
         self.channels = channels
         self.init_normal_stddev = init_normal_stddev
-        self.order = order
+        self.order = operator.index(order)
         self.mode = mode
-        self.conv = nn.Conv2d(channels, 2 * channels, 3, padding=1, bias=False)
-        self.reset_parameters()
+        self.conv = _InitConv2d(channels, 2 * channels, 3, padding=1, bias=False,
+                                std=init_normal_stddev)
 
     def reset_parameters(self):
-        if self.init_normal_stddev:
-            nn.init.normal_(self.conv.weight, 0.0, self.init_normal_stddev)
-        else:
-            nn.init.zeros_(self.conv.weight)
+        """The predictor's normal initialisation (zeros for ``init_normal_stddev=0``)."""
+        self.conv.reset_parameters()
 
     def forward(self, x):
         """
@@ -234,7 +286,7 @@ class ConvOffset2D(nn.Module):
         -------
         Tensor, (N, C, H, W)
         """
-        _check_input(x, self.channels, "ConvOffset2D")
+        _check_input(x, self.conv, "x", "ConvOffset2D")
         return deform_sample(x, self.conv(x), order=self.order, mode=self.mode)
 
     def extra_repr(self):

@@ -46,6 +46,7 @@ from torch import Tensor
 
 import deformops
 from deformops.backends import cuda as deformops_cuda
+from deformops._modes import check_order, mode_code
 from deformops.backends.cpu import limit_threads
 
 from . import _vmap
@@ -557,9 +558,10 @@ _SAMPLING_TRANSFORMED = {_sample: _SampleTransformed, _deform_sample: _DeformSam
 
 
 def _check_sampling_args(order, mode, cval):
-    """The operator schema's (int, str, float); values (order 0/1, mode names) are checked by
-    deformops itself, which raises the same errors for tensors as for arrays. Integer and real
-    NumPy scalars are accepted, as by the core."""
+    """The operator schema's (int, str, float), and their values by deformops' own rules and
+    messages (order 0/1, mode names): now, so that a traced or exported program does not hold
+    an option that fails only when it runs. Integer and real NumPy scalars are accepted, as by
+    the core."""
     if isinstance(order, bool):
         raise TypeError(f"order must be an integer, got {type(order).__name__}")
     try:
@@ -568,6 +570,8 @@ def _check_sampling_args(order, mode, cval):
         raise TypeError(f"order must be an integer, got {type(order).__name__}") from None
     if not isinstance(mode, str):
         raise TypeError(f"mode must be a string, got {type(mode).__name__}")
+    check_order(order)
+    mode_code(mode)
     if isinstance(cval, bool) or not isinstance(cval, numbers.Real):
         raise TypeError(f"cval must be a real number, got {type(cval).__name__}")
     return order, mode, deformops._arrays.check_cval(cval)  # an int beyond float: ValueError
