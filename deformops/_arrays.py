@@ -194,7 +194,10 @@ def check_dtypes(arrays, allowed=CPU_DTYPES, device="cpu"):
         ok = a.dtype.name in GPU_DTYPE_NAMES if device == "cuda" else a.dtype in allowed
         if not ok:
             names = (GPU_DTYPE_NAMES if device == "cuda" else [str(d) for d in allowed])
-            raise TypeError(f"{name} must have dtype {', '.join(names)}; got {a.dtype}")
+            swapped = not a.dtype.isnative and a.dtype.newbyteorder("=") in allowed
+            raise TypeError(f"{name} must have dtype {', '.join(names)}; got {a.dtype}"
+                            + (" (non-native byte order: convert it with .astype("
+                               f"{a.dtype.newbyteorder('=').name!r}))" if swapped else ""))
         if first is None:
             first = (name, a.dtype)
         elif a.dtype != first[1]:

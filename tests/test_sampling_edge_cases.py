@@ -380,6 +380,8 @@ BAD_SAMPLE = {
     "x-int": (lambda x, c: (x.astype(np.int64), c), {}, TypeError, r"\bx\b"),
     "coords-int": (lambda x, c: (x, c.astype(np.int32)), {}, TypeError, r"coords"),
     "x-complex": (lambda x, c: (x.astype(np.complex128), c), {}, TypeError, r"\bx\b"),
+    "x-big-endian": (lambda x, c: (x.astype(x.dtype.newbyteorder(">")), c), {}, TypeError,
+                     r"\bx\b.*byte order"),
     "x-float16": (lambda x, c: (x.astype(np.float16), c.astype(np.float16)), {}, TypeError,
                   r"\bx\b|float16"),
     "mixed-dtypes": (lambda x, c: (x.astype(np.float32), c), {}, TypeError, r"\bx\b|coords"),
