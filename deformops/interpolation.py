@@ -19,8 +19,8 @@ def _as_array(obj, name):
 
 def _output_array(output, shape, input_dtype, xp=np):
     """Resolve scipy's ``output`` argument: None, a dtype, or an array to fill."""
-    if output is None:
-        out = xp.empty(shape, input_dtype)
+    if output is None:  # native byte order, as scipy returns
+        out = xp.empty(shape, np.dtype(input_dtype).newbyteorder("="))
     elif isinstance(output, xp.ndarray):
         if output.shape != shape:
             raise ValueError(f"output must have shape {shape}; got {output.shape}")
@@ -48,7 +48,7 @@ def _output_array(output, shape, input_dtype, xp=np):
 def _store(values, out, xp=np):
     """Cast float results into ``out`` with scipy's rules for integer and bool outputs."""
     kind = out.dtype.kind
-    if kind == "b":  # as scipy: truncated toward zero, then != 0 (True from |v| >= 1)
+    if kind == "b":  # truncated toward zero, then != 0 (True from |v| >= 1; see the docstring)
         out[...] = xp.trunc(values) != 0
         return
     if kind in "iu":
@@ -58,7 +58,7 @@ def _store(values, out, xp=np):
         else:
             values = xp.where(values > 0, values + 0.5, values - 0.5)
         # int64/uint64 maxima round up to 2**63 / 2**64 as floats, which overflow the cast:
-        # values from there on get the maximum itself, as scipy gives
+        # values from there on get the maximum itself (scipy's cast wraps around there)
         top = values >= float(info.max)
         with np.errstate(invalid="ignore"):
             cast = xp.clip(values, info.min, info.max).astype(out.dtype)
@@ -69,7 +69,9 @@ def _store(values, out, xp=np):
 
 def map_coordinates(input, coordinates, output=None, order=1, mode="constant", cval=0.0,
                     prefilter=True):
-    """Sample a 2-D array at coordinates, as ``scipy.ndimage.map_coordinates`` does.
+    """Sample a 2-D array at coordinates, as ``scipy.ndimage.map_coordinates`` does, for orders
+    0 and 1. The default order is 1 (bilinear), not scipy's 3: a call without ``order`` that
+    gave a cubic spline in scipy gives bilinear values here.
 
     Parameters
     ----------
@@ -79,11 +81,13 @@ def map_coordinates(input, coordinates, output=None, order=1, mode="constant", c
     coordinates : array_like, (2, ...)
         Row coordinates in ``coordinates[0]``, column coordinates in ``coordinates[1]``.
     output : None, dtype or ndarray of shape ``coordinates.shape[1:]``
-        Where to store the result, as in scipy (integer outputs round half away from zero and
-        clip, bool outputs are True from |v| >= 1, as scipy's). A read-only array raises
+        Where to store the result, as in scipy: integer outputs round half away from zero;
+        values beyond the type's range clip to it (scipy's cast wraps around or is undefined
+        there); bool outputs are True from |v| >= 1 (scipy keeps the low byte of the
+        truncated integer: False for 256.0, NaN or Inf). A read-only array raises
         ``ValueError``; anything else array-like (another library's array) ``TypeError``.
     order : {0, 1}
-        Larger orders raise ``NotImplementedError``.
+        Spline orders 2-5 raise ``NotImplementedError``, other integers ``ValueError``.
     mode : str
         'constant', 'grid-constant', 'nearest', 'reflect' (= 'grid-mirror'), 'mirror', 'wrap'
         or 'grid-wrap'; scipy's quirks included ('constant' gives ``cval`` outside [0, n-1]

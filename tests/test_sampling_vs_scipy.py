@@ -322,6 +322,11 @@ def test_map_coordinates_array_likes_and_mixed_dtypes(order):
                                    cval=0.5)
         assert got.dtype == ref.dtype == np.float32
         np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6)
+        big = img.astype(">f8")  # non-native byte order: a native result, as scipy's
+        ref = ndi.map_coordinates(big, c64, order=order, mode=mode, cval=0.5)
+        got = dops.map_coordinates(big, c64, order=order, mode=mode, cval=0.5)
+        assert got.dtype == ref.dtype and got.dtype.isnative
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("mode", MODES)
