@@ -117,7 +117,7 @@ def _refuse_forward_mode(*tensors):
     (``torch.compile`` of a ``jvp`` still drops the tangent)."""
     if retrieve_all_functorch_interpreters is None or is_compiling():
         return
-    if getattr(fwAD, "_current_level", -1) < 0 and (
+    if not _dual_level_open() and (
             peek_interpreter_stack() is None
             or all(i.key() != TransformType.Jvp for i in retrieve_all_functorch_interpreters())):
         return
@@ -126,6 +126,12 @@ def _refuse_forward_mode(*tensors):
             "deformops_torch ops have no forward-mode derivative (torch.func.jvp, jacfwd, "
             "hessian, linearize, torch.autograd.forward_ad): use reverse mode "
             "(torch.autograd.grad, Tensor.backward)")
+
+
+def _dual_level_open():
+    """Whether a ``torch.autograd.forward_ad.dual_level`` is open (a private attribute: False
+    where a torch version lacks it)."""
+    return getattr(fwAD, "_current_level", -1) >= 0
 
 
 def _dual(t):
@@ -425,7 +431,7 @@ def deform_conv2d(input, offset, weight, bias=None, stride=(1, 1), padding=(0, 0
 
 def _conv_call(*args):
     if _eager(*args[:5]):
-        if fwAD._current_level >= 0:
+        if _dual_level_open():
             _refuse_forward_mode(*args[:5])
         return _DeformConv2dFunction.apply(*args)
     _refuse_forward_mode(*args[:5])
@@ -579,7 +585,7 @@ def _check_sampling_args(order, mode, cval):
 
 def _sampling_call(op, function, x, coords, *options):
     if _eager(x, coords):
-        if fwAD._current_level >= 0:
+        if _dual_level_open():
             _refuse_forward_mode(x, coords)
         return function.apply(x, coords, *options)
     _refuse_forward_mode(x, coords)
