@@ -102,10 +102,16 @@ def as_arrays(optional=(), **named):
     kinds = set(devices.values())  # one kind at most: checked above
     device = kinds.pop() if kinds else "cpu"
     if device == "cuda":
-        ids = {n: a.device.id for n, a in arrays.items() if a is not None}
-        if len(set(ids.values())) > 1:
-            raise ValueError(f"all arrays of one call must be on the same GPU; got devices {ids}")
+        check_one_gpu(**arrays)
     return arrays, device
+
+
+def check_one_gpu(**arrays):
+    """``ValueError`` naming the devices when the CuPy arrays among ``arrays`` (others and None
+    are ignored) live on more than one GPU: a kernel on one GPU cannot read another's memory."""
+    ids = {n: a.device.id for n, a in arrays.items() if _is_cupy(a)}
+    if len(set(ids.values())) > 1:
+        raise ValueError(f"all arrays of one call must be on the same GPU; got devices {ids}")
 
 
 def _device_kind(obj):
@@ -232,10 +238,20 @@ def check_cval(cval):
 
 
 def check_needs(needs_input_grad, count):
+    """``needs_input_grad`` as a tuple of ``count`` bools: a sequence of bools (or of integers,
+    as truth values); a string, or entries of any other type (None, floats, arrays), are a
+    ``TypeError``, not their truthiness."""
+    wrong = TypeError(f"needs_input_grad must be a sequence of {count} booleans, got "
+                      f"{needs_input_grad!r}")
+    if isinstance(needs_input_grad, (str, bytes)):
+        raise wrong
     try:
-        needs = tuple(bool(v) for v in needs_input_grad)
+        items = tuple(needs_input_grad)
     except TypeError:
-        raise TypeError(f"needs_input_grad must be a sequence of {count} booleans") from None
+        raise wrong from None
+    if not all(isinstance(v, (bool, int, np.bool_, np.integer)) for v in items):
+        raise wrong
+    needs = tuple(bool(v) for v in items)
     if len(needs) != count:
         raise ValueError(f"needs_input_grad must have {count} entries, got {len(needs)}")
     return needs

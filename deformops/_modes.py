@@ -3,6 +3,8 @@
 The integer codes are what the kernels receive; they are private.
 """
 
+import operator
+
 CONSTANT = 0
 GRID_CONSTANT = 1
 NEAREST = 2
@@ -38,9 +40,17 @@ def mode_code(mode):
 
 def check_order(order):
     """Validate an interpolation order: 0 (nearest) or 1 (bilinear)."""
-    if isinstance(order, bool) or not isinstance(order, (int,)) and not hasattr(order, "__index__"):
-        raise TypeError(f"order must be an integer, got {type(order).__name__}")
-    order = int(order)
+    try:  # operator.index, not int(): a 0-d float array has __index__ and int() truncates it
+        if isinstance(order, bool):
+            raise TypeError
+        order = operator.index(order)
+    except TypeError:
+        kind = type(order).__name__
+        if getattr(order, "ndim", 0):
+            kind += f" of shape {order.shape}"
+        elif str(getattr(order, "dtype", kind)) != kind:
+            kind += f" of dtype {order.dtype}"
+        raise TypeError(f"order must be an integer, got {kind}") from None
     if order < 0 or order > 5:
         raise ValueError(f"order must be 0 or 1, got {order}")
     if order > 1:

@@ -48,8 +48,8 @@ def _output_array(output, shape, input_dtype, xp=np):
 def _store(values, out, xp=np):
     """Cast float results into ``out`` with scipy's rules for integer and bool outputs."""
     kind = out.dtype.kind
-    if kind == "b":  # truncated toward zero, then != 0 (True from |v| >= 1; see the docstring)
-        out[...] = xp.trunc(values) != 0
+    if kind == "b":  # truncated toward zero, then != 0: True from |v| >= 1, NaN False
+        out[...] = xp.abs(values) >= 1.0
         return
     if kind in "iu":
         info = np.iinfo(out.dtype)
@@ -71,7 +71,8 @@ def map_coordinates(input, coordinates, output=None, order=1, mode="constant", c
                     prefilter=True):
     """Sample a 2-D array at coordinates, as ``scipy.ndimage.map_coordinates`` does, for orders
     0 and 1. The default order is 1 (bilinear), not scipy's 3: a call without ``order`` that
-    gave a cubic spline in scipy gives bilinear values here.
+    gave a cubic spline in scipy gives bilinear values here. An empty ``input`` with points to
+    sample raises ``ValueError`` (scipy returns ``cval`` there).
 
     Parameters
     ----------
@@ -83,8 +84,8 @@ def map_coordinates(input, coordinates, output=None, order=1, mode="constant", c
     output : None, dtype or ndarray of shape ``coordinates.shape[1:]``
         Where to store the result, as in scipy: integer outputs round half away from zero;
         values beyond the type's range clip to it (scipy's cast wraps around or is undefined
-        there); bool outputs are True from |v| >= 1 (scipy keeps the low byte of the
-        truncated integer: False for 256.0, NaN or Inf). A read-only array raises
+        there); bool outputs are True from |v| >= 1, False for NaN (scipy keeps the low
+        byte of the truncated integer: False for 256.0 or Inf). A read-only array raises
         ``ValueError``; anything else array-like (another library's array) ``TypeError``.
     order : {0, 1}
         Spline orders 2-5 raise ``NotImplementedError``, other integers ``ValueError``.
@@ -113,6 +114,8 @@ def map_coordinates(input, coordinates, output=None, order=1, mode="constant", c
     if {dev_image or device, dev_coords or device} != {device}:
         raise TypeError(f"input is on {dev_image} but coordinates on {dev_coords}; "
                         "NumPy and CuPy arrays cannot be mixed in one call")
+    # output too: the kernel writes a direct output in place
+    _arrays.check_one_gpu(input=image, coordinates=coords, output=output)
     backend = _arrays.backend(device) if device == "cuda" else None  # CUDA: fail early
     xp = _arrays.xp_of(image)
     if image.ndim != 2:

@@ -184,9 +184,9 @@ def test_tile_workspace_is_bounded_independently_of_batch():
 
 
 def test_index_type_threshold_is_the_runtime_one(monkeypatch):
-    assert _runtime.index_dtype(2**31 - 1) == "int32"
-    assert _runtime.index_dtype(2**31) == "int64"
-    monkeypatch.setattr(_source, "INT32_MAX", 10)
+    assert _runtime.index_dtype(2**31 - 1 - 1024) == "int32"
+    assert _runtime.index_dtype(2**31 - 1024) == "int64"
+    monkeypatch.setattr(_source, "INDEX32_LIMIT", 10)
     assert _runtime.index_dtype(11) == "int64"
 
 
@@ -280,3 +280,22 @@ def test_gpu_benchmark_report_with_numpy_standing_in_for_cupy(monkeypatch, with_
         assert len(report.checks) == 5  # fwd, grad input, grad offset, cupyx, grid_sample
     else:
         assert "torch peers skipped" in text
+
+
+class _OnGpu:
+    """Stands in for a CuPy array on GPU ``i`` (deformops recognises CuPy by the module)."""
+
+    __module__ = "cupy"
+
+    def __init__(self, i):
+        self.device = types.SimpleNamespace(id=i)
+
+
+@pytest.mark.parametrize("where", ["coordinates", "output"])
+def test_map_coordinates_refuses_arrays_on_two_gpus(where):
+    """Arrays of one call on two GPUs raise ValueError naming the devices, before any launch
+    (the kernel on the input's GPU would read or write the other GPU's memory), as sample and
+    deform_conv2d do [oracle: contract §5]."""
+    coords, output = (_OnGpu(1), None) if where == "coordinates" else (_OnGpu(0), _OnGpu(1))
+    with pytest.raises(ValueError, match=rf"same GPU.*'{where}': 1"):
+        dops.map_coordinates(_OnGpu(0), coords, output=output)

@@ -377,6 +377,12 @@ BAD_SAMPLE = {
     "order-3": (lambda x, c: (x, c), {"order": 3}, (NotImplementedError, ValueError), r"order"),
     "order-negative": (lambda x, c: (x, c), {"order": -1}, ValueError, r"order"),
     "order-float": (lambda x, c: (x, c), {"order": 1.5}, (TypeError, ValueError), r"order"),
+    # 0-d arrays have __index__, and int() would truncate them: 0.7 ran as order 0
+    "order-0d-float-array": (lambda x, c: (x, c), {"order": np.array(0.7)}, TypeError, r"order"),
+    "order-0d-bool-array": (lambda x, c: (x, c), {"order": np.array(True)}, TypeError, r"order"),
+    "order-1-element-array": (lambda x, c: (x, c), {"order": np.array([1])}, TypeError,
+                              r"order"),
+    "order-numpy-bool": (lambda x, c: (x, c), {"order": np.True_}, TypeError, r"order"),
     "x-int": (lambda x, c: (x.astype(np.int64), c), {}, TypeError, r"\bx\b"),
     "coords-int": (lambda x, c: (x, c.astype(np.int32)), {}, TypeError, r"coords"),
     "x-complex": (lambda x, c: (x.astype(np.complex128), c), {}, TypeError, r"\bx\b"),
@@ -445,6 +451,8 @@ def test_needs_input_grad_bad_value():
     x, c, g = _ok()
     with pytest.raises((ValueError, TypeError), match="needs_input_grad"):
         dops.sample_backward(g, x, c, needs_input_grad=(True,))
+    with pytest.raises(TypeError, match="needs_input_grad"):  # not a string's truthiness
+        dops.sample_backward(g, x, c, needs_input_grad="ab")
 
 
 BAD_DEFORM = {

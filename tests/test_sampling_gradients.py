@@ -248,8 +248,9 @@ def test_grad_at_minus_one_and_last_index(mode):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("mode", MODES)
 def test_grad_at_integers_outside_is_right_hand_derivative(mode, layout):
-    """At every integer coordinate from -3n to 4n (the mirrored, wrapped and clamped stretches
-    outside the image included), the coordinate gradient is the right-hand derivative, never
+    """At every integer coordinate from -5n to 6n (the mirrored, wrapped and clamped stretches
+    outside the image included, and several periods of every periodic mode, whose multiples
+    are reduced exactly to 0), the coordinate gradient is the right-hand derivative, never
     the left-hand one (on a mirrored stretch the mode's coordinate runs backwards) [oracle:
     one-sided float64 finite differences of the forward at two step sizes; where they disagree
     the value jumps right of the point ('constant', 'wrap'), and the point is skipped]."""
@@ -257,7 +258,7 @@ def test_grad_at_integers_outside_is_right_hand_derivative(mode, layout):
     H, W = 4, 5
     x = rng.uniform(-1, 1, (1, 2, H, W))
     x[0, 1] = rng.permutation(H * W).reshape(H, W)  # steep, distinct steps
-    ints = np.arange(-3 * max(H, W), 4 * max(H, W) + 1, dtype=np.float64)
+    ints = np.arange(-5 * max(H, W), 6 * max(H, W) + 1, dtype=np.float64)
     cy, cx = np.meshgrid(ints, ints, indexing="ij")
     # y integer with x inside a cell, and x integer with y inside a cell
     frac = rng.uniform(0.2, 0.8, cy.shape)

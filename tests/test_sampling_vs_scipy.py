@@ -250,6 +250,13 @@ def test_map_coordinates_bool_and_integer_outputs_clip_as_scipy(dtype):
     got = dops.map_coordinates(img, coords, order=1, output=dtype)
     assert got.dtype == ref.dtype
     np.testing.assert_array_equal(got, ref)
+    if dtype is bool:  # NaN (a NaN pixel, or a NaN cval outside) is False, as in scipy
+        for img, c, cval in ((np.array([[np.nan]]), np.zeros((2, 1)), 0.0),
+                             (np.ones((2, 2)), np.full((2, 1), -5.0), np.nan)):
+            ref = ndi.map_coordinates(img, c, order=1, output=bool, cval=cval)
+            got = dops.map_coordinates(img, c, order=1, output=bool, cval=cval)
+            np.testing.assert_array_equal(got, ref)
+            assert not got.any()
     if dtype is np.uint64:  # saturates, as every other integer output
         assert dops.map_coordinates(np.array([[2e19]]), np.zeros((2, 1)),
                                     output=dtype)[0] == np.iinfo(np.uint64).max

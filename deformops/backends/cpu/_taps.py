@@ -92,7 +92,11 @@ def map_coordinate(c, n, mode):
             p = 2.0 * n
             if c < -p:
                 c = -np.fmod(-c, p)
-            if c < -n:
+            if c == 0.0:
+                # an exact multiple of the period (-0.0 here) reads as 0 does, from the cell
+                # right of it; the mirrored branch would take the flat cell left of it
+                c = 0.0
+            elif c < -n:
                 c = c + p
             else:
                 # as scipy: keep (-c - 1) away from exactly -1

@@ -78,7 +78,11 @@ __device__ __forceinline__ bool map_coordinate(double& c, double& sign, long lon
         } else if (mode == MODE_REFLECT) {
             double p = 2.0 * nd;
             if (c < -p) c = -fmod(-c, p);
-            if (c < -nd) {
+            if (c == 0.0) {
+                // an exact multiple of the period (-0.0 here) reads as 0 does, from the cell
+                // right of it; the mirrored branch would take the flat cell left of it
+                c = 0.0;
+            } else if (c < -nd) {
                 c = c + p;
             } else {
                 // as scipy: keep (-c - 1) away from exactly -1
