@@ -199,6 +199,46 @@ def test_grandchildren_stay_serial():
     """)
 
 
+def test_a_child_forked_while_another_thread_is_inside_a_call_gets_fresh_blas_state():
+    """A fork while another thread is inside a deform_conv2d call (holding the BLAS limit's
+    lock, BLAS limited to one thread): the child's own calls run (they waited forever on the
+    inherited lock), and its BLAS is back on the parent's thread count afterwards (it stayed on
+    one). The other thread's state is held open with events, so the fork lands inside."""
+    _run("""
+        import os, signal, threading
+        import threadpoolctl
+        from deformops.backends.cpu import deform_conv as cpu_conv
+
+        def blas_threads():
+            return [p["num_threads"] for p in threadpoolctl.threadpool_info()
+                    if p["user_api"] == "blas"]
+
+        parent = calls()
+        before = blas_threads()
+        inside, release = threading.Event(), threading.Event()
+
+        def in_a_call():
+            with cpu_conv._one_blas_thread():  # what every deform_conv2d call holds
+                with cpu_conv._blas_lock:  # and the moment it enters or leaves
+                    inside.set()
+                    release.wait()
+
+        t = threading.Thread(target=in_a_call)
+        t.start()
+        inside.wait()
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(120)  # a hang ends the child, not the test run
+            same(parent, calls())
+            os._exit(0 if blas_threads() == before else 3)
+        release.set()
+        t.join()
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, status
+        assert blas_threads() == before
+    """)
+
+
 def test_torch_dataloader_workers_call_the_ops_after_the_main_process_did():
     pytest.importorskip("torch")
     _run("""

@@ -140,7 +140,11 @@ def test_name_expressions_cover_all_types():
 
 
 def test_index_type_selection():
-    assert _source.index_dtype(0, 10, 2**31 - 1) == "int32"
+    # 32-bit up to 2^31 - 1 less a block's headroom: the kernels' strided loops step past
+    # their bound (e += blockDim.x), and a count just below 2^31 - 1 wrapped them around
+    assert _source.index_dtype(0, 10, 2**31 - 1 - 1024) == "int32"
+    assert _source.index_dtype(2**31 - 1 - 1023) == "int64"
+    assert _source.index_dtype(2**31 - 1) == "int64"
     assert _source.index_dtype(2**31) == "int64"
     assert _source.index_dtype(5, limit=4) == "int64"
     assert _source.index_dtype() == "int32"

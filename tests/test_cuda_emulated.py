@@ -251,6 +251,9 @@ def _sample_case(seed, N=2, C=6, G=2, H=7, W=8, Ho=5, Wo=6, relative=False):
                            rng.uniform(-12, W + 10, (N, G, Ho, Wo))], axis=2).reshape(N, 2 * G, Ho, Wo)
     coords[0, 0, 0, :3] = [np.nan, np.inf, -np.inf]
     coords[:, :, 1, :4] = np.round(coords[:, :, 1, :4])
+    if not relative:  # exact multiples of the periods, far left: reduced to 0 (or n-1 for wrap)
+        coords[1, 0::2, 2, :4] = [-4 * H, -6 * H, -4 * (H - 1), -7 * (2 * H - 2)]
+        coords[1, 1::2, 2, :4] = [-4 * W, -6 * W, -4 * (W - 1), -7 * (2 * W - 2)]
     return x, coords
 
 
@@ -334,7 +337,7 @@ def test_map_coordinates(emulate, mode):
 
 def test_int64_path(emulate, monkeypatch):
     """[CPU backend] the long long instantiations (forced by a zero threshold)."""
-    monkeypatch.setattr(_source, "INT32_MAX", 0)
+    monkeypatch.setattr(_source, "INDEX32_LIMIT", 0)
     x, coords = _sample_case(7, relative=True)
     check(emulate(dops.deform_sample, x, coords, mode="reflect"),
           dops.deform_sample(x, coords, mode="reflect"), np.float64)
@@ -416,6 +419,33 @@ def test_deform_conv2d_float32_and_half(emulate, dtype):
     for g, rr in zip(got_g, ref_g):
         assert g.dtype == np.dtype(dtype)
         check(g, rr, dtype)
+
+
+def test_deform_conv2d_float32_offset_grad_on_an_image_with_a_large_mean(emulate):
+    """[CPU backend, float64 on the same float32 inputs] each offset gradient of a sample whose
+    cell is inside the image (a small difference of neighbouring pixels of about 16384) within
+    1e-4 of itself: float sums of the corners' values over the channels, differenced
+    afterwards, lost it (relative errors of 1e-3 and more)."""
+    rng = np.random.default_rng(22)
+    N, C, H, W = 2, 16, 8, 9
+    x = (16384.0 + rng.uniform(-1, 1, (N, C, H, W))).astype(np.float32)
+    offset = (rng.integers(-1, 2, (N, 18, H, W)) + rng.uniform(0.1, 0.9, (N, 18, H, W)))
+    offset = offset.astype(np.float32)
+    weight = rng.uniform(-1, 1, (C, C, 3, 3)).astype(np.float32)
+    go = rng.uniform(-1, 1, (N, C, H, W)).astype(np.float32)
+    needs = (False, True, False, False, False)
+    got = emulate(dops.deform_conv2d_backward, go, x, offset, weight, padding=1,
+                  needs_input_grad=needs).grad_offset
+    ref = dops.deform_conv2d_backward(*(a.astype(np.float64) for a in (go, x, offset, weight)),
+                                      padding=1, needs_input_grad=needs).grad_offset
+    off = offset.reshape(N, 3, 3, 2, H, W).astype(np.float64)
+    y = np.arange(3)[:, None, None, None] - 1 + np.arange(H)[:, None] + off[:, :, :, 0]
+    xx = np.arange(3)[None, :, None, None] - 1 + np.arange(W) + off[:, :, :, 1]
+    inside = (y >= 0) & (y < H - 1) & (xx >= 0) & (xx < W - 1)
+    inside = np.repeat(inside[:, :, :, None], 2, axis=3).reshape(ref.shape)
+    assert inside.mean() > 0.3
+    np.testing.assert_allclose(got[inside], ref[inside], rtol=1e-4,
+                               atol=1e-5 * np.abs(ref[inside]).max())
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")

@@ -10,7 +10,7 @@ each named by its test:
 - [finite differences]: float64 central differences of sum(out * grad_out) on the GPU;
 - [first run]: the op itself run before (deterministic mode must be bit-identical);
 - [int32 path]: the same call with 32-bit indexing (the int64 path is forced by lowering the
-  threshold of ``deformops.backends.cuda._source.INT32_MAX``);
+  threshold of ``deformops.backends.cuda._source.INDEX32_LIMIT``);
 - [torchvision]: ``torchvision.ops.deform_conv2d`` autograd on CUDA tensors (skipped if absent).
 
 Tolerances: float64 within 1e-10, float32 within 1e-5 relative, float16 / bfloat16 within 1e-2
@@ -98,7 +98,7 @@ def det_mode(request):
 @pytest.fixture(params=["int32", "int64"])
 def index_path(request, monkeypatch):
     if request.param == "int64":
-        monkeypatch.setattr(_source, "INT32_MAX", 0)
+        monkeypatch.setattr(_source, "INDEX32_LIMIT", 0)
     return request.param
 
 
@@ -510,6 +510,6 @@ def test_int64_indexing_matches_int32(monkeypatch):
     """[int32 path] the 64-bit kernels give bit-identical results on the same inputs."""
     x, offset, weight, bias, mask = [to_gpu(a) for a in _conv_case(25)]
     a = dops.deform_conv2d(x, offset, weight, bias, mask=mask, padding=1)
-    monkeypatch.setattr(_source, "INT32_MAX", 0)
+    monkeypatch.setattr(_source, "INDEX32_LIMIT", 0)
     b = dops.deform_conv2d(x, offset, weight, bias, mask=mask, padding=1)
     assert cupy.array_equal(a, b)

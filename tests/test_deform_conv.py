@@ -469,6 +469,44 @@ def test_float32_grads_match_float64(cfg, kind, with_mask, seed):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * scale, err_msg=name)
 
 
+def _cells_inside(offset, cfg):
+    """(N, 2GK, Ho, Wo) bool: the sample point's four corners are all inside the image (the
+    derivative there is a difference of neighbouring pixels, not a jump to the padding)."""
+    N, G, kh, kw, Ho, Wo = (cfg[k] for k in ("N", "G", "kh", "kw", "Ho", "Wo"))
+    (sy, sx), (py, px), (dy, dx) = cfg["stride"], cfg["padding"], cfg["dilation"]
+    off = offset.reshape(N, G, kh, kw, 2, Ho, Wo)
+    y0 = (np.arange(kh) * dy)[:, None] + np.arange(Ho) * sy - py  # (kh, Ho)
+    x0 = (np.arange(kw) * dx)[:, None] + np.arange(Wo) * sx - px  # (kw, Wo)
+    y = y0[:, None, :, None] + off[:, :, :, :, 0]  # (N, G, kh, kw, Ho, Wo)
+    x = x0[None, :, None, :] + off[:, :, :, :, 1]
+    inside = (y >= 0) & (y < cfg["H"] - 1) & (x >= 0) & (x < cfg["W"] - 1)
+    return np.repeat(inside[:, :, :, :, None], 2, axis=4).reshape(offset.shape)
+
+
+@settings(max_examples=examples(4))
+@given(cfg=conv_configs(), with_mask=st.booleans(), seed=seeds(),
+       layout=st.sampled_from(LAYOUTS))
+def test_float32_offset_grad_keeps_its_precision_on_images_with_a_large_mean(cfg, with_mask,
+                                                                           seed, layout):
+    """On an image with a large mean (raw 0-255 pixels, activations after a ReLU) the offset
+    gradient is a small difference of neighbouring pixels: float32 keeps it to about 1e-6 of
+    its own size, as torchvision's per-channel differences do. (Sums of the four corners'
+    values over the channels, differenced afterwards, lost it: a relative error of 1e-3 to 1e-1
+    at a mean of 1000.) [oracle: the float64 gradient of the same float32 inputs]"""
+    rng = np.random.default_rng(seed)
+    _, offset, weight, _, mask, gout = make_arrays(rng, cfg, with_mask=with_mask, smooth=True)
+    x = 16384.0 + rng.uniform(-1, 1, (cfg["N"], cfg["Cin"], cfg["H"], cfg["W"]))
+    arrays = [None if a is None else a.astype(np.float32).astype(np.float64)
+              for a in (gout, x, offset, weight, mask)]
+    b = run_backward(*arrays, cfg, layout, needs=(False, True, False, False, False))["grad_offset"]
+    a = run_backward(*arrays, cfg, layout, np.float32,
+                     needs=(False, True, False, False, False))["grad_offset"]
+    inside = _cells_inside(arrays[2], cfg)
+    a, b = a[inside].astype(np.float64), b[inside]
+    if b.size:
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
+
+
 # ====================================================================== 4. grouped conv
 
 
@@ -660,6 +698,14 @@ def test_needs_input_grad_validated():
         dops.deform_conv2d_backward(gout, x, offset, weight, needs_input_grad=(True,) * 4)
     with pytest.raises(TypeError, match="needs_input_grad"):
         dops.deform_conv2d_backward(gout, x, offset, weight, needs_input_grad=True)
+    # not their truthiness: a string, None or float entries are a TypeError
+    for bad in ("TTTTT", (True, None, True, True, True), (1.0,) * 5):
+        with pytest.raises(TypeError, match="needs_input_grad"):
+            dops.deform_conv2d_backward(gout, x, offset, weight, needs_input_grad=bad)
+    # bools of NumPy and integer truth values are fine
+    g = dops.deform_conv2d_backward(gout, x, offset, weight,
+                                    needs_input_grad=(np.True_, 0, 1, False, True))
+    assert g.grad_input is not None and g.grad_offset is None and g.grad_mask is None
 
 
 # ====================================================================== 8. errors, N = 0

@@ -631,3 +631,33 @@ def test_op_determinism_asks_for_deterministic_cuda_gradients(monkeypatch):
         assert not dcuda.is_deterministic()
     finally:
         dcuda.set_deterministic(previous)
+
+
+def test_a_forked_child_gets_a_free_lock_and_no_worker():
+    """The fork hook gives a child a lock no thread holds and no worker thread: a TF thread of
+    the parent may hold the lock at the fork (inside a kernel call), and would never release it
+    in the child, whose first call then waited forever [oracle: the lock's state]."""
+    import threading
+
+    from deformops_tf import ops
+
+    held, release = threading.Event(), threading.Event()
+
+    def in_a_call():
+        with ops._LOCK:
+            held.set()
+            release.wait()
+
+    t = threading.Thread(target=in_a_call)
+    t.start()
+    held.wait()
+    saved = ops._LOCK, list(ops._WORKER)
+    try:
+        ops._reset_worker()  # what os.register_at_fork runs in the child
+        assert ops._LOCK.acquire(timeout=5)
+        ops._LOCK.release()
+        assert not ops._WORKER
+    finally:
+        release.set()
+        t.join()
+        ops._LOCK, ops._WORKER[:] = saved[0], saved[1]

@@ -85,7 +85,11 @@ _not_converted = tf.autograph.experimental.do_not_convert
 
 
 def _reset_worker():
+    """After a fork: no worker thread (it does not exist in the child), and a fresh lock (a
+    TF thread of the parent may have held it, and would never release it here)."""
+    global _LOCK
     _WORKER.clear()
+    _LOCK = threading.RLock()
 
 
 os.register_at_fork(after_in_child=_reset_worker)

@@ -45,7 +45,7 @@ def kernel(name, dtype, index, *flags):
 
 def index_dtype(*counts):
     """'int32' or 'int64' for kernels whose element and thread counts are ``counts``."""
-    return _source.index_dtype(*counts, limit=_source.INT32_MAX)
+    return _source.index_dtype(*counts, limit=_source.INDEX32_LIMIT)
 
 
 def itype(index):

@@ -42,7 +42,10 @@ KERNELS = {
     "dc_offset_mask_grad": ((),),
 }
 
-INT32_MAX = 2**31 - 1
+# The largest element or thread count that 32-bit indexing takes: 2^31 - 1 less a block's
+# headroom, because the kernels' strided loops (``e += blockDim.x``, ``c += 32``) step up to
+# 1024 past their bound before they stop, and that step must not wrap around.
+INDEX32_LIMIT = 2**31 - 1 - 1024
 
 _INCLUDE = re.compile(r'^#include "([^"]+)"\s*$', re.M)
 
@@ -91,10 +94,10 @@ def module_source(dtype, index_dtype):
 
 
 def index_dtype(*counts, limit=None):
-    """'int64' when any element or thread count exceeds ``limit`` (2^31 - 1), else 'int32'.
+    """'int64' when any element or thread count exceeds ``limit``, else 'int32'.
 
-    ``limit`` defaults to the module attribute :data:`INT32_MAX`; tests lower it to exercise
+    ``limit`` defaults to the module attribute :data:`INDEX32_LIMIT`; tests lower it to exercise
     the 64-bit path on small arrays.
     """
-    limit = INT32_MAX if limit is None else limit
+    limit = INDEX32_LIMIT if limit is None else limit
     return "int64" if any(int(c) > limit for c in counts) else "int32"
