@@ -9,8 +9,9 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-# The torchvision oracle of deform_conv2d (CPU use of a CUDA build, ~5.5 GB; local wheels on
-# the project's machines). `make test TORCHVISION=` skips it: those tests then skip cleanly.
+# torch and the torchvision oracle of deform_conv2d (CPU use of a CUDA build, ~5.5 GB; local
+# wheels on the project's machines). `make test TORCHVISION=` installs neither: the torch
+# adapter's and torchvision's tests then skip cleanly (unless torch is already installed).
 TORCHVISION ?= torch==2.14.1 torchvision==0.29.1
 
 # Runs the whole suite; pytest's "no tests ran" (exit 5) fails like any other failure. Two

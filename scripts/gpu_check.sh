@@ -13,7 +13,8 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-${TMPDIR:-/tmp}/deformops-gpu-check}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# the adapters (deformops_torch, deformops_tf) are top-level packages under adapters/
+export PYTHONPATH="$PWD:$PWD/adapters${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export CI="${CI:-1}"  # derandomized hypothesis profile; compile test must not skip
 export DEFORMOPS_REQUIRE_GPU=1  # the GPU tests fail instead of skipping when CuPy sees no GPU

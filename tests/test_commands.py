@@ -71,3 +71,32 @@ def test_bench_jit_reports_cold_and_cached_first_calls():
     assert "| cold compile" in r.stdout and "| from cache" in r.stdout
     assert "sampling kernels (4 calls), cold total:" in r.stdout
     assert "deform_conv2d" not in r.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["conv", "--min-time", "-1"], "--min-time: expected a number of seconds >= 0"),
+    (["tf", "--min-time", "nan"], "--min-time: expected a number of seconds >= 0"),
+    (["sample", "--seed", "-5"], "--seed: expected an integer >= 0"),
+    (["torch", "--seed", "1.5"], "--seed: expected an integer >= 0"),
+])
+def test_bench_rejects_bad_seed_and_min_time(args, message):
+    """argparse errors (exit 2, the option named), not a traceback from NumPy or time.sleep, nor
+    a run that ignores the value."""
+    r = _run(["-m", "deformops.bench", *args])
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("command, module", [("tf", "tensorflow"), ("torch", "torch")])
+def test_bench_without_its_framework_says_what_to_install(command, module):
+    """A subcommand with nothing to time without its framework exits 2 naming the extra to
+    install, instead of a traceback (tf) or an empty table with exit 0 (torch)."""
+    code = (f"import sys; sys.modules[{module!r}] = None; from deformops.bench.__main__ import "
+            f"main; sys.exit(main([{command!r}, '--min-time', '0', '--repeat', '1']))")
+    if command == "torch":
+        code = code.replace("'--min-time', '0', ", "")
+    r = _run(["-c", code])
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"nothing to time: {module} is not importable" in r.stderr
+    assert f"deformops-kernels[{'tf' if command == 'tf' else 'torch'}]" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -237,6 +237,44 @@ def positive_int(text: str) -> int:
     return v
 
 
+def seed_int(text: str) -> int:
+    """argparse ``type`` for ``--seed``: an integer >= 0 (NumPy's seeds)."""
+    import argparse
+
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return v
+
+
+def seconds(text: str) -> float:
+    """argparse ``type`` for durations such as ``--min-time``: a finite number >= 0."""
+    import argparse
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not (math.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
+    return v
+
+
+def require(name: str, install: str):
+    """Import ``name`` for a subcommand that has nothing to time without it; else print why and
+    what to install, and exit with status 2."""
+    mod, why = optional_import(name)
+    if mod is None:
+        print(f"nothing to time: {name} is not importable ({why}); {install}", file=sys.stderr,
+              flush=True)
+        raise SystemExit(2)
+    return mod
+
+
 def progress(msg: str) -> None:
     """One progress line on stderr (stdout carries only the report)."""
     print(msg, file=sys.stderr, flush=True)

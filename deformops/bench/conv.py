@@ -103,9 +103,10 @@ def add_arguments(parser) -> None:
         help="a 3x3 case to time instead of the defaults (repeatable); v1 = no mask, v2 = mask "
         "(default: 32,64,128,14,14,v1 8,64,64,56,56,v2 2,256,256,32,32,v2)",
     )
-    g.add_argument("--seed", type=int, default=0, help="seed of the random data (default: 0)")
+    g.add_argument("--seed", type=_timing.seed_int, default=0,
+                   help="seed of the random data (default: 0)")
     g.add_argument(
-        "--min-time", type=float, default=MIN_TIME, metavar="SECONDS",
+        "--min-time", type=_timing.seconds, default=MIN_TIME, metavar="SECONDS",
         help="time each callable for at least --repeat calls and this many seconds "
         f"(default: {MIN_TIME:g})",
     )

@@ -63,7 +63,7 @@ def add_arguments(parser) -> None:
                    "the common --dtype is ignored here)")
     g.add_argument("--quick", action="store_true",
                    help="one small conv shape and a smaller sampling case (a smoke run)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=_timing.seed_int, default=0)
 
 
 def _free(cupy, torch):

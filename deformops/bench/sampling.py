@@ -59,7 +59,8 @@ def add_arguments(parser) -> None:
         help="coordinate groups, a divisor of C; G = C samples every channel at its own "
         "coordinates (default: 1)",
     )
-    g.add_argument("--seed", type=int, default=0, help="seed of the random data (default: 0)")
+    g.add_argument("--seed", type=_timing.seed_int, default=0,
+                   help="seed of the random data (default: 0)")
     g.add_argument("--no-scipy", action="store_true", help="skip the scipy peer")
     g.add_argument("--no-torch", action="store_true", help="skip the torch peer")
 

@@ -105,9 +105,10 @@ def add_arguments(parser) -> None:
         help="a 3x3 'same' case to time instead of the defaults (repeatable); v1 = no mask, "
         "v2 = mask (default: 8,64,64,28,28,v2 4,16,16,16,16,v2)",
     )
-    g.add_argument("--seed", type=int, default=0, help="seed of the random data (default: 0)")
+    g.add_argument("--seed", type=_timing.seed_int, default=0,
+                   help="seed of the random data (default: 0)")
     g.add_argument(
-        "--min-time", type=float, default=MIN_TIME, metavar="SECONDS",
+        "--min-time", type=_timing.seconds, default=MIN_TIME, metavar="SECONDS",
         help="time each callable for at least --repeat calls and this many seconds "
         f"(default: {MIN_TIME:g})",
     )
@@ -286,7 +287,7 @@ def run(args) -> _timing.Report:
     import os
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
+    tf = _timing.require("tensorflow", "pip install 'deformops-kernels[tf]'")
 
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)

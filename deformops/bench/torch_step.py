@@ -71,7 +71,8 @@ def add_arguments(parser) -> None:
         "--shape", type=_shape, action="append", default=None, metavar="N,CIN,COUT,H,W,v1|v2",
         help="a 3x3 case to time instead of the defaults (repeatable); v1 = no mask, v2 = "
         "modulated (default: 32,64,128,14,14,v1 8,64,64,56,56,v2 2,256,256,32,32,v2)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the random data (default: 0)")
+    g.add_argument("--seed", type=_timing.seed_int, default=0,
+                   help="seed of the random data (default: 0)")
     g.add_argument(
         "--tiny-repeat", type=_timing.positive_int, default=TINY_REPEAT, metavar="N",
         help=f"timed rounds per tiny-input overhead measurement (default: {TINY_REPEAT}; the "
@@ -450,10 +451,8 @@ def run(args) -> _timing.Report:
                 f"{args.tiny_repeat} runs, {args.tiny_threads} thread(s)",
         "seed": args.seed,
     })
-    torch, why = _timing.load_torch(args.threads)
-    if torch is None:
-        report.notes.append(f"nothing to time: torch is not importable ({why})")
-        return report
+    _timing.require("torch", "pip install 'deformops-kernels[torch]'")
+    torch, _ = _timing.load_torch(args.threads)
     import deformops_torch as dt
 
     tvops = None
