@@ -224,30 +224,27 @@ def paired_median(a: Measurement, b: Measurement,
     return statistics.median(fn(x, y) for x, y in zip(a.times_ms, b.times_ms, strict=True))
 
 
-def positive_int(text: str) -> int:
-    """argparse ``type`` for options that take a positive integer."""
+def _int_option(text: str, minimum: int, expected: str) -> int:
+    """argparse ``type``: ``text`` as an int >= ``minimum``, else an error saying ``expected``."""
     import argparse
 
     try:
         v = int(text)
     except ValueError:
-        v = 0
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        v = minimum - 1
+    if v < minimum:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return v
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type`` for options that take a positive integer."""
+    return _int_option(text, 1, "a positive integer")
 
 
 def seed_int(text: str) -> int:
     """argparse ``type`` for ``--seed``: an integer >= 0 (NumPy's seeds)."""
-    import argparse
-
-    try:
-        v = int(text)
-    except ValueError:
-        v = -1
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return v
+    return _int_option(text, 0, "an integer >= 0")
 
 
 def seconds(text: str) -> float:
