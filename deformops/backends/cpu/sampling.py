@@ -290,22 +290,23 @@ def _forward_nhwc(t0, t1, first, maddr):
     cf = coords.reshape(N, P, 2 * G)
     of = out.reshape(N, P, C)
     nchunks = (P + CHUNK - 1) // CHUNK
-    idx = np.empty((4, G * CHUNK), np.uintp)
-    wt = np.empty((4, G * CHUNK), x.dtype)
-    bias = np.empty(G * CHUNK, x.dtype)
-    empty = np.empty(G * CHUNK, np.bool_)
+    cap = min(CHUNK, P)  # points per chunk at most: the tables hold G * cap
+    idx = np.empty((4, G * cap), np.uintp)
+    wt = np.empty((4, G * cap), x.dtype)
+    bias = np.empty(G * cap, x.dtype)
+    empty = np.empty(G * cap, np.bool_)
     no_slopes = np.empty((4, 0), x.dtype)
     for task in range(t0, t1):
         n = task // nchunks
         p0 = (task % nchunks) * CHUNK
         m = min(CHUNK, P - p0)
         for g in range(G):
-            _fill_chunk(cf[n], True, g, p0, m, Wo, relative, H, W, mode, order, cval, g * CHUNK,
+            _fill_chunk(cf[n], True, g, p0, m, Wo, relative, H, W, mode, order, cval, g * cap,
                         idx, wt, bias, empty, no_slopes, no_slopes, no_slopes)
         for j in range(m):
             dst = of[n, p0 + j]
             for g in range(G):
-                t = g * CHUNK + j
+                t = g * cap + j
                 r0, r1, r2, r3 = xf[n, idx[0, t]], xf[n, idx[1, t]], xf[n, idx[2, t]], xf[n, idx[3, t]]
                 w0, w1, w2, w3, b = wt[0, t], wt[1, t], wt[2, t], wt[3, t], bias[t]
                 if empty[t]:  # reads no pixel: cval
@@ -414,26 +415,27 @@ def _points_nhwc(t0, t1, first, maddr):
     gcf = grad_coords.reshape(grad_coords.shape[0], grad_coords.shape[1] * grad_coords.shape[2],
                               grad_coords.shape[3])
     nchunks = (P + CHUNK - 1) // CHUNK
-    idx = np.empty((4, G * CHUNK), np.uintp)
-    wt = np.empty((4, G * CHUNK), x.dtype)
-    bias = np.empty(G * CHUNK, x.dtype)
-    ns = G * CHUNK if need_coords else 0  # no slope columns: no slopes computed
+    cap = min(CHUNK, P)  # points per chunk at most: the tables hold G * cap
+    idx = np.empty((4, G * cap), np.uintp)
+    wt = np.empty((4, G * cap), x.dtype)
+    bias = np.empty(G * cap, x.dtype)
+    ns = G * cap if need_coords else 0  # no slope columns: no slopes computed
     ay = np.empty((4, ns), x.dtype)
     ax = np.empty((4, ns), x.dtype)
     cst = np.empty((2, ns), x.dtype)
-    empty = np.empty(G * CHUNK, np.bool_)
+    empty = np.empty(G * cap, np.bool_)
     acc = np.empty(2, x.dtype)
     for task in range(t0, t1):
         n = task // nchunks
         p0 = (task % nchunks) * CHUNK
         m = min(CHUNK, P - p0)
         for g in range(G):
-            _fill_chunk(cf[n], True, g, p0, m, Wo, relative, H, W, mode, order, cval, g * CHUNK,
+            _fill_chunk(cf[n], True, g, p0, m, Wo, relative, H, W, mode, order, cval, g * cap,
                         idx, wt, bias, empty, ay, ax, cst)
         for j in range(m):
             p = p0 + j
             for g in range(G):
-                t = g * CHUNK + j
+                t = g * cap + j
                 if need_x:
                     for k in range(4):
                         tidx[n, p, k, g] = idx[k, t]
