@@ -255,6 +255,31 @@ def test_large_image_split_into_pieces():
     np.testing.assert_allclose(g["grad_mask"], (gcol * cols1).sum(1), rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("Cin, G", [(1, 1), (8, 8)])
+def test_backward_workspace_stays_near_the_tile_budget(monkeypatch, Cin, G):
+    """Few channels per offset group (one input channel, or a depthwise conv with an offset
+    group per channel): the backward's tap tables (G*K entries per column) count in the tile's
+    budget, so the workspace kept after the call stays within a few budgets (they took 25
+    budgets, 209 MB, at one channel, 512x512) [oracle: the workspace's buffers' sizes; the
+    gradients of the same call in one tile]."""
+    from deformops.backends.cpu import deform_conv as cpu
+
+    cfg = _cfg(N=1, Cin=Cin, Cout=Cin, H=160, W=160, kh=3, kw=3, groups=Cin, G=G, stride=1,
+               padding=1, dilation=1)
+    rng = np.random.default_rng(5)
+    x, offset, weight, _, mask, gout = make_arrays(rng, cfg)
+    cpu.release_workspaces()
+    g = run_backward(gout, x, offset, weight, mask, cfg)
+    ws = cpu._last_workspace.backward
+    held = sum(a.nbytes for a in vars(ws).values() if isinstance(a, np.ndarray))
+    assert held <= 3 * cpu.TILE_BYTES, held
+    monkeypatch.setattr(cpu, "TILE_BYTES", 1 << 40)  # one tile
+    one = run_backward(gout, x, offset, weight, mask, cfg)
+    cpu.release_workspaces()
+    for name in GRAD_NAMES:
+        np.testing.assert_allclose(g[name], one[name], rtol=1e-12, atol=1e-12, err_msg=name)
+
+
 # ====================================================================== 3. gradients
 
 

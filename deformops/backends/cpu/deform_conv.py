@@ -33,8 +33,9 @@ Workspace per call (bytes, s = itemsize, K = kh*kw, G offset groups, R = Numba's
 I = Cin*H*W*max(1, T//P) for the tile's images), bounded independently of N: ``R * s *
 ROW_BLOCK * (Cin*K + Cout) + s*I`` for the forward; for the backward ``T * (s * (2*Cin*K +
 Cout) + G*K*(33 + 17*s)) + 2*s*I + s * 2*ceil(T/2048) * Cin*K*Cout/groups``, with ``T =
-clamp(TILE_BYTES / (s * (Cin*K + Cout)), 64, max(N*P, 64))``, TILE_BYTES = 8 MiB and ROW_BLOCK
-= 256 (forward 2–7 MB on 2 threads, backward 19–21 MB at the benchmark shapes). Each thread
+clamp(TILE_BYTES / max(s * (Cin*K + Cout), B), 64, max(N*P, 64))``, B = 0 for the forward and
+G*K*(33 + 17*s) for the backward, TILE_BYTES = 8 MiB and ROW_BLOCK = 256 (forward 2–7 MB on 2
+threads, backward 19–21 MB at the benchmark shapes). Each thread
 keeps the workspace of its last call (:func:`release_workspaces` frees it).
 """
 
@@ -593,10 +594,14 @@ def release_workspaces():
             delattr(_last_workspace, slot)
 
 
-def tile_columns(dtype, Cin, Cout, K, P):
-    """Columns per tile: about TILE_BYTES of col and matmul output, at least 64."""
-    per_column = np.dtype(dtype).itemsize * (Cin * K + Cout)
-    return int(min(max(TILE_BYTES // max(per_column, 1), 64), max(P, 64)))
+def tile_columns(dtype, Cin, Cout, K, P, GK=0):
+    """Columns per tile, at least 64: at most TILE_BYTES of col and matmul output, and at most
+    TILE_BYTES of the backward's tap tables (``GK`` = G*K taps per column, 33 + 17*itemsize
+    bytes each). (With the first bound alone, a conv with few channels per offset group held
+    25 times the budget in its tap tables: 209 MB for one channel at 512x512.)"""
+    s = np.dtype(dtype).itemsize
+    per_column = max(s * (Cin * K + Cout), GK * (33 + 17 * s), 1)
+    return int(min(max(TILE_BYTES // per_column, 64), max(P, 64)))
 
 
 def _taps(ws, offset, mask, n0, Tp, p0, T, Wo, H, W, kh, kw, stride, padding, dilation,
@@ -715,7 +720,7 @@ def deform_conv2d_backward(grad_out, x, offset, weight, mask, stride, padding, d
     need_w, need_mask = grad_weight is not None, grad_mask is not None
     need_rows = need_x or need_offset or need_mask
     need_images = need_w or need_offset or need_mask
-    T = tile_columns(x.dtype, Cin, Cout, K, N * P)
+    T = tile_columns(x.dtype, Cin, Cout, K, N * P, G * K)
     ws = _workspace(x.dtype, Cin, Cout, G, K, T, need_offset, True, groups)
     w_cols = np.ascontiguousarray(_weight_rows(weight, groups).transpose(0, 2, 1))
     dummy = np.empty((1, 1, 1), x.dtype)
