@@ -107,10 +107,12 @@ def map_coordinates(input, coordinates, output=None, order=1, mode="constant", c
     image, dev_image = _as_array(input, "input")
     coords, dev_coords = _as_array(coordinates, "coordinates")
     device = dev_image or dev_coords or "cpu"
-    if device == "cuda" and dev_image is None:  # a plain sequence next to a CUDA array
-        image = _arrays.xp_of(coords).asarray(image)
+    if device == "cuda" and dev_image is None:  # a plain sequence next to a CUDA array:
+        with _arrays.device_of(coords):  # on that array's GPU
+            image = _arrays.xp_of(coords).asarray(image)
     if device == "cuda" and dev_coords is None:
-        coords = _arrays.xp_of(image).asarray(coords)
+        with _arrays.device_of(image):
+            coords = _arrays.xp_of(image).asarray(coords)
     if {dev_image or device, dev_coords or device} != {device}:
         raise TypeError(f"input is on {dev_image} but coordinates on {dev_coords}; "
                         "NumPy and CuPy arrays cannot be mixed in one call")

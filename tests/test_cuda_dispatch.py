@@ -299,3 +299,31 @@ def test_map_coordinates_refuses_arrays_on_two_gpus(where):
     coords, output = (_OnGpu(1), None) if where == "coordinates" else (_OnGpu(0), _OnGpu(1))
     with pytest.raises(ValueError, match=rf"same GPU.*'{where}': 1"):
         dops.map_coordinates(_OnGpu(0), coords, output=output)
+
+
+def test_map_coordinates_converts_a_plain_sequence_on_the_other_arrays_gpu(monkeypatch):
+    """A list next to a CuPy array on GPU 1 (not the current device) becomes an array on GPU 1,
+    not on the current device, where the one-GPU check would refuse it as if the list had been
+    on another GPU [oracle: the device the stand-in CuPy's asarray ran under]."""
+    current = [0]
+
+    class Device:
+        def __init__(self, i):
+            self.id = i
+
+        def __enter__(self):
+            self.prev, current[0] = current[0], self.id
+
+        def __exit__(self, *exc):
+            current[0] = self.prev
+
+    fake = types.ModuleType("cupy")
+    fake.cuda = types.SimpleNamespace(Device=Device)
+    fake.asarray = lambda a: _OnGpu(current[0])
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    seen = []
+    monkeypatch.setattr(_arrays, "backend", lambda device: seen.append(device) or 1 / 0)
+    for image, coords in (([[1.0, 2.0]], _OnGpu(1)), (_OnGpu(1), [[0.5], [0.5]])):
+        with pytest.raises(ZeroDivisionError):  # past the checks, at the backend's lookup
+            dops.map_coordinates(image, coords)
+    assert seen == ["cuda", "cuda"]

@@ -421,14 +421,20 @@ def test_deform_conv2d_float32_and_half(emulate, dtype):
         check(g, rr, dtype)
 
 
-def test_deform_conv2d_float32_offset_grad_on_an_image_with_a_large_mean(emulate):
-    """[CPU backend, float64 on the same float32 inputs] each offset gradient of a sample whose
-    cell is inside the image (a small difference of neighbouring pixels of about 16384) within
-    1e-4 of itself: float sums of the corners' values over the channels, differenced
-    afterwards, lost it (relative errors of 1e-3 and more)."""
+@pytest.mark.parametrize("kind", ["large mean", "stripes along x", "stripes along y"])
+def test_deform_conv2d_float32_offset_grad_on_large_and_steep_images(emulate, kind):
+    """[CPU backend, float64 on the same float32 inputs] each offset gradient (d/dy and d/dx
+    apart) of a sample whose cell is inside the image within 1e-4 of itself, where the image
+    has a large mean or stripes of 0 and 255 across the derivative: float sums of the corners'
+    values over the channels, differenced afterwards, lost it (relative errors of 1e-3 and
+    more)."""
     rng = np.random.default_rng(22)
     N, C, H, W = 2, 16, 8, 9
-    x = (16384.0 + rng.uniform(-1, 1, (N, C, H, W))).astype(np.float32)
+    yy, xx = np.meshgrid(np.arange(H), np.arange(W), indexing="ij")
+    base = {"large mean": np.full((H, W), 16384.0), "stripes along x": 255.0 * (xx % 2),
+            "stripes along y": 255.0 * (yy % 2)}[kind]
+    noise = 1.0 if kind == "large mean" else 1 / 64
+    x = (base + noise * rng.uniform(-1, 1, (N, C, H, W))).astype(np.float32)
     offset = (rng.integers(-1, 2, (N, 18, H, W)) + rng.uniform(0.1, 0.9, (N, 18, H, W)))
     offset = offset.astype(np.float32)
     weight = rng.uniform(-1, 1, (C, C, 3, 3)).astype(np.float32)
@@ -440,12 +446,34 @@ def test_deform_conv2d_float32_offset_grad_on_an_image_with_a_large_mean(emulate
                                       padding=1, needs_input_grad=needs).grad_offset
     off = offset.reshape(N, 3, 3, 2, H, W).astype(np.float64)
     y = np.arange(3)[:, None, None, None] - 1 + np.arange(H)[:, None] + off[:, :, :, 0]
-    xx = np.arange(3)[None, :, None, None] - 1 + np.arange(W) + off[:, :, :, 1]
-    inside = (y >= 0) & (y < H - 1) & (xx >= 0) & (xx < W - 1)
-    inside = np.repeat(inside[:, :, :, None], 2, axis=3).reshape(ref.shape)
+    xs = np.arange(3)[None, :, None, None] - 1 + np.arange(W) + off[:, :, :, 1]
+    inside = ((y >= 0) & (y < H - 1) & (xs >= 0) & (xs < W - 1)).reshape(N, 9, H, W)
     assert inside.mean() > 0.3
-    np.testing.assert_allclose(got[inside], ref[inside], rtol=1e-4,
-                               atol=1e-5 * np.abs(ref[inside]).max())
+    got, ref = got.reshape(N, 9, 2, H, W), ref.reshape(N, 9, 2, H, W)
+    for axis in (0, 1):
+        a, b = got[:, :, axis][inside], ref[:, :, axis][inside]
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max(),
+                                   err_msg=f"d/d{'yx'[axis]}")
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_deform_conv2d_infinite_pixel_gives_infinite_offset_and_mask_grads(emulate):
+    """[CPU backend] an infinite first corner: d/dy, d/dx -Inf and the mask gradient +Inf,
+    not the NaN of Inf - Inf in the pixels' differences."""
+    x = np.arange(36, dtype=np.float32).reshape(1, 1, 6, 6)
+    x[0, 0, 2, 2] = np.inf
+    offset = np.zeros((1, 2, 6, 6), np.float32)
+    offset[0, :, 2, 2] = 0.3, 0.4
+    gout = np.zeros((1, 1, 6, 6), np.float32)
+    gout[0, 0, 2, 2] = 1.0
+    args = (gout, x, offset, np.ones((1, 1, 1, 1), np.float32))
+    mask = np.ones((1, 1, 6, 6), np.float32)
+    got = emulate(dops.deform_conv2d_backward, *args, mask=mask)
+    ref = dops.deform_conv2d_backward(*args, mask=mask)
+    assert got.grad_offset[0, 0, 2, 2] == got.grad_offset[0, 1, 2, 2] == -np.inf
+    assert got.grad_mask[0, 0, 2, 2] == np.inf
+    for a, b in ((got.grad_offset, ref.grad_offset), (got.grad_mask, ref.grad_mask)):
+        np.testing.assert_array_equal(a[..., 3:, :], b[..., 3:, :])
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")

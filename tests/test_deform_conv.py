@@ -508,28 +508,69 @@ def _cells_inside(offset, cfg):
     return np.repeat(inside[:, :, :, :, None], 2, axis=4).reshape(offset.shape)
 
 
+def _steep_image(rng, cfg, kind):
+    """float64 (N, Cin, H, W): a large mean plus noise of 1, or stripes of 0 and 255 along x or
+    y (a steep edge across one derivative) plus noise of 1/64: small differences along the
+    derivatives next to large ones."""
+    N, Cin, H, W = cfg["N"], cfg["Cin"], cfg["H"], cfg["W"]
+    yy, xx = np.meshgrid(np.arange(H), np.arange(W), indexing="ij")
+    base = {"large mean": np.full((H, W), 16384.0), "stripes along x": 255.0 * (xx % 2),
+            "stripes along y": 255.0 * (yy % 2)}[kind]
+    return base + rng.uniform(-1, 1, (N, Cin, H, W)) * (1.0 if kind == "large mean" else 1 / 64)
+
+
 @settings(max_examples=examples(4))
 @given(cfg=conv_configs(), with_mask=st.booleans(), seed=seeds(),
-       layout=st.sampled_from(LAYOUTS))
-def test_float32_offset_grad_keeps_its_precision_on_images_with_a_large_mean(cfg, with_mask,
-                                                                           seed, layout):
-    """On an image with a large mean (raw 0-255 pixels, activations after a ReLU) the offset
-    gradient is a small difference of neighbouring pixels: float32 keeps it to about 1e-6 of
-    its own size, as torchvision's per-channel differences do. (Sums of the four corners'
-    values over the channels, differenced afterwards, lost it: a relative error of 1e-3 to 1e-1
-    at a mean of 1000.) [oracle: the float64 gradient of the same float32 inputs]"""
+       layout=st.sampled_from(LAYOUTS),
+       kind=st.sampled_from(["large mean", "stripes along x", "stripes along y"]))
+def test_float32_offset_grad_keeps_its_precision_on_large_and_steep_images(cfg, with_mask, seed,
+                                                                          layout, kind):
+    """Where the image has a large mean (raw 0-255 pixels, activations after a ReLU) or a steep
+    edge across the derivative, the offset gradient is a small difference of large corner
+    values: float32 keeps it to about 1e-6 of its own size, as torchvision's per-channel
+    differences do. (Sums of the four corners' values over the channels, differenced
+    afterwards, lost it: a relative error of 1e-3 to 1e-1 at a mean of 1000; differences
+    taken against one corner only lost it next to stripes.) [oracle: the float64 gradient of
+    the same float32 inputs]"""
     rng = np.random.default_rng(seed)
     _, offset, weight, _, mask, gout = make_arrays(rng, cfg, with_mask=with_mask, smooth=True)
-    x = 16384.0 + rng.uniform(-1, 1, (cfg["N"], cfg["Cin"], cfg["H"], cfg["W"]))
+    x = _steep_image(rng, cfg, kind)
     arrays = [None if a is None else a.astype(np.float32).astype(np.float64)
               for a in (gout, x, offset, weight, mask)]
-    b = run_backward(*arrays, cfg, layout, needs=(False, True, False, False, False))["grad_offset"]
-    a = run_backward(*arrays, cfg, layout, np.float32,
-                     needs=(False, True, False, False, False))["grad_offset"]
+    needs = (False, True, False, True, False)
+    b = run_backward(*arrays, cfg, layout, needs=needs)
+    a = run_backward(*arrays, cfg, layout, np.float32, needs=needs)
     inside = _cells_inside(arrays[2], cfg)
-    a, b = a[inside].astype(np.float64), b[inside]
-    if b.size:
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
+    for axis in (0, 1):  # d/dy and d/dx apart: next to stripes one is far larger than the other
+        sel = inside.copy()
+        sel[:, 1 - axis::2] = False
+        ga, gb = a["grad_offset"][sel].astype(np.float64), b["grad_offset"][sel]
+        if gb.size:
+            np.testing.assert_allclose(ga, gb, rtol=1e-4, atol=1e-5 * np.abs(gb).max(),
+                                       err_msg=f"d/d{'yx'[axis]}")
+    if with_mask:
+        np.testing.assert_allclose(a["grad_mask"], b["grad_mask"], rtol=1e-4,
+                                   atol=1e-5 * np.abs(b["grad_mask"]).max())
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_an_infinite_pixel_gives_infinite_not_nan_offset_and_mask_grads(dtype):
+    """An infinite first corner: the derivatives are -Inf (the value falls from it) and the
+    mask gradient +Inf, as torchvision gives, not the NaN of Inf - Inf in the pixels'
+    differences [oracle: the bilinear formula by hand]."""
+    x = np.arange(36, dtype=dtype).reshape(1, 1, 6, 6)
+    x[0, 0, 2, 2] = np.inf
+    offset = np.zeros((1, 2, 6, 6), dtype)
+    offset[0, :, 2, 2] = 0.3, 0.4  # the sample of output (2, 2): y = 2.3, x = 2.4
+    gout = np.zeros((1, 1, 6, 6), dtype)
+    gout[0, 0, 2, 2] = 1.0
+    mask = np.ones((1, 1, 6, 6), dtype)
+    g = dops.deform_conv2d_backward(gout, x, offset, np.ones((1, 1, 1, 1), dtype), mask=mask)
+    assert g.grad_offset[0, 0, 2, 2] == -np.inf and g.grad_offset[0, 1, 2, 2] == -np.inf
+    assert g.grad_mask[0, 0, 2, 2] == np.inf
+    # samples that do not read the pixel: finite (0: grad_out is 0 there)
+    assert (g.grad_offset[0, :, 3:] == 0).all() and (g.grad_mask[0, 0, 3:] == 0).all()
 
 
 # ====================================================================== 4. grouped conv

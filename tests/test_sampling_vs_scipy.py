@@ -345,3 +345,23 @@ def test_map_coordinates_nonfinite_coordinates_give_cval(mode):
     for dt in DTYPES:
         got = dops.map_coordinates(img.astype(dt), c.astype(dt), mode=mode, cval=-2.5)
         np.testing.assert_array_equal(got, np.full(5, -2.5, dt))
+
+
+@pytest.mark.parametrize("mode", ["reflect", "grid-mirror"])
+def test_reflect_multiples_of_the_period_read_scipys_pixels(mode):
+    """At exact multiples of the period (x = -2kn), scipy's cell is the mirrored one left of
+    the point: a NaN in the next pixel (column 1) does not reach the sample for k >= 2 (it does
+    at 0 and -2n); the gradient's right-hand cell must not change the forward's
+    [oracle: scipy, NaN pattern included]."""
+    img = np.arange(20.0).reshape(4, 5)
+    img[:, 1] = np.nan
+    xs = np.array([0.0, -10.0, -20.0, -30.0, -40.0, -1000.0])
+    coords = np.stack([np.full(xs.size, 1.5), xs])
+    ref = ndi.map_coordinates(img, coords, order=1, mode=mode)
+    got = dops.map_coordinates(img, coords, order=1, mode=mode)
+    np.testing.assert_array_equal(got, ref)
+    assert np.isfinite(ref[2:]).all()
+    # and sample's forward, the same values
+    x = img[None, None]
+    c = coords[:, None, :][None]
+    np.testing.assert_array_equal(dops.sample(x, c, mode=mode)[0, 0, 0], ref)

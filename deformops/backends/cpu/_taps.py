@@ -92,11 +92,7 @@ def map_coordinate(c, n, mode):
             p = 2.0 * n
             if c < -p:
                 c = -np.fmod(-c, p)
-            if c == 0.0:
-                # an exact multiple of the period (-0.0 here) reads as 0 does, from the cell
-                # right of it; the mirrored branch would take the flat cell left of it
-                c = 0.0
-            elif c < -n:
+            if c < -n:
                 c = c + p
             else:
                 # as scipy: keep (-c - 1) away from exactly -1
@@ -142,6 +138,7 @@ def axis_taps(c, n, mode, order, slopes):
     """
     if not math.isfinite(c):
         return 0, 0, 0.0, 0.0, 0.0, False
+    c_in = c
     c, sign, ok = map_coordinate(c, n, mode)
     if not ok:
         return 0, 0, 0.0, 0.0, 0.0, False
@@ -149,6 +146,11 @@ def axis_taps(c, n, mode, order, slopes):
     if order == 0:  # the high tap gets weight 0 and points at the low one
         i = map_tap(int(math.floor(c + 0.5)), n, tap_mode)
         return i, i, 1.0, 0.0, 0.0, True
+    if slopes and mode == REFLECT and c_in < 0.0 and n > 1 and np.fmod(-c_in, 2.0 * n) == 0.0:
+        # An exact multiple of the period far left: scipy's cell (the forward keeps it) is the
+        # flat mirrored one left of the point; the right-hand derivative is the cell right of
+        # it, [0, 1], as at 0. Same value.
+        c, sign = 0.0, 1.0
     f = math.floor(c)
     if slopes and sign < 0.0 and f == c:
         # On a mirrored stretch c runs against the caller's coordinate: the cell to the right

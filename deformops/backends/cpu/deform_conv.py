@@ -375,31 +375,49 @@ def _row2im(grad_rows, Tp, t, idx, wm, runs, G, grad_xh):
 
 
 @njit(cache=True, inline="always")
-def _corner_sum(c0, c1, c2, c3, s0, d1, d2, d3):
-    """``sum_t c_t S_t`` from ``S_0`` and ``D_t = S_t - S_0``: ``(c0 + c1 + c2 + c3) S_0 +
-    sum_{t>0} c_t D_t``. The coefficients' sum is taken in float64: for the derivatives of a
-    cell inside the image it is exactly 0 with float32 coefficients, and the large S_0 then
-    adds nothing, not even its rounding."""
-    a = np.float64(c0) + np.float64(c1) + np.float64(c2) + np.float64(c3)
-    r = c1 * d1 + c2 * d2 + c3 * d3
-    return r if a == 0.0 else r + a * s0
+def _corner_sum(c0, c1, c2, c3, s0, u, v, w, along_y):
+    """``sum_t c_t S_t`` over the corners 00, 01, 10, 11 (``S_t`` a corner's sum over the
+    channels) from ``S_0`` and three sums of neighbouring pixels' differences: with
+    ``along_y``, ``(u, v, w) = (D_x0, D_y0, D_y1)`` and the sum is ``C S_0 + (c1 + c3) u + c2 v
+    + c3 w``; else ``(D_x0, D_y0, D_x1)`` and ``C S_0 + c1 u + (c2 + c3) v + c3 w`` (``C = c0 +
+    c1 + c2 + c3``; ``D_x0 = S_01 - S_00``, ``D_x1 = S_11 - S_10``, ``D_y0 = S_10 - S_00``,
+    ``D_y1 = S_11 - S_01``, each summed from the pixels' differences). The coefficients' sums
+    are taken in float64: for a derivative along y (x) inside the image, C and c1 + c3
+    (c2 + c3) are exactly 0, and the large S_0 and the differences across the derivative add
+    nothing, not even their rounding."""
+    C = np.float64(c0) + np.float64(c1) + np.float64(c2) + np.float64(c3)
+    if along_y:
+        a, b = np.float64(c1) + np.float64(c3), np.float64(c2)
+    else:
+        a, b = np.float64(c1), np.float64(c2) + np.float64(c3)
+    r = np.float64(c3) * w
+    if a != 0.0:
+        r += a * u
+    if b != 0.0:
+        r += b * v
+    if C != 0.0:
+        r += C * s0
+    return r
 
 
 @parallel_kernel(cache=True, fastmath={"reassoc"})
 def _offset_mask_grad(xh, grad_rows, n0, Tp, p0, t, idx, wt, msk, empty, ay, ax, runs, first,
                       grad_offset, grad_mask, need_offset, need_mask, zero):
     """Offset and mask gradients of the tile's columns, channels last: for each (column j,
-    offset group g, tap k) the corner sums ``S_t = sum_c grad_rows[., j, .] * xh[., idx_t, c]``
-    over the channels of g (dot products over contiguous runs), then d/dy, d/dx and the mask
-    gradient as their dot products with ay, ax and wt (:func:`_corner_sum`). The sums are kept
-    as ``S_0`` and ``D_t = sum_c grad_rows * (xh[idx_t] - xh[idx_0])``: the derivatives are
-    small differences of the S_t where the image has a large mean (raw pixels, activations
-    after a ReLU), and float32 sums of the S_t themselves lost them (a relative error of 1e-3
-    to 1e-1 at a mean of 1000); neighbouring pixels' differences are exact, as in torchvision's
-    per-channel differences. One task per chunk of columns (no atomics). ``runs``, ``first``:
-    the channel runs of each offset group (:func:`_group_runs`); grad_offset: (N, 2GK, P);
-    grad_mask: (N, GK, P); ``zero``: 0 in the dtype of the sums. The sums may be reassociated
-    (vectorized); their order depends only on the channel count, not on the threads.
+    offset group g, tap k) sums over the channels of g (dot products over contiguous runs) of
+    ``grad_rows[., j, .]`` with the four corners' pixels, then d/dy, d/dx and the mask gradient
+    as their dot products with ay, ax and wt. The sums are kept as the first corner's and four
+    of neighbouring pixels' differences (:func:`_corner_sum`): the derivatives are small
+    differences of the corners' sums where the image has a large mean (raw pixels, activations
+    after a ReLU) or a steep edge across the derivative, and float32 sums of the corners
+    themselves lost them (a relative error of 1e-3 to 1e-1 at a mean of 1000); neighbouring
+    pixels' differences are exact, as in torchvision's per-channel differences. Where a sum is
+    not finite (an infinite pixel: Inf - Inf) the corners' own sums are taken instead, which
+    keep such a gradient infinite rather than NaN. One task per chunk of columns (no atomics).
+    ``runs``, ``first``: the channel runs of each offset group (:func:`_group_runs`);
+    grad_offset: (N, 2GK, P); grad_mask: (N, GK, P); ``zero``: 0 in the dtype of the sums. The
+    sums may be reassociated (vectorized); their order depends only on the channel count, not
+    on the threads.
     """
     Cin = xh.shape[2]
     G, K = idx.shape[0], idx.shape[1]
@@ -412,7 +430,7 @@ def _offset_mask_grad(xh, grad_rows, n0, Tp, p0, t, idx, wt, msk, empty, ay, ax,
             for g in range(G):
                 for k in range(K):
                     code = empty[g, k, j]  # see _tile_taps: flagged samples have value 0
-                    s0 = d1 = d2 = d3 = zero
+                    s0 = dx0 = dy0 = dy1 = dx1 = zero
                     if code < 2:
                         for q in range(first[g], first[g + 1]):
                             c, m, gr = runs[q, 0], runs[q, 1], runs[q, 2]
@@ -423,23 +441,44 @@ def _offset_mask_grad(xh, grad_rows, n0, Tp, p0, t, idx, wt, msk, empty, ay, ax,
                             r2 = src[idx[g, k, 2, j], c:c + m]
                             r3 = src[idx[g, k, 3, j], c:c + m]
                             for i in range(m):
-                                vi, a = v[i], r0[i]
-                                s0 += vi * a
-                                d1 += vi * (r1[i] - a)
-                                d2 += vi * (r2[i] - a)
-                                d3 += vi * (r3[i] - a)
+                                vi, a0, a1, a2, a3 = v[i], r0[i], r1[i], r2[i], r3[i]
+                                s0 += vi * a0
+                                dx0 += vi * (a1 - a0)
+                                dy0 += vi * (a2 - a0)
+                                dy1 += vi * (a3 - a1)
+                                dx1 += vi * (a3 - a2)
+                    finite = np.isfinite(s0 + dx0 + dy0 + dy1 + dx1)
+                    s1 = s2 = s3 = zero
+                    if not finite:  # the corners' own sums (s0 is the first's)
+                        for q in range(first[g], first[g + 1]):
+                            c, m, gr = runs[q, 0], runs[q, 1], runs[q, 2]
+                            start = k * cpg_w + runs[q, 3]
+                            v = grad_rows[gr, j, start:start + m]
+                            r1 = src[idx[g, k, 1, j], c:c + m]
+                            r2 = src[idx[g, k, 2, j], c:c + m]
+                            r3 = src[idx[g, k, 3, j], c:c + m]
+                            for i in range(m):
+                                s1 += v[i] * r1[i]
+                                s2 += v[i] * r2[i]
+                                s3 += v[i] * r3[i]
                     if need_offset:  # a sample that reads no pixel has derivative 0
                         mk = msk[g, k, j] if code < 2 else zero
-                        grad_offset[n, g * 2 * K + 2 * k, p] = mk * _corner_sum(
-                            ay[g, k, 0, j], ay[g, k, 1, j], ay[g, k, 2, j], ay[g, k, 3, j],
-                            s0, d1, d2, d3)
-                        grad_offset[n, g * 2 * K + 2 * k + 1, p] = mk * _corner_sum(
-                            ax[g, k, 0, j], ax[g, k, 1, j], ax[g, k, 2, j], ax[g, k, 3, j],
-                            s0, d1, d2, d3)
+                        c0, c1, c2, c3 = ay[g, k, 0, j], ay[g, k, 1, j], ay[g, k, 2, j], \
+                            ay[g, k, 3, j]
+                        gy = (_corner_sum(c0, c1, c2, c3, s0, dx0, dy0, dy1, True) if finite
+                              else c0 * s0 + c1 * s1 + c2 * s2 + c3 * s3)
+                        c0, c1, c2, c3 = ax[g, k, 0, j], ax[g, k, 1, j], ax[g, k, 2, j], \
+                            ax[g, k, 3, j]
+                        gx = (_corner_sum(c0, c1, c2, c3, s0, dx0, dy0, dx1, False) if finite
+                              else c0 * s0 + c1 * s1 + c2 * s2 + c3 * s3)
+                        grad_offset[n, g * 2 * K + 2 * k, p] = mk * gy
+                        grad_offset[n, g * 2 * K + 2 * k + 1, p] = mk * gx
                     if need_mask:
-                        grad_mask[n, g * K + k, p] = 0.0 if code else _corner_sum(
-                            wt[g, k, 0, j], wt[g, k, 1, j], wt[g, k, 2, j], wt[g, k, 3, j],
-                            s0, d1, d2, d3)
+                        c0, c1, c2, c3 = wt[g, k, 0, j], wt[g, k, 1, j], wt[g, k, 2, j], \
+                            wt[g, k, 3, j]
+                        gm = (_corner_sum(c0, c1, c2, c3, s0, dx0, dy0, dy1, True) if finite
+                              else c0 * s0 + c1 * s1 + c2 * s2 + c3 * s3)
+                        grad_mask[n, g * K + k, p] = 0.0 if code else gm
 
 
 @functools.lru_cache(maxsize=None)

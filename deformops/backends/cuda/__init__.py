@@ -13,7 +13,8 @@ deterministic switch can be set anywhere:
 
 Kernel sources: ``kernels/*.cu`` and ``*.cuh``, C++ templates over the scalar type (``__half``,
 ``__nv_bfloat16``, ``float``, ``double``; half types accumulate in float) and the index type
-(``int``, or ``long long`` when any element count exceeds 2^31 - 1). One ``cupy.RawModule`` per
+(``int``, or ``long long`` when any element count exceeds 2^31 - 1 less 1024, the headroom of
+the kernels' strided loops). One ``cupy.RawModule`` per
 (device, dtype, index type, options), compiled on first use and cached; every launch goes to
 CuPy's current stream.
 """

@@ -2,8 +2,9 @@
 //
 // Every kernel is a template over the storage type T (__half, __nv_bfloat16, float, double) and
 // the index type I (int or long long; the host picks long long when any element count exceeds
-// 2^31 - 1). Half types are loaded into float and accumulate in float (acc_t); double stays
-// double. Coordinate arithmetic (mode mapping, floor, weights) is done in double, as on the CPU.
+// 2^31 - 1 less 1024, so that strided loops such as e += blockDim.x cannot wrap around). Half
+// types are loaded into float and accumulate in float (acc_t); double stays double. Coordinate
+// arithmetic (mode mapping, floor, weights) is done in double, as on the CPU.
 #pragma once
 
 #define DEFORMOPS_THREADS 256

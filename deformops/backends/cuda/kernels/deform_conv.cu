@@ -149,22 +149,32 @@ dc_tap_table(const T* __restrict__ offset, const T* __restrict__ mask, int has_m
     }
 }
 
-// sum_q c_q S_q from S_0 and D_q = S_q - S_0: (c_0 + ... + c_3) S_0 + sum_{q>0} c_q D_q. For
-// the derivatives of a cell inside the image the coefficients' sum is 0 (up to double
-// rounding), and the large S_0 adds nothing.
+// sum_q c_q S_q over the corners 00, 01, 10, 11 (S_q a corner's sum over the channels) from S_0
+// and three sums of neighbouring pixels' differences: along y, (u, v, w) = (Dx0, Dy0, Dy1) and
+// the sum is C S_0 + (c1 + c3) u + c2 v + c3 w; else (Dx0, Dy0, Dx1) and C S_0 + c1 u +
+// (c2 + c3) v + c3 w (C = c0 + c1 + c2 + c3; Dx0 = S_01 - S_00, Dx1 = S_11 - S_10,
+// Dy0 = S_10 - S_00, Dy1 = S_11 - S_01). For a derivative along y (x) inside the image C and
+// c1 + c3 (c2 + c3) are 0, and the large S_0 and the differences across it add nothing.
 template <typename A>
-__device__ __forceinline__ A corner_sum(const double c[4], A s0, A d1, A d2, A d3) {
-    const double a = c[0] + c[1] + c[2] + c[3];
-    const A r = (A)c[1] * d1 + (A)c[2] * d2 + (A)c[3] * d3;
-    return a == 0.0 ? r : r + (A)a * s0;
+__device__ __forceinline__ A corner_sum(const double c[4], A s0, A u, A v, A w, bool along_y) {
+    const double C = c[0] + c[1] + c[2] + c[3];
+    const double a = along_y ? c[1] + c[3] : c[1];
+    const double b = along_y ? c[2] : c[2] + c[3];
+    A r = (A)c[3] * w;
+    if (a != 0.0) r += (A)a * u;
+    if (b != 0.0) r += (A)b * v;
+    if (C != 0.0) r += (A)C * s0;
+    return r;
 }
 
 // Offset and mask gradients of the tile: one thread per (g, k, j) sums
 // S_q = sum_c grad_col[c*K + k, j] * x[n, c, corner q] over the channels of group g (no
 // atomics), then d/dy = mask * sum_q ay_q S_q, d/dx likewise, d/dmask = sum_q w_q S_q. The
-// sums are kept as S_0 and D_q = sum_c grad_col * (x[corner q] - x[corner 0]): the
-// derivatives are small differences of the S_q where the image has a large mean, which
-// float sums of the S_q themselves lost; neighbouring pixels' differences are exact.
+// sums are kept as S_0 and four sums of neighbouring pixels' differences (corner_sum): the
+// derivatives are small differences of the S_q where the image has a large mean or a steep
+// edge across the derivative, which float sums of the S_q themselves lost; neighbouring
+// pixels' differences are exact. Where a sum is not finite (an infinite pixel: Inf - Inf),
+// the corners' own sums are taken instead (an infinite gradient, not NaN).
 // grad_offset (N, 2GK, P), grad_mask (N, GK, P).
 template <typename T, typename I>
 __global__ void __launch_bounds__(DEFORMOPS_THREADS)
@@ -184,28 +194,48 @@ dc_offset_mask_grad(const T* __restrict__ x, const T* __restrict__ grad_col,
         int code;
         double m;
         conv_taps<T, I>(offset, mask, has_mask, n, p, g, k, G, P, H, W, Wo, cg, ya, xa, tp, code, m);
-        acc_t s0 = 0, d1 = 0, d2 = 0, d3 = 0;
+        acc_t s0 = 0, dx0 = 0, dy0 = 0, dy1 = 0, dx1 = 0, s1 = 0, s2 = 0, s3 = 0;
+        const I i0 = (I)tp.i[0], i1 = (I)tp.i[1], i2 = (I)tp.i[2], i3 = (I)tp.i[3];
         if (code != 2) {  // samples with no corner inside read no pixel
-            const I i0 = (I)tp.i[0], i1 = (I)tp.i[1], i2 = (I)tp.i[2], i3 = (I)tp.i[3];
             for (I c = g * cpg; c < (g + 1) * cpg; ++c) {
                 const acc_t gc = to_acc(grad_col[(c * K + k) * Tc + j]);
                 const T* s = x + (n * Cin + c) * HW;
-                const acc_t v0 = to_acc(s[i0]);
-                s0 += gc * v0;
-                d1 += gc * (to_acc(s[i1]) - v0);
-                d2 += gc * (to_acc(s[i2]) - v0);
-                d3 += gc * (to_acc(s[i3]) - v0);
+                const acc_t a0 = to_acc(s[i0]), a1 = to_acc(s[i1]), a2 = to_acc(s[i2]),
+                            a3 = to_acc(s[i3]);
+                s0 += gc * a0;
+                dx0 += gc * (a1 - a0);
+                dy0 += gc * (a2 - a0);
+                dy1 += gc * (a3 - a1);
+                dx1 += gc * (a3 - a2);
+            }
+        }
+        const bool finite = isfinite(s0 + dx0 + dy0 + dy1 + dx1);
+        if (!finite) {  // the corners' own sums (s0 is the first's)
+            for (I c = g * cpg; c < (g + 1) * cpg; ++c) {
+                const acc_t gc = to_acc(grad_col[(c * K + k) * Tc + j]);
+                const T* s = x + (n * Cin + c) * HW;
+                s1 += gc * to_acc(s[i1]);
+                s2 += gc * to_acc(s[i2]);
+                s3 += gc * to_acc(s[i3]);
             }
         }
         if (need_offset) {
             const Slopes sl = corner_slopes(ya, xa, 0.0);
             const acc_t mm = code < 2 ? (acc_t)m : (acc_t)0;
+            const acc_t dy = finite ? corner_sum(sl.ay, s0, dx0, dy0, dy1, true)
+                : (acc_t)sl.ay[0] * s0 + (acc_t)sl.ay[1] * s1 + (acc_t)sl.ay[2] * s2
+                  + (acc_t)sl.ay[3] * s3;
+            const acc_t dx = finite ? corner_sum(sl.ax, s0, dx0, dy0, dx1, false)
+                : (acc_t)sl.ax[0] * s0 + (acc_t)sl.ax[1] * s1 + (acc_t)sl.ax[2] * s2
+                  + (acc_t)sl.ax[3] * s3;
             T* go = grad_offset + (n * 2 * G * K + g * 2 * K + 2 * k) * P + p;
-            store(go, mm * corner_sum(sl.ay, s0, d1, d2, d3));
-            store(go + P, mm * corner_sum(sl.ax, s0, d1, d2, d3));
+            store(go, mm * dy);
+            store(go + P, mm * dx);
         }
         if (need_mask) {
-            const acc_t dm = corner_sum(tp.w, s0, d1, d2, d3);
+            const acc_t dm = finite ? corner_sum(tp.w, s0, dx0, dy0, dy1, true)
+                : (acc_t)tp.w[0] * s0 + (acc_t)tp.w[1] * s1 + (acc_t)tp.w[2] * s2
+                  + (acc_t)tp.w[3] * s3;
             store(grad_mask + (n * G * K + g * K + k) * P + p, code ? (acc_t)0 : dm);
         }
     }

@@ -78,11 +78,7 @@ __device__ __forceinline__ bool map_coordinate(double& c, double& sign, long lon
         } else if (mode == MODE_REFLECT) {
             double p = 2.0 * nd;
             if (c < -p) c = -fmod(-c, p);
-            if (c == 0.0) {
-                // an exact multiple of the period (-0.0 here) reads as 0 does, from the cell
-                // right of it; the mirrored branch would take the flat cell left of it
-                c = 0.0;
-            } else if (c < -nd) {
+            if (c < -nd) {
                 c = c + p;
             } else {
                 // as scipy: keep (-c - 1) away from exactly -1
@@ -123,6 +119,7 @@ __device__ __forceinline__ AxisTaps axis_taps(double c, long long n, int mode, i
     AxisTaps a;
     a.i_low = 0; a.i_high = 0; a.l = 0.0; a.h = 0.0; a.sign = 0.0; a.ok = false;
     if (!isfinite(c)) return a;
+    const double c_in = c;
     double sign;
     if (!map_coordinate(c, sign, n, mode)) return a;
     int tap_mode = (mode == MODE_CONSTANT || mode == MODE_WRAP) ? MODE_MIRROR : mode;
@@ -131,6 +128,14 @@ __device__ __forceinline__ AxisTaps axis_taps(double c, long long n, int mode, i
         long long i = map_tap((long long)floor(c + 0.5), n, tap_mode);
         a.i_low = i; a.i_high = i; a.l = 1.0;
         return a;
+    }
+    // An exact multiple of the period far left ('reflect'): scipy's cell (the forward keeps it)
+    // is the flat mirrored one left of the point; the right-hand derivative is the cell right
+    // of it, [0, 1], as at 0. Same value.
+    if (slopes && mode == MODE_REFLECT && c_in < 0.0 && n > 1
+        && fmod(-c_in, 2.0 * (double)n) == 0.0) {
+        c = 0.0;
+        sign = 1.0;
     }
     double f = floor(c);
     // On a mirrored stretch c runs against the caller's coordinate: the cell to the right of the
