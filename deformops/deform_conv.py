@@ -91,6 +91,8 @@ def check_shapes(x_shape, offset_shape, weight_shape, bias_shape, mask_shape, st
     if (H == 0 or W == 0) and N * Cin:
         raise ValueError(f"{x_name} has an empty spatial size {(H, W)}: there is nothing to "
                          "sample")
+    if Cin == 0:
+        raise ValueError(f"{x_name} must have at least one channel (Cin = 0)")
     if Cin % cpg_w:
         raise ValueError(f"{x_name} has {Cin} channels, not a multiple of weight.shape[1] = "
                          f"{cpg_w}")

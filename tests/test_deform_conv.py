@@ -836,6 +836,7 @@ BAD_VALUES = [
     ("bias_shape", _shape("bias", (5,)), ValueError, "bias"),
     ("bias_2d", _shape("bias", (6, 1)), ValueError, "bias"),
     ("x_3d", _shape("x", (4, 6, 7)), ValueError, "x"),
+    ("x_no_channels", _shape("x", (2, 0, 6, 7)), ValueError, r"\bx\b.*channel"),
     ("offset_3d", _shape("offset", (24, 6, 8)), ValueError, "offset"),
     ("weight_3d", _shape("weight", (6, 2, 6)), ValueError, "weight"),
     ("mask_5d", _shape("mask", (2, 12, 6, 8, 1)), ValueError, "mask"),
