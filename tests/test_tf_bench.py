@@ -19,8 +19,8 @@ def test_bench_tf_runs_on_a_tiny_shape():
     path = os.pathsep.join([ROOT, os.path.join(ROOT, "adapters"), os.environ.get("PYTHONPATH", "")])
     env = dict(os.environ, PYTHONPATH=path, TF_CPP_MIN_LOG_LEVEL="2")
     r = subprocess.run([sys.executable, "-m", "deformops.bench", "tf", "--shape", "1,4,4,6,6,v2",
-                        "--repeat", "1", "--min-time", "0.01"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
+                        "--repeat", "1", "--min-time", "0.01", "--passes", "3"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     assert "check: tf.function op vs numpy op" in r.stdout and ": OK" in r.stdout
     for row in ("| numpy op ", "| numpy op, no x grad ", "| DeformConv2D step ", "| Conv2D step ",
@@ -37,15 +37,60 @@ def test_bench_tf_runs_on_a_tiny_shape():
                 "1st layer: DeformConv2D net / numpy op, no x grad, per pass",
                 "2nd layer: DeformConv2D net / numpy op, per pass"):
         assert row in r.stdout, r.stdout
-    # Per pass: a note per layer with the range over the passes, which holds the median that
-    # the ratio row reports [oracles: the command's PASSES; min <= median <= max].
-    from deformops.bench.tf import PASSES
-
+    # Per pass: a note per layer with the range over the --passes passes, which holds the median
+    # that the ratio row reports [oracle: min <= median <= max]; and a note with the ratio's 90%
+    # bootstrap interval over the passes, within that range [oracle: a resample's medians lie
+    # between the least and the greatest pass's].
     lines = r.stdout.splitlines()
     for layer in ("1st", "2nd"):
         (row,) = [ln for ln in lines if ln.startswith(f"| {layer} layer: ") and ", per pass" in ln]
         median = float(row.split("|")[4])
-        (note,) = [ln for ln in lines if ln.startswith(f"- N1 4->4 6x6 v2 [float32], {layer}")]
-        low, high = (float(v) for v in
-                     note.split(f"per pass ({PASSES} passes): ")[1].split(" to "))
+        start = f"- N1 4->4 6x6 v2 [float32], {layer} layer: "
+        (note,) = [ln for ln in lines if ln.startswith(start) and "per pass (" in ln]
+        low, high = (float(v) for v in note.split("per pass (3 passes): ")[1].split(" to "))
         assert low - 0.01 <= median <= high + 0.01, (row, note)
+        (note,) = [ln for ln in lines if ln.startswith(start) and "90% interval" in ln]
+        lo, hi = (float(v) for v in
+                  note.split("90% interval (bootstrap over 3 passes): ")[1].split(" to "))
+        assert lo <= hi, note
+
+
+def _blocks(times_by_peer):
+    """{peer: [Measurement of each pass]} from {peer: [[ms of each call] of each pass]}."""
+    from deformops.bench._timing import Measurement
+
+    return {peer: [Measurement("op", peer, "float32", sorted(t)[len(t) // 2], min(t), t[0],
+                               len(t), times_ms=tuple(t)) for t in passes]
+            for peer, passes in times_by_peer.items()}
+
+
+def test_overhead_interval_resamples_whole_passes():
+    """The bootstrap interval of the layer ratio: a point where every pass is alike, else the
+    spread of the ratio over resampled passes.
+
+    Oracles: ((layer - bias) - (pred - bias of pred's size)) / numpy computed by hand; with
+    every pass alike each resample equals the whole; passes of two kinds, one that gives 1.0 and
+    one that gives 2.0 (all five callables' times from the same pass kind), bound the interval
+    to [1.0, 2.0], and with 8 passes 4 of each the 5th and 95th percentiles lie strictly inside
+    (the chance that a resample draws 8 alike is 2 * 2**-8)."""
+    np = pytest.importorskip("numpy")
+    from deformops.bench import tf as btf
+
+    names = (btf.LAYER, btf.EMPTY, btf.PRED, btf.EMPTY_PRED, btf.NUMPY_NO_X)
+
+    def one_pass(layer, numpy):  # bias 1 ms, pred 3 ms, bias of pred's size 1 ms
+        return dict(zip(names, ([layer] * 3, [1.0] * 3, [3.0] * 3, [1.0] * 3, [numpy] * 3)))
+
+    alike = [one_pass(14.0, 12.0)] * 5  # ((14 - 1) - (3 - 1)) / 12 = 11/12
+    blocks = _blocks({k: [p[k] for p in alike] for k in names})
+    rng = np.random.default_rng(0)
+    lo, hi = btf._overhead_interval(blocks, btf.LAYER, btf.PRED, btf.NUMPY_NO_X, rng, 200)
+    assert lo == pytest.approx(11 / 12) and hi == pytest.approx(11 / 12)
+
+    mixed = [one_pass(13.0, 10.0), one_pass(23.0, 10.0)] * 4  # 10/10 and 20/10
+    blocks = _blocks({k: [p[k] for p in mixed] for k in names})
+    lo, hi = btf._overhead_interval(blocks, btf.LAYER, btf.PRED, btf.NUMPY_NO_X, rng, 2000)
+    assert 1.0 <= lo < hi <= 2.0 and lo < 1.5 < hi, (lo, hi)
+    # a callable missing: no interval
+    del blocks[btf.EMPTY]
+    assert btf._overhead_interval(blocks, btf.LAYER, btf.PRED, btf.NUMPY_NO_X, rng) is None

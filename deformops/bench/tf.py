@@ -8,8 +8,9 @@ bias on, float32, NHWC (TensorFlow's layout):
 
 Data as ``python -m deformops.bench conv`` (offsets uniform in [-2, 2] px, mask uniform in
 [0, 1]), transposed to NHWC. Measured per shape, each callable in blocks of its own, as
-``model.fit`` runs its steps (eight passes over the callables, every other one in reverse order;
-per block one warm-up call, then at least --repeat/8 calls and --min-time/8 seconds):
+``model.fit`` runs its steps (--passes passes over the callables, 8 by default, every other one
+in reverse order; per block one warm-up call, then at least --repeat/passes calls and
+--min-time/passes seconds):
 
 - numpy op: ``deformops.deform_conv2d`` + ``deform_conv2d_backward`` (all five gradients) on
   NumPy arrays in NHWC, the reference of the overhead ratios; the same without the input
@@ -45,10 +46,13 @@ the second. Targets, at the representative shape (N=8, 64 channels, 28x28; at ot
 ratios are information): both at most 1.2x (framework overhead at most 20%), and the
 tf.function op at most 1.2x the NumPy op. The same two ratios are also taken within each pass,
 from its blocks' medians: their median and range over the passes (information) show how far the
-machine's own noise moves them in this run. Information: what the layer costs in ``model.fit``,
-its predictor included (the DeformConv2D step's net time, the predictor not taken out). At the small
-shape (a 1.6 ms op) TF's fixed cost per step shows instead: two ``tf.numpy_function`` calls and
-the predictor conv's dispatch come to more than 20% of the op.
+machine's own noise moves them in this run; and a 90% bootstrap interval of each (resampling
+whole passes, 2000 times) says how far that noise leaves the reported ratio uncertain: a verdict
+whose interval holds 1.2 is the noise's as much as the code's (more passes narrow it).
+Information: what the layer costs in ``model.fit``, its predictor included (the DeformConv2D
+step's net time, the predictor not taken out). At the small shape (a 1.6 ms op) TF's fixed cost
+per step shows instead: two ``tf.numpy_function`` calls and the predictor conv's dispatch come to
+more than 20% of the op.
 
 Before timing, the TF op's forward and gradients are checked against the NumPy op at each shape
 (float32; the adapter calls the same kernels, so the difference must be 0 up to summation order
@@ -68,7 +72,8 @@ HELP = "deformops_tf: DeformConv2D / deform_conv2d in TensorFlow vs the NumPy op
 
 REPEAT = 10
 MIN_TIME = 1.0  # seconds of timed calls per callable at least
-PASSES = 8  # blocks per callable, in passes of alternating order
+PASSES = 8  # blocks per callable, in passes of alternating order (default of --passes)
+BOOTSTRAP = 2000  # resamples of the passes for the layer ratios' 90% intervals
 DEFAULT_DTYPE = "float32"
 DEFAULT_SHAPES = ((8, 64, 64, 28, 28, True), (4, 16, 16, 16, 16, True))
 TARGET_SHAPE = DEFAULT_SHAPES[0]  # the representative layer: targets are set here
@@ -111,6 +116,11 @@ def add_arguments(parser) -> None:
         "--min-time", type=_timing.seconds, default=MIN_TIME, metavar="SECONDS",
         help="time each callable for at least --repeat calls and this many seconds "
         f"(default: {MIN_TIME:g})",
+    )
+    g.add_argument(
+        "--passes", type=_timing.positive_int, default=PASSES, metavar="N",
+        help="passes over the callables, each timing every callable in a block of its own with "
+        f"1/N of --repeat and --min-time (default: {PASSES}; more narrow the ratios' intervals)",
     )
 
 
@@ -308,6 +318,7 @@ def run(args) -> _timing.Report:
             "threads": args.threads,
             "repeat": repeat,
             "min time (s)": args.min_time,
+            "passes": args.passes,
             "seed": args.seed,
             "tensorflow": tf.__version__,
             "keras": keras.__version__,
@@ -316,16 +327,17 @@ def run(args) -> _timing.Report:
     for dtype in args.dtypes:
         for shape in shapes:
             _bench_case(report, tf, keras, dops, dtf, shape, dtype, repeat, args.min_time,
-                        args.seed)
+                        args.seed, args.passes)
     report.notes.append(
         "every row times forward + backward with the gradients of x, offset, filters, bias and "
         "mask; the Keras steps also run the loss, the offset predictor (DeformConv2D) and an SGD "
         "update. Each callable is timed in blocks of its own, 0.3 s apart, as model.fit runs "
-        f"its steps: {PASSES} passes over the callables, every other one in reverse order, each "
-        f"block one warm-up call then at least --repeat/{PASSES} calls and --min-time/{PASSES} "
-        f"seconds; the median is over all {PASSES} blocks' calls. Ratios are ratios of the "
-        "medians; 'per pass' ratios are the median over the passes of the ratio of each pass's "
-        "block medians. "
+        f"its steps: {args.passes} passes over the callables, every other one in reverse order, "
+        f"each block one warm-up call then at least --repeat/{args.passes} calls and "
+        f"--min-time/{args.passes} seconds; the median is over all {args.passes} blocks' calls. "
+        "Ratios are ratios of the medians; 'per pass' ratios are the median over the passes of "
+        "the ratio of each pass's block medians; '90% interval': of the layer ratios, from "
+        f"{BOOTSTRAP} resamples of whole passes (the machine's noise; more --passes narrow it). "
         "'(min ms)' ratios compare the least disturbed calls. A step's net time: minus the step "
         "of a bias model (x + b) of its output size (Keras' fixed cost, the loss and its "
         "gradient). DeformConv2D "
@@ -367,8 +379,9 @@ def _overhead_ratio(report, label, dtype, timed, layer, pred, den, name, target=
 def _overhead_per_pass(report, label, dtype, blocks, layer, pred, den, name):
     """Add ``name``, per pass: :func:`_overhead` of each pass's block medians, their median as
     an information ratio and their range in a note."""
+    passes = len(blocks[den])
     values = [_overhead({k: b[p].median_ms for k, b in blocks.items()}, layer, pred, den)
-              for p in range(PASSES)]
+              for p in range(passes)]
     values = [v for v in values if v is not None]
     if not values:
         return
@@ -377,7 +390,41 @@ def _overhead_per_pass(report, label, dtype, blocks, layer, pred, den, name):
                         f"{min(values):.2f} to {max(values):.2f}")
 
 
-def _bench_case(report, tf, keras, dops, dtf, shape, dtype, repeat, min_time, seed):
+def _overhead_interval(blocks, layer, pred, den, rng, resamples=BOOTSTRAP):
+    """The 5th and 95th percentiles of :func:`_overhead` of the medians over ``resamples``
+    bootstrap resamples of the passes (None where a callable is missing). A resample draws
+    passes with replacement and takes each callable's median over the calls of the drawn
+    passes' blocks: whole passes, so that a slow spell that fell on one pass's blocks stays
+    with them."""
+    import numpy as np
+
+    names = (layer, EMPTY, pred, EMPTY_PRED, den)
+    if any(k not in blocks for k in names):
+        return None
+    times = {k: [np.asarray(b.times_ms) for b in blocks[k]] for k in names}
+    passes = len(times[den])
+    values = []
+    for _ in range(resamples):
+        drawn = rng.integers(0, passes, passes)
+        ms = {k: float(np.median(np.concatenate([t[i] for i in drawn]))) for k, t in times.items()}
+        value = _overhead(ms, layer, pred, den)
+        if value is not None:
+            values.append(value)
+    return tuple(float(v) for v in np.percentile(values, (5, 95))) if values else None
+
+
+def _add_interval(report, label, dtype, blocks, layer, pred, den, name, rng):
+    """Add a note: ``name``'s 90% bootstrap interval (:func:`_overhead_interval`)."""
+    bounds = _overhead_interval(blocks, layer, pred, den, rng)
+    if bounds is not None:
+        report.notes.append(f"{label} [{dtype}], {name}, 90% interval (bootstrap over "
+                            f"{len(blocks[den])} passes): {bounds[0]:.2f} to {bounds[1]:.2f}")
+
+
+def _bench_case(report, tf, keras, dops, dtf, shape, dtype, repeat, min_time, seed,
+                passes=PASSES):
+    import numpy as np
+
     label = _label(shape)
     _timing.progress(f"[{dtype}] {label}")
     (x, offset, filters, bias, mask, grad_out), nchw = _make_case(shape, dtype, seed)
@@ -412,17 +459,17 @@ def _bench_case(report, tf, keras, dops, dtf, shape, dtype, repeat, min_time, se
     # to the adapter's worker thread) took turns, and each switch cost both sides the other
     # thread's workspace: the NumPy op measured 35 ms instead of 22, the
     # tf.function op 40 instead of 25 (N=8, 64 channels, 28x28) -- a cost model.fit never pays.
-    # Passes in alternating order, each block 1/PASSES of --min-time: a slow spell of the
+    # Passes in alternating order, each block 1/passes of --min-time: a slow spell of the
     # machine (they last seconds here), or what the previous block leaves behind, falls on each
     # callable alike. (With two passes, the overhead ratios of runs minutes apart differed by
     # up to 0.15; with four, four runs within an hour of a busy day gave 1.08 to 1.30.)
     blocks = {}
-    for p in range(PASSES):
+    for p in range(passes):
         for task in (tasks if p % 2 == 0 else tasks[::-1]):
             time.sleep(min(0.3, min_time))  # a smoke run (tiny --min-time) need not wait
             (m,) = _timing.measure_interleaved([task], dtype=dtype,
-                                               repeat=max(1, repeat // PASSES),
-                                               min_s=min_time / PASSES)
+                                               repeat=max(1, repeat // passes),
+                                               min_s=min_time / passes)
             blocks.setdefault(task.peer, []).append(m)
     for task in tasks:
         timed[task.peer] = report.add(_timing.merge_blocks(blocks[task.peer]))
@@ -444,6 +491,12 @@ def _bench_case(report, tf, keras, dops, dtf, shape, dtype, repeat, min_time, se
                        f"1st layer: DeformConv2D net / {NUMPY_NO_X}")
     _overhead_per_pass(report, label, dtype, blocks, LAYER_2, PRED_2, NUMPY,
                        f"2nd layer: DeformConv2D net / {NUMPY}")
+    # How uncertain the machine's noise leaves the two layer ratios (information).
+    rng = np.random.default_rng(seed)
+    _add_interval(report, label, dtype, blocks, LAYER, PRED, NUMPY_NO_X,
+                  f"1st layer: DeformConv2D net / {NUMPY_NO_X}", rng)
+    _add_interval(report, label, dtype, blocks, LAYER_2, PRED_2, NUMPY,
+                  f"2nd layer: DeformConv2D net / {NUMPY}", rng)
     _net_ratio(report, label, dtype, timed, LAYER, PRED, NUMPY_NO_X)
     _net_ratio(report, label, dtype, timed, LAYER, EMPTY, NUMPY_NO_X)
     _net_ratio(report, label, dtype, timed, GRAPH, FLOOR, NUMPY)
