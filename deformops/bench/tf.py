@@ -120,7 +120,8 @@ def add_arguments(parser) -> None:
     g.add_argument(
         "--passes", type=_timing.positive_int, default=PASSES, metavar="N",
         help="passes over the callables, each timing every callable in a block of its own with "
-        f"1/N of --repeat and --min-time (default: {PASSES}; more narrow the ratios' intervals)",
+        f"1/N of --repeat and --min-time (default: {PASSES}; more passes narrow the ratios' "
+        "intervals)",
     )
 
 
@@ -379,6 +380,8 @@ def _overhead_ratio(report, label, dtype, timed, layer, pred, den, name, target=
 def _overhead_per_pass(report, label, dtype, blocks, layer, pred, den, name):
     """Add ``name``, per pass: :func:`_overhead` of each pass's block medians, their median as
     an information ratio and their range in a note."""
+    if den not in blocks:
+        return
     passes = len(blocks[den])
     values = [_overhead({k: b[p].median_ms for k, b in blocks.items()}, layer, pred, den)
               for p in range(passes)]
@@ -392,7 +395,8 @@ def _overhead_per_pass(report, label, dtype, blocks, layer, pred, den, name):
 
 def _overhead_interval(blocks, layer, pred, den, rng, resamples=BOOTSTRAP):
     """The 5th and 95th percentiles of :func:`_overhead` of the medians over ``resamples``
-    bootstrap resamples of the passes (None where a callable is missing). A resample draws
+    bootstrap resamples of the passes (None where a callable is missing or there is one pass:
+    no spread to resample). A resample draws
     passes with replacement and takes each callable's median over the calls of the drawn
     passes' blocks: whole passes, so that a slow spell that fell on one pass's blocks stays
     with them."""
@@ -403,6 +407,8 @@ def _overhead_interval(blocks, layer, pred, den, rng, resamples=BOOTSTRAP):
         return None
     times = {k: [np.asarray(b.times_ms) for b in blocks[k]] for k in names}
     passes = len(times[den])
+    if passes < 2 or any(len(t) != passes or not all(a.size for a in t) for t in times.values()):
+        return None
     values = []
     for _ in range(resamples):
         drawn = rng.integers(0, passes, passes)
