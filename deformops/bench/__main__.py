@@ -60,6 +60,10 @@ def _common_options() -> argparse.ArgumentParser:
     g.add_argument(
         "--json", metavar="PATH", default=None, help="also write the results as JSON to PATH"
     )
+    g.add_argument(
+        "--plot", metavar="PATH", default=None,
+        help="also draw the ratios as a bar chart to PATH (.png, .svg or .pdf; needs matplotlib)",
+    )
     return common
 
 
@@ -100,6 +104,9 @@ def main(argv=None) -> int:
             "(raise it with the environment variable NUMBA_NUM_THREADS)"
         )
     _timing.set_threads(args.threads)
+    if args.plot:  # before the run, not after minutes of timing
+        _timing.require("matplotlib", "pip install matplotlib (or the 'examples' extra), or "
+                        "leave out --plot")
 
     machine = _timing.machine_info()  # before the run: its load is other processes'
     other = _timing.OtherLoad().start()
@@ -117,6 +124,17 @@ def main(argv=None) -> int:
     if args.json:
         _timing.write_json(args.json, {"machine": machine, **report.to_json()})
         print(f"\nwrote {args.json}")
+    if args.plot:
+        from ._plot import plot_ratios
+
+        title = (f"python -m deformops.bench {args.command}: {machine['cpu']}, "
+                 f"{machine['usable_cpus']} CPUs, Numba threads {machine['numba_threads']}")
+        try:
+            plot_ratios(report, title, args.plot)
+        except ValueError as e:
+            print(f"\n{e}: no plot written", file=sys.stderr)
+            return 2
+        print(f"\nwrote {args.plot}")
     if not report.ok:
         print("\nFAILED: a numerical check did not pass (see the check lines above)")
         return 1
