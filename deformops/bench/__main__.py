@@ -4,6 +4,8 @@ Each subcommand is a module of this package listed in :data:`SUBCOMMANDS`. The m
 
 - ``HELP``: one line for ``--help``;
 - ``add_arguments(parser)``: its own options (may do nothing);
+- ``RATIOS`` (optional, default True): False where the report has no ratios (``--plot`` is
+  then refused before the run);
 - ``run(args) -> _timing.Report``: the benchmark. ``args`` carries the common options already
   resolved: ``args.dtypes`` (tuple of dtype names), ``args.repeat`` (``None`` = the subcommand's
   defaults), ``args.threads`` (already applied to Numba; pass it to ``_timing.load_torch``).
@@ -105,8 +107,7 @@ def main(argv=None) -> int:
         )
     _timing.set_threads(args.threads)
     if args.plot:  # before the run, not after minutes of timing
-        _timing.require("matplotlib", "pip install matplotlib (or the 'examples' extra), or "
-                        "leave out --plot")
+        _check_plot(parser, args)
 
     machine = _timing.machine_info()  # before the run: its load is other processes'
     other = _timing.OtherLoad().start()
@@ -124,6 +125,7 @@ def main(argv=None) -> int:
     if args.json:
         _timing.write_json(args.json, {"machine": machine, **report.to_json()})
         print(f"\nwrote {args.json}")
+    plotted = True
     if args.plot:
         from ._plot import plot_ratios
 
@@ -131,14 +133,29 @@ def main(argv=None) -> int:
                  f"{machine['usable_cpus']} CPUs, Numba threads {machine['numba_threads']}")
         try:
             plot_ratios(report, title, args.plot)
+            print(f"\nwrote {args.plot}")
         except ValueError as e:
             print(f"\n{e}: no plot written", file=sys.stderr)
-            return 2
-        print(f"\nwrote {args.plot}")
+            plotted = False
     if not report.ok:
         print("\nFAILED: a numerical check did not pass (see the check lines above)")
         return 1
-    return 0
+    return 0 if plotted else 2
+
+
+def _check_plot(parser, args) -> None:
+    """``--plot``: an argparse error (exit 2) now, where the run could not end in a chart."""
+    from ._plot import check_path
+
+    if not getattr(_load(args.command), "RATIOS", True):
+        parser.error(f"--plot: bench {args.command} reports no ratios to draw")
+    why = check_path(args.plot)
+    if why:
+        parser.error(why)
+    mod, reason = _timing.optional_import("matplotlib")
+    if mod is None:
+        parser.error(f"--plot needs matplotlib, which is not importable ({reason}): pip install "
+                     "matplotlib (or the 'examples' extra), or leave out --plot")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import tempfile
 from . import _timing
 
 HELP = "first-call compile time of the CPU kernels, cold and from Numba's cache"
+RATIOS = False  # times only: nothing for --plot to draw
 TARGET_S = 20.0
 
 # Run in the child: prints one JSON object {label: seconds}.
