@@ -169,6 +169,38 @@ def test_single_sample_point_values(y, x_, expected):
     assert val == pytest.approx(expected(img), rel=1e-12, abs=1e-12)
 
 
+def _coordinates(n):
+    """Coordinates along an axis of n pixels: the rule's borders (-2, -1, 0, n - 1, n, n + 1) and
+    their neighbours one float apart, integers, fractions, huge and non-finite values."""
+    edges = [b + d for b in (-2.0, -1.0, 0.0, n - 1.0, n, n + 1.0) for d in (-0.5, 0.0, 0.5)]
+    near = [float(np.nextafter(b, b + s)) for b in edges for s in (-1.0, 1.0)]
+    special = [-0.0, 1e-300, -1e-300, 1e30, -1e30, 1e300, np.inf, -np.inf, np.nan]
+    return st.one_of(st.sampled_from(edges + near + special),
+                     st.floats(-3.0, n + 3.0, allow_nan=False),
+                     st.floats(allow_nan=True, allow_infinity=True))
+
+
+@settings(max_examples=examples(1))
+@given(data=st.data(), H=st.integers(1, 5), W=st.integers(1, 5))
+def test_forward_taps_equal_the_general_taps(data, H, W):
+    """The forward's branch-free taps (``zero_padding_cell``, whose loop vectorizes) equal, bit
+    for bit, the general taps of mode 'grid-constant' (cval 0, order 1) that the backward
+    stores, with torchvision's cut-off as the code [oracle: ``zero_padding_taps`` +
+    ``corner_taps``]."""
+    from deformops.backends.cpu._taps import corner_taps, zero_padding_cell, zero_padding_taps
+
+    for _ in range(20):
+        y, x = data.draw(_coordinates(H)), data.draw(_coordinates(W))
+        cell = zero_padding_cell(y, x, H, W)
+        i0, i1, i2, i3, w0, w1, w2, w3, _, empty = corner_taps(
+            *zero_padding_taps(y, x, H, W), W, 0.0)
+        kept = -1.0 < y < H and -1.0 < x < W
+        general = (i0, i1, i2, i3, w0, w1, w2, w3, 2 if empty else (0 if kept else 1))
+        assert cell[:4] == general[:4] and cell[8] == general[8], (y, x)
+        assert np.array(cell[4:8]).tobytes() == np.array(general[4:8]).tobytes(), (y, x)
+        assert all(0 <= i < H * W for i in cell[:4])
+
+
 # ====================================================================== 2. batch tiling
 
 

@@ -165,6 +165,44 @@ def axis_taps(c, n, mode, order, slopes):
 
 
 @njit(cache=True, inline="always")
+def zero_padding_cell(y, x, H, W):
+    """:func:`zero_padding_taps` + :func:`corner_taps` (deform_conv2d's rule: mode
+    'grid-constant', cval 0, order 1) without branches, bit for bit: selects, so that a loop
+    over points vectorizes.
+
+    Returns ``(i0, i1, i2, i3, w0, w1, w2, w3, code)``: the indices into the H*W plane and the
+    weights of corners 00, 01, 10, 11, and ``code``: 2 for a point with no corner inside
+    (indices and weights 0; non-finite points and points two or more pixels outside too), 1 for
+    one that torchvision's rule sets to 0 (y <= -1, y >= H, x <= -1 or x >= W) although a
+    corner of weight 0 is inside, else 0.
+    """
+    in_y = (y > -2.0) & (y < H + 1.0)  # False for NaN
+    in_x = (x > -2.0) & (x < W + 1.0)
+    # beyond those bounds every corner is outside: a dummy cell then keeps the integer
+    # conversion away from huge and non-finite values
+    yc = y if in_y else -3.0
+    xc = x if in_x else -3.0
+    fy, fx = math.floor(yc), math.floor(xc)
+    y_low, x_low = int(fy), int(fx)
+    ly, lx = 1.0 - (yc - fy), 1.0 - (xc - fx)
+    hy, hx = 1.0 - ly, 1.0 - lx
+    ok_yl, ok_yh = (y_low >= 0) & (y_low < H), (y_low >= -1) & (y_low < H - 1)
+    ok_xl, ok_xh = (x_low >= 0) & (x_low < W), (x_low >= -1) & (x_low < W - 1)
+    inside = (ok_yl | ok_yh) & (ok_xl | ok_xh)
+    # an outside tap borrows the other tap of its axis: a corner inside, which is read anyway
+    r_low = (y_low if ok_yl else y_low + 1) * W
+    r_high = (y_low + 1 if ok_yh else y_low) * W
+    c_low = x_low if ok_xl else x_low + 1
+    c_high = x_low + 1 if ok_xh else x_low
+    kept = (y > -1.0) & (y < H) & (x > -1.0) & (x < W)
+    code = 0 if (inside & kept) else (1 if inside else 2)
+    return (r_low + c_low if inside else 0, r_low + c_high if inside else 0,
+            r_high + c_low if inside else 0, r_high + c_high if inside else 0,
+            ly * lx if ok_yl & ok_xl else 0.0, ly * hx if ok_yl & ok_xh else 0.0,
+            hy * lx if ok_yh & ok_xl else 0.0, hy * hx if ok_yh & ok_xh else 0.0, code)
+
+
+@njit(cache=True, inline="always")
 def _zero_padding_axis(c, n):
     """:func:`axis_taps` for mode 'grid-constant', order 1, without the mode dispatch.
 
