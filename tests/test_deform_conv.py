@@ -169,36 +169,59 @@ def test_single_sample_point_values(y, x_, expected):
     assert val == pytest.approx(expected(img), rel=1e-12, abs=1e-12)
 
 
-def _coordinates(n):
-    """Coordinates along an axis of n pixels: the rule's borders (-2, -1, 0, n - 1, n, n + 1) and
-    their neighbours one float apart, integers, fractions, huge and non-finite values."""
+def _special_coordinates(n):
+    """Coordinates along an axis of n pixels: the rule's borders (-2, -1, 0, n - 1, n, n + 1)
+    and their neighbours one float apart, integers, fractions, huge and non-finite values."""
     edges = [b + d for b in (-2.0, -1.0, 0.0, n - 1.0, n, n + 1.0) for d in (-0.5, 0.0, 0.5)]
     near = [float(np.nextafter(b, b + s)) for b in edges for s in (-1.0, 1.0)]
-    special = [-0.0, 1e-300, -1e-300, 1e30, -1e30, 1e300, np.inf, -np.inf, np.nan]
-    return st.one_of(st.sampled_from(edges + near + special),
-                     st.floats(-3.0, n + 3.0, allow_nan=False),
-                     st.floats(allow_nan=True, allow_infinity=True))
+    special = [-0.0, 1e-300, -1e-300, 1e30, -1e30, 1e300, 2.0**63, np.inf, -np.inf, np.nan]
+    return edges + near + special
 
 
-@settings(max_examples=examples(1))
-@given(data=st.data(), H=st.integers(1, 5), W=st.integers(1, 5))
-def test_forward_taps_equal_the_general_taps(data, H, W):
-    """The forward's branch-free taps (``zero_padding_cell``, whose loop vectorizes) equal, bit
-    for bit, the general taps of mode 'grid-constant' (cval 0, order 1) that the backward
-    stores, with torchvision's cut-off as the code [oracle: ``zero_padding_taps`` +
-    ``corner_taps``]."""
-    from deformops.backends.cpu._taps import corner_taps, zero_padding_cell, zero_padding_taps
+def _check_forward_taps(ys, xs, H, W, dtype, rng):
+    """The forward's taps of the points (ys, xs), computed by its vector loop (``_cells``),
+    equal bit for bit the backward's, computed one point at a time (``_column_taps``)."""
+    from deformops.backends.cpu.deform_conv import _cells, _column_taps
 
-    for _ in range(20):
-        y, x = data.draw(_coordinates(H)), data.draw(_coordinates(W))
-        cell = zero_padding_cell(y, x, H, W)
-        i0, i1, i2, i3, w0, w1, w2, w3, _, empty = corner_taps(
-            *zero_padding_taps(y, x, H, W), W, 0.0)
-        kept = -1.0 < y < H and -1.0 < x < W
-        general = (i0, i1, i2, i3, w0, w1, w2, w3, 2 if empty else (0 if kept else 1))
-        assert cell[:4] == general[:4] and cell[8] == general[8], (y, x)
-        assert np.array(cell[4:8]).tobytes() == np.array(general[4:8]).tobytes(), (y, x)
-        assert all(0 <= i < H * W for i in cell[:4])
+    m = len(ys)
+    ms = rng.uniform(0.0, 2.0, m)
+    idx, wm, code = np.empty((4, m), np.intp), np.empty((4, m), dtype), np.empty(m, np.uint8)
+    _cells(np.array(ys, np.float64), np.array(xs, np.float64), ms, m, H, W, idx, wm, code)
+    assert ((idx >= 0) & (idx < H * W)).all()
+    for r in range(m):
+        offset = np.array([ys[r], xs[r]]).reshape(1, 2, 1)
+        i0, i1, i2, i3, w0, w1, w2, w3, mk, e, _, _ = _column_taps(
+            offset, ms[r:r + 1].reshape(1, 1, 1), True, 0, 0, 0, 0, 0, 0, 0, 0, 1, H, W,
+            (1, 1), (0, 0), (1, 1))
+        where = (ys[r], xs[r], H, W)
+        assert (tuple(idx[:, r]), code[r]) == ((i0, i1, i2, i3), e), where
+        expected = np.array([w0 * mk, w1 * mk, w2 * mk, w3 * mk]).astype(dtype)
+        assert wm[:, r].tobytes() == expected.tobytes(), where
+
+
+@pytest.mark.parametrize("H, W", [(1, 1), (1, 3), (2, 5), (4, 4)])
+def test_forward_taps_equal_the_backward_taps_on_borders(H, W):
+    """Every pair of the rule's border values, their neighbours one float apart, huge and
+    non-finite values, through the forward's vector loop of taps [oracle: the backward's taps,
+    one point at a time]."""
+    rng = np.random.default_rng(H * 10 + W)
+    pairs = list(itertools.product(_special_coordinates(H), _special_coordinates(W)))
+    ys, xs = [p[0] for p in pairs], [p[1] for p in pairs]
+    for dtype in (np.float32, np.float64):
+        _check_forward_taps(ys, xs, H, W, dtype, rng)
+
+
+@settings(max_examples=examples(2))
+@given(H=st.integers(1, 6), W=st.integers(1, 6), seed=seeds(),
+       points=st.lists(st.tuples(st.floats(allow_nan=True, allow_infinity=True),
+                                 st.floats(-3.0, 9.0)), min_size=1, max_size=40))
+def test_forward_taps_equal_the_backward_taps(H, W, seed, points):
+    """Random points, inside and around the image and anywhere [oracle: the backward's taps,
+    one point at a time]."""
+    rng = np.random.default_rng(seed)
+    ys = [y if rng.random() < 0.3 else x for y, x in points]
+    xs = [x if rng.random() < 0.7 else y for y, x in points]
+    _check_forward_taps(ys, xs, H, W, np.float32, rng)
 
 
 # ====================================================================== 2. batch tiling

@@ -32,7 +32,8 @@ loops, for 300000 rounds by default when torch's OpenMP runtime was loaded first
 
 Workspace per call (bytes, s = itemsize, K = kh*kw, G offset groups, R = Numba's thread count,
 I = Cin*H*W*max(1, T//P) for the tile's images), bounded independently of N: ``R * s *
-ROW_BLOCK * (Cin*K + Cout) + s*I`` for the forward; for the backward ``T * (s * (2*Cin*K +
+ROW_BLOCK * (Cin*K + Cout + 4) + s*I`` for the forward (+ about 23 KB of scratch per thread
+for the taps of a block); for the backward ``T * (s * (2*Cin*K +
 Cout) + G*K*(33 + 17*s)) + 2*s*I + s * 2*ceil(T/2048) * Cin*K*Cout/groups``, with ``T =
 clamp(TILE_BYTES / max(s * (Cin*K + Cout), B), 64, max(N*P, 64))``, B = 0 for the forward and
 G*K*(33 + 17*s) for the backward, TILE_BYTES = 8 MiB and ROW_BLOCK = 256 (forward 2–7 MB on 2
@@ -304,8 +305,9 @@ def _forward_tile(xh, offset, mask, has_mask, n0, Tp, p0, t, Wo, H, W, kh, kw, s
 
     For each block (:func:`_row_blocks`) and each (offset group g, kernel tap k): the sample
     points of the block's columns (:func:`_points`) and their taps (:func:`_cells`, a vector
-    loop: 1.1x faster forward at G = 1, 1.2x at G = 8, 1.4x at G = Cin than the taps computed
-    one sample at a time, N=8, 64 channels, 28x28), then the block's im2col rows,
+    loop: the forward 1.0-1.1x as fast at G = 1, 1.2-1.35x at G = 8, 1.3-1.45x at G = Cin as
+    with the taps computed one sample at a time, N=8, 64 channels, 28x28), then the block's
+    im2col rows,
     ``rows[gr, j - lo, k*cpg_w + c'] = mask * bilinear(x[n, gr*cpg_w + c'], y, x)`` (conv group
     gr, its channel c'), read from the images channels last ``xh`` (runs of contiguous
     channels: vector loops); then ``rows @ W`` per conv
@@ -621,7 +623,7 @@ class _Workspace:
     """Tile buffers of a call, allocated once and reused by every tile.
 
     Forward: per slot of :func:`_forward_tile` (one per thread), a block's rows, its matmul
-    result and its four weights. Backward: the taps of a tile, its im2col rows, grad_out and
+    result and the four weights of each of its columns' taps. Backward: the taps of a tile, its im2col rows, grad_out and
     grad_rows as rows, and the weight gradient's parts.
     """
 
