@@ -61,6 +61,8 @@ TILE_BYTES = 8 << 20
 CHUNK = 64
 # Most rows of a block of the forward (its im2col rows, and one BLAS call per conv group).
 ROW_BLOCK = 256
+# Columns per task of the backward's taps (tasks for two threads even when a tile is short).
+TAP_CHUNK = 16
 # Twice the longest row block of the backward's matmuls (see _grad_blocks).
 GRAD_BLOCK = 2048
 
@@ -140,38 +142,46 @@ def _tile_taps(offset, mask, has_mask, n0, Tp, p0, T, Wo, H, W, kh, kw, stride, 
                dilation, idx, wt, wm, msk, empty, slopes, ay, ax):
     """Taps of columns j < T of the tile (image n0 + j // Tp, output pixel p0 + j % Tp),
     stored for the backward's kernels: idx, wt, wm = wt * msk (0 where flagged), ay, ax (the
-    derivative weights, with ``slopes``): (G, K, 4, T); msk, empty: (G, K, T) (see
-    :func:`_column_taps`). Writing the tables bounds this kernel (about 100 bytes per tap):
-    the forward's vector loop of taps (:func:`_cells`) made it no faster here, and its
-    branch-free taps one at a time 4-10% slower."""
+    derivative weights, with ``slopes``): (T, G, K, 4); msk, empty: (T, G, K) (see
+    :func:`_column_taps`). One task per chunk of TAP_CHUNK columns, column by column: a
+    column's taps are contiguous in the tables, as the kernels that read them go column by
+    column (with tables (G, K, 4, T) those kernels read each tap's fields from 18 cache lines,
+    which no longer stayed in L1 with many offset groups). Writing the tables bounds this
+    kernel (about 100 bytes per tap): the forward's vector loop of taps (:func:`_cells`) made
+    it no faster, and its branch-free taps one at a time 4-10% slower."""
     K = kh * kw
-    G = idx.shape[0]
-    nchunks = (T + CHUNK - 1) // CHUNK
-    for task in prange(G * K * nchunks):
-        g = task // (K * nchunks)
-        k = (task // nchunks) % K
-        j0 = (task % nchunks) * CHUNK
-        ki, kj = k // kw, k % kw
+    G = idx.shape[1]
+    nchunks = (T + TAP_CHUNK - 1) // TAP_CHUNK
+    for task in prange(nchunks):
+        j0 = task * TAP_CHUNK
         # column j is image n, pixel p = (oy, ox); advanced by counting, not dividing
         n, q = n0 + j0 // Tp, j0 % Tp
         p = p0 + q
         oy, ox = p // Wo, p % Wo
-        for j in range(j0, min(j0 + CHUNK, T)):
-            i0, i1, i2, i3, w0, w1, w2, w3, m, e, ya, xa = _column_taps(
-                offset, mask, has_mask, n, p, oy, ox, g, ki, kj, k, K, H, W, stride, padding,
-                dilation)
-            empty[g, k, j] = e
-            idx[g, k, 0, j], idx[g, k, 1, j], idx[g, k, 2, j], idx[g, k, 3, j] = i0, i1, i2, i3
-            wt[g, k, 0, j], wt[g, k, 1, j], wt[g, k, 2, j], wt[g, k, 3, j] = w0, w1, w2, w3
-            msk[g, k, j] = m
-            # a flagged sample's value is 0 whatever x: no input gradient (not even 0 * NaN)
-            mx = m if e == 0 else 0.0
-            wm[g, k, 0, j], wm[g, k, 1, j] = w0 * mx, w1 * mx
-            wm[g, k, 2, j], wm[g, k, 3, j] = w2 * mx, w3 * mx
-            if slopes:
-                a0, a1, a2, a3, b0, b1, b2, b3, _, _ = corner_slopes(ya, xa, 0.0)
-                ay[g, k, 0, j], ay[g, k, 1, j], ay[g, k, 2, j], ay[g, k, 3, j] = a0, a1, a2, a3
-                ax[g, k, 0, j], ax[g, k, 1, j], ax[g, k, 2, j], ax[g, k, 3, j] = b0, b1, b2, b3
+        for j in range(j0, min(j0 + TAP_CHUNK, T)):
+            ti, tw, twm, tm, te = idx[j], wt[j], wm[j], msk[j], empty[j]
+            for g in range(G):
+                for ki in range(kh):
+                    for kj in range(kw):
+                        k = ki * kw + kj
+                        i0, i1, i2, i3, w0, w1, w2, w3, m, e, ya, xa = _column_taps(
+                            offset, mask, has_mask, n, p, oy, ox, g, ki, kj, k, K, H, W,
+                            stride, padding, dilation)
+                        te[g, k] = e
+                        ti[g, k, 0], ti[g, k, 1], ti[g, k, 2], ti[g, k, 3] = i0, i1, i2, i3
+                        tw[g, k, 0], tw[g, k, 1], tw[g, k, 2], tw[g, k, 3] = w0, w1, w2, w3
+                        tm[g, k] = m
+                        # a flagged sample's value is 0 whatever x: no input gradient (not
+                        # even 0 * NaN)
+                        mx = m if e == 0 else 0.0
+                        twm[g, k, 0], twm[g, k, 1] = w0 * mx, w1 * mx
+                        twm[g, k, 2], twm[g, k, 3] = w2 * mx, w3 * mx
+                        if slopes:
+                            a0, a1, a2, a3, b0, b1, b2, b3, _, _ = corner_slopes(ya, xa, 0.0)
+                            ay[j, g, k, 0], ay[j, g, k, 1] = a0, a1
+                            ay[j, g, k, 2], ay[j, g, k, 3] = a2, a3
+                            ax[j, g, k, 0], ax[j, g, k, 1] = b0, b1
+                            ax[j, g, k, 2], ax[j, g, k, 3] = b2, b3
             q += 1
             p += 1
             ox += 1
@@ -226,7 +236,7 @@ def _im2row(xh, Tp, t, idx, wm, empty, runs, first, rows):
     ``xh`` holds the tile's images channels last, so each tap reads (and each row writes) runs
     of contiguous channels: the channel loop is a vector loop. One task per chunk of columns.
     """
-    G, K = idx.shape[0], idx.shape[1]
+    G, K = idx.shape[1], idx.shape[2]
     cpg_w = xh.shape[2] // rows.shape[0]
     nchunks = (t + CHUNK - 1) // CHUNK
     for task in prange(nchunks):
@@ -240,16 +250,16 @@ def _im2row(xh, Tp, t, idx, wm, empty, runs, first, rows):
                         # loops from 0 over slices: provably non-negative indices, no
                         # wraparound checks, so LLVM vectorizes them
                         d = rows[gr, j, start:start + n]
-                        if empty[g, k, j]:  # the gather read pixels with weight 0
+                        if empty[j, g, k]:  # the gather read pixels with weight 0
                             for i in range(n):
                                 d[i] = 0.0
                         else:
-                            r0 = src[idx[g, k, 0, j], c:c + n]
-                            r1 = src[idx[g, k, 1, j], c:c + n]
-                            r2 = src[idx[g, k, 2, j], c:c + n]
-                            r3 = src[idx[g, k, 3, j], c:c + n]
-                            w0, w1 = wm[g, k, 0, j], wm[g, k, 1, j]
-                            w2, w3 = wm[g, k, 2, j], wm[g, k, 3, j]
+                            r0 = src[idx[j, g, k, 0], c:c + n]
+                            r1 = src[idx[j, g, k, 1], c:c + n]
+                            r2 = src[idx[j, g, k, 2], c:c + n]
+                            r3 = src[idx[j, g, k, 3], c:c + n]
+                            w0, w1 = wm[j, g, k, 0], wm[j, g, k, 1]
+                            w2, w3 = wm[j, g, k, 2], wm[j, g, k, 3]
                             for i in range(n):
                                 d[i] = w0 * r0[i] + w1 * r1[i] + w2 * r2[i] + w3 * r3[i]
 
@@ -410,7 +420,7 @@ def _row2im(grad_rows, Tp, t, idx, wm, runs, G, grad_xh):
     0) add nothing, also where ``grad_out`` is not finite, as in the CUDA kernels.
     """
     Cin = grad_xh.shape[2]
-    K = idx.shape[1]
+    K = idx.shape[2]
     cpg, cpg_w = Cin // G, Cin // grad_rows.shape[0]
     for task in prange(runs.shape[0]):
         c0, c1 = runs[task, 0], runs[task, 1]
@@ -422,9 +432,9 @@ def _row2im(grad_rows, Tp, t, idx, wm, runs, G, grad_xh):
                 start = k * cpg_w + c0 - gr * cpg_w
                 v = grad_rows[gr, j, start:start + n]
                 for corner in range(4):
-                    w = wm[g, k, corner, j]
+                    w = wm[j, g, k, corner]
                     if w != 0.0:
-                        d = dst[idx[g, k, corner, j], c0:c1]
+                        d = dst[idx[j, g, k, corner], c0:c1]
                         for i in range(n):
                             d[i] += w * v[i]
 
@@ -475,7 +485,7 @@ def _offset_mask_grad(xh, grad_rows, n0, Tp, p0, t, idx, wt, msk, empty, ay, ax,
     on the threads.
     """
     Cin = xh.shape[2]
-    G, K = idx.shape[0], idx.shape[1]
+    G, K = idx.shape[1], idx.shape[2]
     cpg_w = Cin // grad_rows.shape[0]
     for task in prange((t + CHUNK - 1) // CHUNK):
         for j in range(task * CHUNK, min(task * CHUNK + CHUNK, t)):
@@ -484,17 +494,17 @@ def _offset_mask_grad(xh, grad_rows, n0, Tp, p0, t, idx, wt, msk, empty, ay, ax,
             src = xh[b]
             for g in range(G):
                 for k in range(K):
-                    code = empty[g, k, j]  # see _tile_taps: flagged samples have value 0
+                    code = empty[j, g, k]  # see _tile_taps: flagged samples have value 0
                     s0 = dx0 = dy0 = dy1 = dx1 = zero
                     if code < 2:
                         for q in range(first[g], first[g + 1]):
                             c, m, gr = runs[q, 0], runs[q, 1], runs[q, 2]
                             start = k * cpg_w + runs[q, 3]
                             v = grad_rows[gr, j, start:start + m]
-                            r0 = src[idx[g, k, 0, j], c:c + m]
-                            r1 = src[idx[g, k, 1, j], c:c + m]
-                            r2 = src[idx[g, k, 2, j], c:c + m]
-                            r3 = src[idx[g, k, 3, j], c:c + m]
+                            r0 = src[idx[j, g, k, 0], c:c + m]
+                            r1 = src[idx[j, g, k, 1], c:c + m]
+                            r2 = src[idx[j, g, k, 2], c:c + m]
+                            r3 = src[idx[j, g, k, 3], c:c + m]
                             for i in range(m):
                                 vi, a0, a1, a2, a3 = v[i], r0[i], r1[i], r2[i], r3[i]
                                 s0 += vi * a0
@@ -509,28 +519,28 @@ def _offset_mask_grad(xh, grad_rows, n0, Tp, p0, t, idx, wt, msk, empty, ay, ax,
                             c, m, gr = runs[q, 0], runs[q, 1], runs[q, 2]
                             start = k * cpg_w + runs[q, 3]
                             v = grad_rows[gr, j, start:start + m]
-                            r1 = src[idx[g, k, 1, j], c:c + m]
-                            r2 = src[idx[g, k, 2, j], c:c + m]
-                            r3 = src[idx[g, k, 3, j], c:c + m]
+                            r1 = src[idx[j, g, k, 1], c:c + m]
+                            r2 = src[idx[j, g, k, 2], c:c + m]
+                            r3 = src[idx[j, g, k, 3], c:c + m]
                             for i in range(m):
                                 s1 += v[i] * r1[i]
                                 s2 += v[i] * r2[i]
                                 s3 += v[i] * r3[i]
                     if need_offset:  # a sample that reads no pixel has derivative 0
-                        mk = msk[g, k, j] if code < 2 else zero
-                        c0, c1, c2, c3 = ay[g, k, 0, j], ay[g, k, 1, j], ay[g, k, 2, j], \
-                            ay[g, k, 3, j]
+                        mk = msk[j, g, k] if code < 2 else zero
+                        c0, c1, c2, c3 = ay[j, g, k, 0], ay[j, g, k, 1], ay[j, g, k, 2], \
+                            ay[j, g, k, 3]
                         gy = (_corner_sum(c0, c1, c2, c3, s0, dx0, dy0, dy1, True) if finite
                               else c0 * s0 + c1 * s1 + c2 * s2 + c3 * s3)
-                        c0, c1, c2, c3 = ax[g, k, 0, j], ax[g, k, 1, j], ax[g, k, 2, j], \
-                            ax[g, k, 3, j]
+                        c0, c1, c2, c3 = ax[j, g, k, 0], ax[j, g, k, 1], ax[j, g, k, 2], \
+                            ax[j, g, k, 3]
                         gx = (_corner_sum(c0, c1, c2, c3, s0, dx0, dy0, dx1, False) if finite
                               else c0 * s0 + c1 * s1 + c2 * s2 + c3 * s3)
                         grad_offset[n, g * 2 * K + 2 * k, p] = mk * gy
                         grad_offset[n, g * 2 * K + 2 * k + 1, p] = mk * gx
                     if need_mask:
-                        c0, c1, c2, c3 = wt[g, k, 0, j], wt[g, k, 1, j], wt[g, k, 2, j], \
-                            wt[g, k, 3, j]
+                        c0, c1, c2, c3 = wt[j, g, k, 0], wt[j, g, k, 1], wt[j, g, k, 2], \
+                            wt[j, g, k, 3]
                         gm = (_corner_sum(c0, c1, c2, c3, s0, dx0, dy0, dy1, True) if finite
                               else c0 * s0 + c1 * s1 + c2 * s2 + c3 * s3)
                         grad_mask[n, g * K + k, p] = 0.0 if code else gm
@@ -635,12 +645,14 @@ class _Workspace:
             self.res = np.empty((slots, groups, ROW_BLOCK, Cout_g), dtype)
             self.wm = np.empty((slots, 4, ROW_BLOCK), dtype)
         else:
-            self.idx = np.empty((G, K, 4, T), np.uintp)
-            self.wt = np.empty((G, K, 4, T), dtype)
-            self.wm = np.empty((G, K, 4, T), dtype)
-            self.msk = np.empty((G, K, T), dtype)
-            self.empty = np.empty((G, K, T), np.uint8)
-            shape = (G, K, 4, T) if slopes else (1, 1, 4, 1)
+            # column-major tables: a column's taps are contiguous, as the kernels that read
+            # them go column by column
+            self.idx = np.empty((T, G, K, 4), np.uintp)
+            self.wt = np.empty((T, G, K, 4), dtype)
+            self.wm = np.empty((T, G, K, 4), dtype)
+            self.msk = np.empty((T, G, K), dtype)
+            self.empty = np.empty((T, G, K), np.uint8)
+            shape = (T, G, K, 4) if slopes else (1, 1, 1, 4)
             self.ay, self.ax = np.empty(shape, dtype), np.empty(shape, dtype)
             # the im2col matrix as rows: (conv group, column, tap and channel of the group)
             self.rows = np.empty((groups, T, Kc), dtype)
