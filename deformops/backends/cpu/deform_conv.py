@@ -16,8 +16,9 @@ as it is into an NHWC one (+ bias).
 
 Backward, per tile:
 
-1. ``_tile_taps``: the taps of the whole tile, stored (with their derivatives when the offset
-   gradient is needed), and ``_im2row``: the tile's rows (weight gradient only);
+1. ``_tile_taps``: the taps of the whole tile, stored column by column (with their derivatives
+   when the offset gradient is needed), and ``_im2row``: the tile's rows (weight gradient
+   only);
 2. ``_backward_rows``: ``grad_rows = grad_out @ Wᵀ`` and the weight gradient's part
    ``rowsᵀ @ grad_out`` per block of rows (parts summed in block order);
 3. ``_row2im`` scatters grad_rows into the input gradient of the tile's images, channels last,
@@ -633,8 +634,9 @@ class _Workspace:
     """Tile buffers of a call, allocated once and reused by every tile.
 
     Forward: per slot of :func:`_forward_tile` (one per thread), a block's rows, its matmul
-    result and the four weights of each of its columns' taps. Backward: the taps of a tile, its im2col rows, grad_out and
-    grad_rows as rows, and the weight gradient's parts.
+    result and the four weights of each of its columns' taps. Backward: the taps of a tile
+    (column by column), its im2col rows, grad_out and grad_rows as rows, and the weight
+    gradient's parts.
     """
 
     def __init__(self, dtype, Cin, Cout, G, K, T, slopes, backward, groups=1, slots=1):
