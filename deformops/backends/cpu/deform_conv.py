@@ -144,12 +144,12 @@ def _tile_taps(offset, mask, has_mask, n0, Tp, p0, T, Wo, H, W, kh, kw, stride, 
     """Taps of columns j < T of the tile (image n0 + j // Tp, output pixel p0 + j % Tp),
     stored for the backward's kernels: idx, wt, wm = wt * msk (0 where flagged), ay, ax (the
     derivative weights, with ``slopes``): (T, G, K, 4); msk, empty: (T, G, K) (see
-    :func:`_column_taps`). One task per chunk of TAP_CHUNK columns, column by column: a
-    column's taps are contiguous in the tables, as the kernels that read them go column by
-    column (with tables (G, K, 4, T) those kernels read each tap's fields from 18 cache lines,
-    which no longer stayed in L1 with many offset groups). Writing the tables bounds this
-    kernel (about 100 bytes per tap): the forward's vector loop of taps (:func:`_cells`) made
-    it no faster, and its branch-free taps one at a time 4-10% slower."""
+    :func:`_column_taps`). One task per chunk of TAP_CHUNK columns, column by column: each
+    tap's fields lie next to the previous tap's, as the kernels that read them go column by
+    column (with tables (G, K, 4, T) the offset and mask gradients read a tap's 18 fields from
+    18 cache lines, which no longer stayed in L1 with many offset groups). Writing the tables
+    bounds this kernel (about 100 bytes per tap): the forward's vector loop of taps
+    (:func:`_cells`) made it no faster, and its branch-free taps one at a time 4-10% slower."""
     K = kh * kw
     G = idx.shape[1]
     nchunks = (T + TAP_CHUNK - 1) // TAP_CHUNK
@@ -416,9 +416,10 @@ def _row2im(grad_rows, Tp, t, idx, wm, runs, G, grad_xh):
     tap k and corner: the scatter of the input gradient, channels last.
 
     One task per run of channels (``runs``: (start, end) within one offset group and one conv
-    group, at most 16 channels): no two threads write one element, and each corner update is
-    a vector loop over the run. Corners of weight 0 (samples that read no pixel point at pixel
-    0) add nothing, also where ``grad_out`` is not finite, as in the CUDA kernels.
+    group, at most 32 or 64 channels): no two threads write one element, and each corner
+    update is a vector loop over the run. Corners of weight 0 (samples that read no pixel
+    point at pixel 0) add nothing, also where ``grad_out`` is not finite, as in the CUDA
+    kernels.
     """
     Cin = grad_xh.shape[2]
     K = idx.shape[2]
