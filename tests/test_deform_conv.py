@@ -192,7 +192,7 @@ def _check_forward_taps(ys, xs, H, W, dtype, rng):
         offset = np.array([ys[r], xs[r]]).reshape(1, 2, 1)
         i0, i1, i2, i3, w0, w1, w2, w3, mk, e, _, _ = _column_taps(
             offset, ms[r:r + 1].reshape(1, 1, 1), True, 0, 0, 0, 0, 0, 0, 0, 0, 1, H, W,
-            (1, 1), (0, 0), (1, 1))
+            (1, 1))
         where = (ys[r], xs[r], H, W)
         assert (tuple(idx[:, r]), code[r]) == ((i0, i1, i2, i3), e), where
         expected = np.array([w0 * mk, w1 * mk, w2 * mk, w3 * mk]).astype(dtype)

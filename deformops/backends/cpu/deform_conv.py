@@ -69,18 +69,19 @@ GRAD_BLOCK = 2048
 
 
 @njit(cache=True, inline="always")
-def _column_taps(offset, mask, has_mask, n, p, oy, ox, g, ki, kj, k, K, H, W, stride, padding,
-                 dilation):
-    """Bilinear taps of offset group g, kernel tap k = (ki, kj) at output pixel p = (oy, ox) of
-    image n (the caller passes k with ki and kj: integer divisions cost more than the taps):
+def _column_taps(offset, mask, has_mask, n, p, cy, cx, g, ki, kj, k, K, H, W, dilation):
+    """Bilinear taps of offset group g, kernel tap k = (ki, kj) at output pixel p of image n,
+    whose kernel has its top left corner at (cy, cx) (:func:`_columns`; the caller passes k
+    with ki and kj: integer divisions cost more than the taps):
     ``(i0, i1, i2, i3, w0, w1, w2, w3, m, empty, ya, xa)``: corner indices into the H*W plane
     and weights, the mask m (1 without one), the axis taps ``ya, xa`` (for the derivatives) and
     ``empty`` 2 for a sample with no corner inside the image, 1 for one that torchvision's rule
     sets to 0 (y <= -1, y >= H, x <= -1 or x >= W) although a corner with weight 0 is inside,
     else 0; the value of a flagged sample is 0 without reading any pixel. Offset channel of
     (g, k) is g*2K + 2k (dy) and +1 (dx); mask channel g*K + k (torchvision's order)."""
-    y = oy * stride[0] - padding[0] + ki * dilation[0] + np.float64(offset[n, g * 2 * K + 2 * k, p])
-    x = ox * stride[1] - padding[1] + kj * dilation[1] + np.float64(offset[n, g * 2 * K + 2 * k + 1, p])
+    c = g * 2 * K + 2 * k
+    y = cy + ki * dilation[0] + np.float64(offset[n, c, p])
+    x = cx + kj * dilation[1] + np.float64(offset[n, c + 1, p])
     ya, xa = zero_padding_taps(y, x, H, W)
     i0, i1, i2, i3, w0, w1, w2, w3, _, no_corner = corner_taps(ya, xa, W, 0.0)
     outside = not (y > -1.0 and y < H and x > -1.0 and x < W)
@@ -155,19 +156,20 @@ def _tile_taps(offset, mask, has_mask, n0, Tp, p0, T, Wo, H, W, kh, kw, stride, 
     nchunks = (T + TAP_CHUNK - 1) // TAP_CHUNK
     for task in prange(nchunks):
         j0 = task * TAP_CHUNK
-        # column j is image n, pixel p = (oy, ox); advanced by counting, not dividing
-        n, q = n0 + j0 // Tp, j0 % Tp
-        p = p0 + q
-        oy, ox = p // Wo, p % Wo
-        for j in range(j0, min(j0 + TAP_CHUNK, T)):
+        j1 = min(j0 + TAP_CHUNK, T)
+        cn, cp = np.empty(TAP_CHUNK, np.intp), np.empty(TAP_CHUNK, np.intp)
+        cy, cx = np.empty(TAP_CHUNK, np.intp), np.empty(TAP_CHUNK, np.intp)
+        _columns(n0, Tp, p0, j0, j1, Wo, stride, padding, cn, cp, cy, cx)
+        for j in range(j0, j1):
+            r = j - j0
             ti, tw, twm, tm, te = idx[j], wt[j], wm[j], msk[j], empty[j]
             for g in range(G):
                 for ki in range(kh):
                     for kj in range(kw):
                         k = ki * kw + kj
                         i0, i1, i2, i3, w0, w1, w2, w3, m, e, ya, xa = _column_taps(
-                            offset, mask, has_mask, n, p, oy, ox, g, ki, kj, k, K, H, W,
-                            stride, padding, dilation)
+                            offset, mask, has_mask, cn[r], cp[r], cy[r], cx[r], g, ki, kj, k,
+                            K, H, W, dilation)
                         te[g, k] = e
                         ti[g, k, 0], ti[g, k, 1], ti[g, k, 2], ti[g, k, 3] = i0, i1, i2, i3
                         tw[g, k, 0], tw[g, k, 1], tw[g, k, 2], tw[g, k, 3] = w0, w1, w2, w3
@@ -183,15 +185,6 @@ def _tile_taps(offset, mask, has_mask, n0, Tp, p0, T, Wo, H, W, kh, kw, stride, 
                             ay[j, g, k, 2], ay[j, g, k, 3] = a2, a3
                             ax[j, g, k, 0], ax[j, g, k, 1] = b0, b1
                             ax[j, g, k, 2], ax[j, g, k, 3] = b2, b3
-            q += 1
-            p += 1
-            ox += 1
-            if ox == Wo:
-                ox = 0
-                oy += 1
-            if q == Tp:
-                q, n, p = 0, n + 1, p0
-                oy, ox = p0 // Wo, p0 % Wo
 
 
 @parallel_kernel(cache=True)
