@@ -36,8 +36,16 @@ def test_bench_tf_runs_on_a_tiny_shape():
                 "(DeformConv2D step - Keras step, bias only) / numpy op, no x grad",
                 "(tf op tf.function - numpy_function floor) / numpy op",
                 "1st layer: DeformConv2D net / numpy op, no x grad, per pass",
-                "2nd layer: DeformConv2D net / numpy op, per pass"):
+                "2nd layer: DeformConv2D net / numpy op, per pass",
+                "| DeformConv2D step, kernels slept ",
+                "| DeformConv2D step, 2nd layer, kernels slept ",
+                "1st layer, kernels slept: DeformConv2D net / numpy op, no x grad",
+                "2nd layer, kernels slept: DeformConv2D net / numpy op",
+                "1st layer: kernel calls in its step / numpy op, no x grad",
+                "2nd layer: kernel calls in its step / numpy op"):
         assert row in r.stdout, r.stdout
+    # every kernel call of the slept steps had its stand-in
+    assert "ran for real" not in r.stdout, r.stdout
     # Per pass: a note per layer with the range over the --passes passes, which holds the median
     # that the ratio row reports [oracle: min <= median <= max]; and a note with the ratio's 90%
     # bootstrap interval over the passes, two ordered finite numbers (its values are tested
@@ -106,3 +114,100 @@ def test_overhead_interval_resamples_whole_passes():
     # a callable missing: no interval
     del blocks[btf.EMPTY]
     assert btf._overhead_interval(blocks, btf.LAYER, btf.PRED, btf.NUMPY_NO_X, rng) is None
+
+
+class _FakeOps:
+    """A stand-in for ``deformops_tf.ops``: ``_locked`` runs the call and counts it."""
+
+    def __init__(self):
+        self.calls = 0
+        self._locked = self.locked
+
+    def locked(self, fn, args, kwargs):
+        self.calls += 1
+        return fn(*args, **kwargs)
+
+
+def test_kernel_clock_times_real_calls_and_sleeps_for_stand_ins():
+    """KernelClock: real calls made under a tag are recorded by key (the kernel's name and the
+    gradients it computes) and return the real result; under stand_ins a call of a key that has
+    a duration and has run before does not run (the fake kernel's counter stays), takes at
+    least that duration [oracle: the clock], and returns an equal copy in a new, 64-byte aligned
+    buffer (a NamedTuple keeps its type and its None fields). Any other call runs for real and
+    is counted. On exit the original ``_locked`` is back."""
+    np = pytest.importorskip("numpy")
+    import time
+
+    from deformops import DeformConv2dGrads
+    from deformops.bench import _stand_ins
+
+    def deform_conv2d(x):
+        return x * 2.0
+
+    def deform_conv2d_backward(x, needs_input_grad):
+        return DeformConv2dGrads(x + 1.0, None, x - 1.0, None, None)
+
+    ops = _FakeOps()
+    original = ops._locked
+    x = np.arange(12.0, dtype=np.float32).reshape(3, 4)[:, 1:]  # a strided view
+    needs = (False, True, True, True, True)
+    with _stand_ins.KernelClock(ops) as clock:
+        assert ops._locked == clock._call
+        with clock.tagged("layer"):
+            out = ops._locked(deform_conv2d, (x,), {})
+            grads = ops._locked(deform_conv2d_backward, (x,), {"needs_input_grad": needs})
+        assert np.array_equal(out, x * 2.0) and ops.calls == 2
+        keys = {("deform_conv2d", None), ("deform_conv2d_backward", needs)}
+        assert set(clock.durations["layer"]) == keys
+        assert clock.median_ms("layer") > 0 and clock.median_ms("other") is None
+
+        wait = {("deform_conv2d", None): 0.02, ("deform_conv2d_backward", needs): 0.03}
+        with clock.stand_ins(wait):
+            t0 = time.perf_counter()
+            out2 = ops._locked(deform_conv2d, (x,), {})
+            t1 = time.perf_counter()
+            grads2 = ops._locked(deform_conv2d_backward, (x,), {"needs_input_grad": needs})
+            t2 = time.perf_counter()
+            assert ops.calls == 2 and clock.real_under_stand_ins == 0
+            assert t1 - t0 >= 0.02 and t2 - t1 >= 0.03
+            # another key (all five gradients): no stand-in, it runs
+            ops._locked(deform_conv2d_backward, (x,), {"needs_input_grad": (True,) * 5})
+            assert ops.calls == 3 and clock.real_under_stand_ins == 1
+        assert np.array_equal(out2, out) and not np.shares_memory(out2, out)
+        assert out2.ctypes.data % 64 == 0 and out2.flags.c_contiguous
+        assert isinstance(grads2, DeformConv2dGrads)
+        for a, b in zip(grads, grads2):
+            assert (a is None and b is None) or (np.array_equal(a, b) and b.ctypes.data % 64 == 0
+                                                 and not np.shares_memory(a, b))
+        # outside stand_ins and tags: real calls, not recorded
+        ops._locked(deform_conv2d, (x,), {})
+        assert ops.calls == 4 and len(clock.durations["layer"][("deform_conv2d", None)]) == 1
+    assert ops._locked == original
+
+
+def test_split_clock_keys_are_the_adapters():
+    """The NumPy op's forward and backward, timed apart by SplitClock, have the keys under which
+    the TF layer's own kernel calls reach ``deformops_tf.ops._locked`` (first layer: no input
+    gradient; second layer: all five), so that each stand-in sleeps the matching call's time.
+    Oracle: the keys KernelClock records from a real Keras training step of each kind."""
+    np = pytest.importorskip("numpy")
+    keras = pytest.importorskip("keras")
+    import deformops as dops
+    import deformops_tf as dtf
+    import tensorflow as tf
+    from deformops.bench import _stand_ins
+    from deformops.bench import tf as btf
+
+    shape = (2, 4, 4, 6, 6, True)
+    (x, offset, filters, bias, mask, grad_out), _ = btf._make_case(shape, "float32", 0)
+    weight = filters.transpose(3, 2, 0, 1).copy()
+    steps = btf._keras_steps(tf, keras, dtf, shape, "float32", x, 0)
+    for layer, needs in ((btf.LAYER, (False, True, True, True, True)),
+                         (btf.LAYER_2, (True,) * 5)):
+        split = _stand_ins.SplitClock()
+        btf._numpy_fn(dops, x, offset, weight, bias, mask, grad_out, "NHWC", needs, split)()
+        with _stand_ins.KernelClock(dtf.ops) as clock:
+            with clock.tagged(layer):
+                steps[layer]()
+        assert set(clock.durations[layer]) == set(split.seconds()), layer
+        assert all(v > 0 and np.isfinite(v) for v in split.seconds().values())

@@ -32,6 +32,12 @@ in reverse order; per block one warm-up call, then at least --repeat/passes call
   with weights), so that the step needs the layer's input gradient too;
 - predictor step (1st / 2nd layer): the same steps with the DeformConv2D layer replaced by its
   offset/mask predictor alone (a ``Conv2D`` with as many outputs: 3x3, 'same', 2K or 3K);
+- DeformConv2D step, kernels slept (1st / 2nd layer): the same steps of fresh models with each
+  kernel call replaced by a sleep of the NumPy op's own forward or backward time (the median of
+  the "numpy op" rows' calls, timed apart), returning fresh copies of the real call's results
+  (``deformops.bench._stand_ins``). Everything but the kernels runs: TF, the graph nodes, the
+  adapter's hand-over and conversions. Their ratios are the floor of the layer ratios: what
+  the overhead would be with kernels that cost inside the step exactly what they cost alone;
 - Conv2D step: the same step of a ``keras.layers.Conv2D`` model of the same shape;
 - Keras step, bias only (and: of the predictor's size): the same step of a model that is one
   per-channel bias (``x + b``) with the DeformConv2D's (the predictor's) output size: Keras'
@@ -49,10 +55,13 @@ from its blocks' medians: their median and range over the passes (information) s
 machine's own noise moves them in this run; and a 90% bootstrap interval of each (resampling
 whole passes, 2000 times) says how far that noise leaves the reported ratio uncertain: a verdict
 whose interval holds 1.2 is the noise's as much as the code's (more passes narrow it).
-Information: what the layer costs in ``model.fit``, its predictor included (the DeformConv2D
-step's net time, the predictor not taken out). At the small shape (a 1.6 ms op) TF's fixed cost
-per step shows instead: two ``tf.numpy_function`` calls and the predictor conv's dispatch come to
-more than 20% of the op.
+Information: the same two ratios with the kernels slept (see above: TF's and the adapter's
+share), with their 90% intervals; the kernel calls' own time inside the real layer steps
+(measured around each call) over the NumPy op's (the kernels' share: 1.0 where they run as fast
+in the step as alone); and what the layer costs in ``model.fit``, its predictor included (the
+DeformConv2D step's net time, the predictor not taken out). At the small shape (a 1 ms op) TF's
+fixed cost per step shows instead: two ``tf.numpy_function`` calls and the predictor conv's
+dispatch come to more than 20% of the op.
 
 Before timing, the TF op's forward and gradients are checked against the NumPy op at each shape
 (float32; the adapter calls the same kernels, so the difference must be 0 up to summation order
@@ -65,7 +74,7 @@ import functools
 import statistics
 import time
 
-from . import _timing
+from . import _stand_ins, _timing
 from ._timing import Check, Ratio, Task
 
 HELP = "deformops_tf: DeformConv2D / deform_conv2d in TensorFlow vs the NumPy op and Conv2D"
@@ -85,6 +94,7 @@ EAGER, GRAPH = "tf op eager", "tf op tf.function"
 LAYER, CONV = "DeformConv2D step", "Conv2D step"
 PRED = "predictor step"
 LAYER_2, PRED_2 = "DeformConv2D step, 2nd layer", "predictor step, 2nd layer"
+SLEPT, SLEPT_2 = "DeformConv2D step, kernels slept", "DeformConv2D step, 2nd layer, kernels slept"
 EMPTY, EMPTY_PRED = "Keras step, bias only", "Keras step, bias only, predictor's size"
 FLOOR = "numpy_function floor"
 TARGETS = {
@@ -149,12 +159,17 @@ def _make_case(shape, dtype, seed):
     return nhwc, nchw
 
 
-def _numpy_fn(dops, x, offset, weight, bias, mask, grad_out, layout, needs=(True,) * 5):
+def _numpy_fn(dops, x, offset, weight, bias, mask, grad_out, layout, needs=(True,) * 5,
+              clock=None):
+    """The NumPy op: forward + backward; ``clock`` (a :class:`_stand_ins.SplitClock`) times the
+    two calls apart."""
+    call = clock.timed if clock is not None else (lambda fn, *a, **k: fn(*a, **k))
+
     def both():
         kw = dict(stride=1, padding=1, dilation=1, mask=mask, layout=layout)
-        out = dops.deform_conv2d(x, offset, weight, bias, **kw)
-        return out, dops.deform_conv2d_backward(grad_out, x, offset, weight,
-                                                needs_input_grad=needs, **kw)
+        out = call(dops.deform_conv2d, x, offset, weight, bias, **kw)
+        return out, call(dops.deform_conv2d_backward, grad_out, x, offset, weight,
+                         needs_input_grad=needs, **kw)
 
     return both
 
@@ -246,6 +261,7 @@ def _keras_steps(tf, keras, dtf, shape, dtype, x, seed):
     # depthwise conv
     specs = ((LAYER, deform, Cin, False), (PRED, predictor, Cin, False),
              (LAYER_2, deform, Cin, True), (PRED_2, predictor, Cin, True),
+             (SLEPT, deform, Cin, False), (SLEPT_2, deform, Cin, True),
              (CONV, conv, Cin, False), (EMPTY, bias_only, Cout, False),
              (EMPTY_PRED, bias_only, n_pred, False))
     steps = {}
@@ -429,35 +445,62 @@ def _add_interval(report, label, dtype, blocks, layer, pred, den, name, rng):
 
 def _bench_case(report, tf, keras, dops, dtf, shape, dtype, repeat, min_time, seed,
                 passes=PASSES):
-    import numpy as np
-
     label = _label(shape)
     _timing.progress(f"[{dtype}] {label}")
     (x, offset, filters, bias, mask, grad_out), nchw = _make_case(shape, dtype, seed)
     weight = filters.transpose(3, 2, 0, 1).copy()
-    np_both = _numpy_fn(dops, x, offset, weight, bias, mask, grad_out, "NHWC")
+    split_all, split_no_x = _stand_ins.SplitClock(), _stand_ins.SplitClock()
+    np_both = _numpy_fn(dops, x, offset, weight, bias, mask, grad_out, "NHWC", clock=split_all)
     np_no_x = _numpy_fn(dops, x, offset, weight, bias, mask, grad_out, "NHWC",
-                        (False, True, True, True, True))
+                        (False, True, True, True, True), clock=split_no_x)
     np_nchw = _numpy_fn(dops, nchw[0], nchw[1], nchw[2], nchw[3], nchw[4], nchw[5], "NCHW")
     eager, graph = _tf_op_fns(tf, dtf, (x, offset, filters, bias, mask, grad_out))
     _check(report, label, dtype, graph, np_both)
     steps = _keras_steps(tf, keras, dtf, shape, dtype, x, seed)
+    with _stand_ins.KernelClock(dtf.ops) as clock:
+        _bench_steps(report, label, dtype, shape, steps, clock, split_all, split_no_x, np_both,
+                     np_no_x, np_nchw, eager, graph, tf, (x, offset, filters, bias, mask, grad_out),
+                     repeat, min_time, seed, passes)
+
+
+def _bench_steps(report, label, dtype, shape, steps, clock, split_all, split_no_x, np_both,
+                 np_no_x, np_nchw, eager, graph, tf, arrays, repeat, min_time, seed, passes):
+    """Time the callables of one case (see :func:`_bench_case`) and add their ratios."""
+    import numpy as np
+
+    def tagged(step, tag):  # the layer step, its kernel calls timed
+        def run():
+            with clock.tagged(tag):
+                return step()
+        return run
+
+    def slept(step, split):  # the layer step, its kernel calls sleeping the NumPy op's times
+        def run():
+            with clock.stand_ins(split.seconds()):
+                return step()
+        return run
+
     tasks = [
         Task(np_both, f"{label}", NUMPY, "NHWC, all 5 gradients"),
         Task(np_no_x, f"{label}", NUMPY_NO_X, "NHWC, 4 gradients (first layer's)"),
         Task(np_nchw, f"{label}", NUMPY_NCHW, "the core's native layout"),
         Task(eager, f"{label}", EAGER, "GradientTape, DLPack"),
         Task(graph, f"{label}", GRAPH, "tf.numpy_function inside"),
-        Task(_numpy_function_floor(tf, (x, offset, filters, bias, mask, grad_out),
-                                   grad_out.shape),
+        Task(_numpy_function_floor(tf, arrays, arrays[-1].shape),
              f"{label}", FLOOR, "do-nothing numpy_function op, same structure"),
-        Task(steps[LAYER], f"{label}", LAYER, "train_on_batch, SGD; no x grad"),
+        Task(tagged(steps[LAYER], LAYER), f"{label}", LAYER, "train_on_batch, SGD; no x grad"),
         Task(steps[PRED], f"{label}", PRED, "its offset/mask predictor alone"),
-        Task(steps[LAYER_2], f"{label}", LAYER_2, "after a 1x1 depthwise conv"),
+        Task(tagged(steps[LAYER_2], LAYER_2), f"{label}", LAYER_2,
+             "after a 1x1 depthwise conv"),
         Task(steps[PRED_2], f"{label}", PRED_2, "after a 1x1 depthwise conv"),
         Task(steps[CONV], f"{label}", CONV, "train_on_batch, SGD"),
         Task(steps[EMPTY], f"{label}", EMPTY, "x + b model: the loss and its gradient"),
         Task(steps[EMPTY_PRED], f"{label}", EMPTY_PRED, "the same, 2K or 3K channels"),
+        # after the real layer steps, whose results the stand-ins return
+        Task(slept(steps[SLEPT], split_no_x), f"{label}", SLEPT,
+             "kernel calls: sleeps of the numpy op's"),
+        Task(slept(steps[SLEPT_2], split_all), f"{label}", SLEPT_2,
+             "the same, 2nd layer"),
     ]
     timed = {}
     # Each callable in a block of its own, as model.fit runs its steps. In rounds, calls from the
@@ -479,6 +522,10 @@ def _bench_case(report, tf, keras, dops, dtf, shape, dtype, repeat, min_time, se
             blocks.setdefault(task.peer, []).append(m)
     for task in tasks:
         timed[task.peer] = report.add(_timing.merge_blocks(blocks[task.peer]))
+    if clock.real_under_stand_ins:  # a call of the layer that the NumPy op does not make
+        report.notes.append(f"{label} [{dtype}]: {clock.real_under_stand_ins} kernel calls of "
+                            "the slept steps ran for real (no stand-in for them): the slept "
+                            "rows do not measure what they say")
     targeted = tuple(shape) == TARGET_SHAPE
     for (num, den), target in TARGETS.items():
         report.add_ratio(f"{num} / {den}", label, dtype, timed.get(num), timed.get(den),
@@ -503,6 +550,19 @@ def _bench_case(report, tf, keras, dops, dtf, shape, dtype, repeat, min_time, se
                   f"1st layer: DeformConv2D net / {NUMPY_NO_X}", rng)
     _add_interval(report, label, dtype, blocks, LAYER_2, PRED_2, NUMPY,
                   f"2nd layer: DeformConv2D net / {NUMPY}", rng)
+    # Where the overhead comes from (information). With the kernel calls slept (each a sleep of
+    # the NumPy op's own forward or backward time) the ratio is what TF and the adapter add
+    # around calls that cost exactly the NumPy op: the floor of the ratios above. The kernel
+    # calls' own time inside the real steps says whether the kernels run slower there.
+    for layer, pred, den, n in ((SLEPT, PRED, NUMPY_NO_X, "1st"), (SLEPT_2, PRED_2, NUMPY, "2nd")):
+        name = f"{n} layer, kernels slept: DeformConv2D net / {den}"
+        _overhead_ratio(report, label, dtype, timed, layer, pred, den, name)
+        _add_interval(report, label, dtype, blocks, layer, pred, den, name, rng)
+    for layer, den, n in ((LAYER, NUMPY_NO_X, "1st"), (LAYER_2, NUMPY, "2nd")):
+        inside, alone = clock.median_ms(layer), timed.get(den)
+        if inside is not None and alone is not None and alone.median_ms > 0:
+            report.ratios.append(Ratio(f"{n} layer: kernel calls in its step / {den}", label,
+                                       dtype, inside / alone.median_ms))
     _net_ratio(report, label, dtype, timed, LAYER, PRED, NUMPY_NO_X)
     _net_ratio(report, label, dtype, timed, LAYER, EMPTY, NUMPY_NO_X)
     _net_ratio(report, label, dtype, timed, GRAPH, FLOOR, NUMPY)
