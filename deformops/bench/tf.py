@@ -33,11 +33,12 @@ in reverse order; per block one warm-up call, then at least --repeat/passes call
 - predictor step (1st / 2nd layer): the same steps with the DeformConv2D layer replaced by its
   offset/mask predictor alone (a ``Conv2D`` with as many outputs: 3x3, 'same', 2K or 3K);
 - DeformConv2D step, kernels slept (1st / 2nd layer): the same steps of fresh models with each
-  kernel call replaced by a sleep of the NumPy op's own forward or backward time (the median of
-  the "numpy op" rows' calls, timed apart), returning fresh copies of the real call's results
-  (``deformops.bench._stand_ins``). Everything but the kernels runs: TF, the graph nodes, the
-  adapter's hand-over and conversions. Their ratios are the floor of the layer ratios: what
-  the overhead would be with kernels that cost inside the step exactly what they cost alone;
+  kernel call replaced by a sleep of the NumPy op's own forward or backward time (the median so
+  far of the "numpy op" rows' calls, timed apart, warm-up calls left out), returning fresh
+  copies of a real call's results (``deformops.bench._stand_ins``). Everything but the kernels
+  runs: TF, the graph nodes, the adapter's hand-over and conversions. Their ratios are TF's and
+  the adapter's share of the layer ratios: the overhead if the kernel calls cost inside the
+  step exactly what they cost alone (and left the cores idle meanwhile);
 - Conv2D step: the same step of a ``keras.layers.Conv2D`` model of the same shape;
 - Keras step, bias only (and: of the predictor's size): the same step of a model that is one
   per-channel bias (``x + b``) with the DeformConv2D's (the predictor's) output size: Keras'
@@ -57,11 +58,11 @@ whole passes, 2000 times) says how far that noise leaves the reported ratio unce
 whose interval holds 1.2 is the noise's as much as the code's (more passes narrow it).
 Information: the same two ratios with the kernels slept (see above: TF's and the adapter's
 share), with their 90% intervals; the kernel calls' own time inside the real layer steps
-(measured around each call) over the NumPy op's (the kernels' share: 1.0 where they run as fast
-in the step as alone); and what the layer costs in ``model.fit``, its predictor included (the
-DeformConv2D step's net time, the predictor not taken out). At the small shape (a 1 ms op) TF's
-fixed cost per step shows instead: two ``tf.numpy_function`` calls and the predictor conv's
-dispatch come to more than 20% of the op.
+(measured around each call, the sum of each call's median) over the same calls' in the NumPy op
+(1.0 where the kernels run as fast in the step as alone); and what the layer costs in
+``model.fit``, its predictor included (the DeformConv2D step's net time, the predictor not taken
+out). At the small shape (a 1 ms op) TF's fixed cost per step shows instead: two
+``tf.numpy_function`` calls and the predictor conv's dispatch come to more than 20% of the op.
 
 Before timing, the TF op's forward and gradients are checked against the NumPy op at each shape
 (float32; the adapter calls the same kernels, so the difference must be 0 up to summation order
@@ -496,7 +497,7 @@ def _bench_steps(report, label, dtype, shape, steps, clock, split_all, split_no_
         Task(steps[CONV], f"{label}", CONV, "train_on_batch, SGD"),
         Task(steps[EMPTY], f"{label}", EMPTY, "x + b model: the loss and its gradient"),
         Task(steps[EMPTY_PRED], f"{label}", EMPTY_PRED, "the same, 2K or 3K channels"),
-        # after the real layer steps, whose results the stand-ins return
+        # pass 0 runs them after the real layer steps, whose results the stand-ins return
         Task(slept(steps[SLEPT], split_no_x), f"{label}", SLEPT,
              "kernel calls: sleeps of the numpy op's"),
         Task(slept(steps[SLEPT_2], split_all), f"{label}", SLEPT_2,
@@ -516,16 +517,20 @@ def _bench_steps(report, label, dtype, shape, steps, clock, split_all, split_no_
     for p in range(passes):
         for task in (tasks if p % 2 == 0 else tasks[::-1]):
             time.sleep(min(0.3, min_time))  # a smoke run (tiny --min-time) need not wait
+            for c in (clock, split_all, split_no_x):  # leave the warm-up call out
+                c.new_block()
             (m,) = _timing.measure_interleaved([task], dtype=dtype,
                                                repeat=max(1, repeat // passes),
                                                min_s=min_time / passes)
             blocks.setdefault(task.peer, []).append(m)
     for task in tasks:
         timed[task.peer] = report.add(_timing.merge_blocks(blocks[task.peer]))
+    report.notes.append(f"{label} [{dtype}]: kernel calls of the slept steps: "
+                        f"{clock.stand_in_calls} slept, {clock.real_under_stand_ins} real")
     if clock.real_under_stand_ins:  # a call of the layer that the NumPy op does not make
-        report.notes.append(f"{label} [{dtype}]: {clock.real_under_stand_ins} kernel calls of "
-                            "the slept steps ran for real (no stand-in for them): the slept "
-                            "rows do not measure what they say")
+        report.notes.append(f"{label} [{dtype}]: some kernel calls of the slept steps ran for "
+                            "real (no stand-in for them): the slept rows do not measure what "
+                            "they say")
     targeted = tuple(shape) == TARGET_SHAPE
     for (num, den), target in TARGETS.items():
         report.add_ratio(f"{num} / {den}", label, dtype, timed.get(num), timed.get(den),
@@ -558,11 +563,13 @@ def _bench_steps(report, label, dtype, shape, steps, clock, split_all, split_no_
         name = f"{n} layer, kernels slept: DeformConv2D net / {den}"
         _overhead_ratio(report, label, dtype, timed, layer, pred, den, name)
         _add_interval(report, label, dtype, blocks, layer, pred, den, name, rng)
-    for layer, den, n in ((LAYER, NUMPY_NO_X, "1st"), (LAYER_2, NUMPY, "2nd")):
-        inside, alone = clock.median_ms(layer), timed.get(den)
-        if inside is not None and alone is not None and alone.median_ms > 0:
-            report.ratios.append(Ratio(f"{n} layer: kernel calls in its step / {den}", label,
-                                       dtype, inside / alone.median_ms))
+    for layer, split, den, n in ((LAYER, split_no_x, NUMPY_NO_X, "1st"),
+                                 (LAYER_2, split_all, NUMPY, "2nd")):
+        inside, alone = clock.seconds(layer), split.seconds()
+        if inside and set(inside) == set(alone) and sum(alone.values()) > 0:
+            report.ratios.append(Ratio(f"{n} layer: kernel calls in its step / the {den}'s",
+                                       label, dtype,
+                                       sum(inside.values()) / sum(alone.values())))
     _net_ratio(report, label, dtype, timed, LAYER, PRED, NUMPY_NO_X)
     _net_ratio(report, label, dtype, timed, LAYER, EMPTY, NUMPY_NO_X)
     _net_ratio(report, label, dtype, timed, GRAPH, FLOOR, NUMPY)
