@@ -110,6 +110,47 @@ def test_forward_float32_matches_naive_loop(cfg, kind, with_mask, with_bias, lay
     assert np.all(err <= 1e-4 * scale + 1e-6), err.max()
 
 
+@st.composite
+def depthwise_configs(draw):
+    """conv_configs with one input channel per conv group (groups = Cin, 2-24 channels, Cout =
+    1-3 times Cin) and offset groups that divide Cin, up to one per channel."""
+    cfg = draw(conv_configs(max_groups=1, max_offset_groups=1))
+    C = draw(st.sampled_from([2, 3, 5, 8, 16, 24]))
+    G = draw(st.sampled_from([g for g in (1, 2, 3, 4, 8, C) if C % g == 0]))
+    return dict(cfg, Cin=C, groups=C, G=G, Cout=C * draw(st.integers(1, 3)))
+
+
+@settings(max_examples=examples(2))
+@given(cfg=depthwise_configs(), kind=st.sampled_from(OFFSET_KINDS), with_mask=st.booleans(),
+       with_bias=st.booleans(), layout=st.sampled_from(LAYOUTS), seed=seeds())
+def test_depthwise_forward_matches_naive_loop(cfg, kind, with_mask, with_bias, layout, seed):
+    """Depthwise convolutions (groups = Cin, any channel multiplier) take a kernel of their own
+    (the general one is made to fail here, so the test sees which ran): float64 == naive loop
+    within 1e-10, float32 within 1e-4 of the sum of |terms| [oracle: naive loop]; non-finite
+    offsets give 0 there [oracle: naive loop at an offset far outside]."""
+    from deformops.backends.cpu import deform_conv as cpu
+
+    def general(*args):
+        raise AssertionError("the general forward ran for a depthwise convolution")
+
+    rng = np.random.default_rng(seed)
+    x, offset, weight, bias, mask, _ = make_arrays(rng, cfg, kind, with_mask, with_bias)
+    bad = rng.random(offset.shape) < 0.05
+    offset = np.where(bad, rng.choice([np.nan, np.inf, -np.inf], offset.shape), offset)
+    far = np.where(bad, 1e9, offset)
+    expected = ref_deform_conv2d(x, far, weight, bias, mask=mask, **conv_kwargs(cfg))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu, "_forward_tile", general)
+        out = run_forward(x, offset, weight, bias, mask, cfg, layout)
+        np.testing.assert_allclose(out, expected, rtol=1e-10, atol=1e-10)
+        c32 = [None if a is None else a.astype(np.float32) for a in (x, far, weight, bias, mask)]
+        expected32 = ref_deform_conv2d(*c32[:4], mask=c32[4], **conv_kwargs(cfg))
+        scale = abs_reference(c32[0], c32[1], c32[2], c32[4], cfg) + (0 if bias is None else 1.0)
+        out32 = run_forward(x, offset, weight, bias, mask, cfg, layout, np.float32)
+    err = np.abs(out32.astype(np.float64) - expected32)
+    assert np.all(err <= 1e-4 * scale + 1e-6), err.max()
+
+
 @pytest.mark.parametrize("with_mask", [False, True])
 @pytest.mark.parametrize("padding", [1, (1, 2), (2, 1)])
 def test_zero_offsets_on_minus_one_border(padding, with_mask):

@@ -373,6 +373,75 @@ def _forward_tile(xh, offset, mask, has_mask, n0, Tp, p0, t, Wo, H, W, kh, kw, s
                     _store_rows(res[gr], lo, hi, Tp, p0, bias, has_bias, gr * Cout_g, of)
 
 
+@parallel_kernel(cache=True)
+def _forward_tile_depthwise(xh, offset, mask, has_mask, n0, Tp, p0, t, Wo, H, W, kh, kw, stride,
+                            padding, dilation, w_taps, bias, has_bias, of, channels_last,
+                            rows_ws, res_ws, wm_ws, acc_ws):
+    """:func:`_forward_tile` for depthwise convolutions (one input channel per conv group,
+    ``Cout = mult * Cin``), where each conv group's matmul is one row by ``mult`` columns and
+    each of its channel runs one channel long.
+
+    Per block: the im2col rows channels last, ``rows[r, k, c]`` (per offset group and tap, a
+    vector loop over the group's channels), then ``res[r, c*mult + m] = sum_k rows[r, k, c] *
+    w_taps[k, m, c]`` (vector loops over the channels, the taps summed in order k = 0..K-1), stored
+    as :func:`_forward_tile` stores its result. Workspaces per slot: rows_ws (slots, ROW_BLOCK,
+    K, Cin), res_ws (slots, ROW_BLOCK, Cout), wm_ws (slots, 4, ROW_BLOCK), acc_ws (slots, Cin).
+    """
+    K = kh * kw
+    G = offset.shape[1] // (2 * K)
+    Cin = xh.shape[2]
+    cpg = Cin // G
+    mult = w_taps.shape[1]
+    slots = rows_ws.shape[0]
+    nblocks = _row_blocks(t)
+    kij = np.empty((K, 2), np.intp)
+    for k in range(K):
+        kij[k, 0], kij[k, 1] = k // kw, k % kw
+    for s in prange(slots):
+        rows, res, wm, acc = rows_ws[s], res_ws[s], wm_ws[s], acc_ws[s]
+        cn, cp = np.empty(ROW_BLOCK, np.intp), np.empty(ROW_BLOCK, np.intp)
+        cy, cx = np.empty(ROW_BLOCK, np.intp), np.empty(ROW_BLOCK, np.intp)
+        ys, xs, ms = np.empty(ROW_BLOCK), np.empty(ROW_BLOCK), np.empty(ROW_BLOCK)
+        idx, code = np.empty((4, ROW_BLOCK), np.intp), np.empty(ROW_BLOCK, np.uint8)
+        for blk in range(s, nblocks, slots):
+            lo, hi = blk * t // nblocks, (blk + 1) * t // nblocks
+            _columns(n0, Tp, p0, lo, hi, Wo, stride, padding, cn, cp, cy, cx)
+            for g in range(G):
+                c0 = g * cpg
+                for k in range(K):
+                    _points(offset, mask, has_mask, g, k, K, kij[k, 0] * dilation[0],
+                            kij[k, 1] * dilation[1], hi - lo, cn, cp, cy, cx, ys, xs, ms)
+                    _cells(ys, xs, ms, hi - lo, H, W, idx, wm, code)
+                    for r in range(hi - lo):
+                        d = rows[r, k, c0:c0 + cpg]
+                        if code[r]:  # 0 without reading a pixel
+                            for i in range(cpg):
+                                d[i] = 0.0
+                        else:
+                            src = xh[cn[r] - n0]
+                            r0, r1 = src[idx[0, r], c0:c0 + cpg], src[idx[1, r], c0:c0 + cpg]
+                            r2, r3 = src[idx[2, r], c0:c0 + cpg], src[idx[3, r], c0:c0 + cpg]
+                            v0, v1, v2, v3 = wm[0, r], wm[1, r], wm[2, r], wm[3, r]
+                            for i in range(cpg):
+                                d[i] = v0 * r0[i] + v1 * r1[i] + v2 * r2[i] + v3 * r3[i]
+            for r in range(hi - lo):
+                x_r, out_r = rows[r], res[r]
+                for m in range(mult):
+                    a, w0 = x_r[0], w_taps[0, m]
+                    for c in range(Cin):
+                        acc[c] = a[c] * w0[c]
+                    for k in range(1, K):
+                        a, wk = x_r[k], w_taps[k, m]
+                        for c in range(Cin):
+                            acc[c] += a[c] * wk[c]
+                    for c in range(Cin):
+                        out_r[c * mult + m] = acc[c]
+            if channels_last:
+                _store_rows_nhwc(res, lo, hi, Tp, p0, bias, has_bias, 0, of)
+            else:
+                _store_rows(res, lo, hi, Tp, p0, bias, has_bias, 0, of)
+
+
 @njit(cache=True)
 def _grad_blocks(t):
     """Row blocks of the backward's matmuls for a tile of t columns: an even number of equal
@@ -760,6 +829,13 @@ def deform_conv2d_forward(x, offset, weight, bias, mask, stride, padding, dilati
     has_mask, has_bias = mask is not None, bias is not None
     bias_vec = bias if has_bias else np.zeros(1, x.dtype)
     runs, first = _group_runs(Cin, G, groups)
+    depthwise = groups > 1 and cpg_w == 1
+    if depthwise:  # the same buffers, channels last
+        slots = ws.rows.shape[0]
+        rows_dw = ws.rows.reshape(slots, ROW_BLOCK, K, Cin)
+        res_dw = ws.res.reshape(slots, ROW_BLOCK, Cout)
+        acc_dw = np.empty((slots, Cin), x.dtype)
+        w_taps = np.ascontiguousarray(weight.reshape(Cin, Cout // Cin, K).transpose(2, 1, 0))
     held = None  # (n0, nimg) of the images in the channels-last buffer
     with _one_blas_thread():
         for n0, nimg, p0, Tp in _tiles(N, P, T):
@@ -771,6 +847,12 @@ def deform_conv2d_forward(x, offset, weight, bias, mask, stride, padding, dilati
                     _rows_of(x.reshape(N, Cin, H * W), n0, nimg, 0, H * W,
                              xh.reshape(1, nimg * H * W, Cin))
                     held = (n0, nimg)
+            if depthwise:
+                _forward_tile_depthwise(xh, offset, mask if has_mask else offset, has_mask, n0,
+                                        Tp, p0, nimg * Tp, Wo, H, W, kh, kw, stride, padding,
+                                        dilation, w_taps, bias_vec, has_bias, of[n0:n0 + nimg],
+                                        channels_last, rows_dw, res_dw, ws.wm, acc_dw)
+                continue
             _forward_tile(xh, offset, mask if has_mask else offset, has_mask, n0, Tp, p0,
                           nimg * Tp, Wo, H, W, kh, kw, stride, padding, dilation, runs, first,
                           w_rows, bias_vec, has_bias, of[n0:n0 + nimg], channels_last, ws.rows,
