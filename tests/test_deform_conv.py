@@ -151,6 +151,44 @@ def test_depthwise_forward_matches_naive_loop(cfg, kind, with_mask, with_bias, l
     assert np.all(err <= 1e-4 * scale + 1e-6), err.max()
 
 
+@settings(max_examples=examples(2))
+@given(cfg=depthwise_configs(), kind=st.sampled_from(OFFSET_KINDS), with_mask=st.booleans(),
+       layout=st.sampled_from(LAYOUTS), needs=st.lists(st.booleans(), min_size=5, max_size=5),
+       seed=seeds())
+def test_depthwise_backward_equals_the_dense_conv_with_block_diagonal_weights(
+        cfg, kind, with_mask, layout, needs, seed):
+    """Depthwise backward (its own matmul kernel: the general one is made to fail here) == the
+    backward of the same convolution as a dense one (groups = 1) whose weights are zero off
+    the block diagonal, within 1e-10 in float64, for any subset of the gradients: input,
+    offset, mask and bias directly, the weight gradient on the diagonal blocks [oracle: the
+    general kernels, groups = 1]."""
+    from deformops.backends.cpu import deform_conv as cpu
+
+    def general(*args):
+        raise AssertionError("the general backward matmuls ran for a depthwise convolution")
+
+    rng = np.random.default_rng(seed)
+    x, offset, weight, _, mask, grad_out = make_arrays(rng, cfg, kind, with_mask, False)
+    C, mult = cfg["Cin"], cfg["Cout"] // cfg["Cin"]
+    dense = np.zeros((cfg["Cout"], C, cfg["kh"], cfg["kw"]))
+    for c in range(C):
+        dense[c * mult:(c + 1) * mult, c] = weight[c * mult:(c + 1) * mult, 0]
+    expected = run_backward(grad_out, x, offset, dense, mask, dict(cfg, groups=1), layout)
+    expected["grad_weight"] = np.stack([expected["grad_weight"][c * mult:(c + 1) * mult, c]
+                                        for c in range(C)]).reshape(weight.shape)
+    needs = tuple(needs) if with_mask else (*needs[:3], False, needs[4])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu, "_backward_rows", general)
+        got = run_backward(grad_out, x, offset, weight, mask, cfg, layout, needs=needs)
+    for name, need in zip(("grad_input", "grad_offset", "grad_weight", "grad_mask",
+                           "grad_bias"), needs):
+        if need:
+            np.testing.assert_allclose(got[name], expected[name], rtol=1e-10, atol=1e-10,
+                                       err_msg=name)
+        else:
+            assert got[name] is None, name
+
+
 @pytest.mark.parametrize("with_mask", [False, True])
 @pytest.mark.parametrize("padding", [1, (1, 2), (2, 1)])
 def test_zero_offsets_on_minus_one_border(padding, with_mask):
