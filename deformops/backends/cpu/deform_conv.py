@@ -27,12 +27,13 @@ Backward, per tile:
    images over the channels of each offset group for each (g, k, j) (no atomics).
 
 Depthwise convolutions (one input channel per conv group, ``groups = Cin > 1``, any channel
-multiplier) would make every conv group's matmul one row long and every channel run one channel
-long. Their rows are laid out channels last instead, as one conv group's (``rows[j, k*Cin +
-c]``), and the matmuls are vector loops over the channels: ``_forward_tile_depthwise`` for the
-forward, ``_backward_rows_depthwise`` for step 2 of the backward (steps 1 and 3 read these rows
-as those of one conv group). Forward + backward 10x faster than through the general kernels at
-N=8, 64 channels, 28x28, one offset group.
+multiplier) would make every conv group's matmul one of inner size K (a single input channel)
+and every channel run one channel long. Their rows are laid out channels last instead, as one
+conv group's (``rows[j, k*Cin + c]``), and the matmuls are vector loops over the channels:
+``_forward_tile_depthwise`` for the forward, ``_backward_rows_depthwise`` for step 2 of the
+backward (step 1 writes, and step 3 reads, these rows as those of one conv group). Against the
+general kernels: forward 6-11x, forward + backward 5-12x faster (N=8, 64-256 channels, one
+offset group).
 
 Every matmul runs single-threaded BLAS (Numba's np.dot) inside Numba's parallel loops, on blocks
 that do not depend on the thread count: results are bit-identical for any number of Numba
@@ -386,8 +387,8 @@ def _forward_tile_depthwise(xh, offset, mask, has_mask, n0, Tp, p0, t, Wo, H, W,
                             padding, dilation, w_taps, bias, has_bias, of, channels_last,
                             rows_ws, res_ws, wm_ws, acc_ws):
     """:func:`_forward_tile` for depthwise convolutions (one input channel per conv group,
-    ``Cout = mult * Cin``), where each conv group's matmul is one row by ``mult`` columns and
-    each of its channel runs one channel long.
+    ``Cout = mult * Cin``), where each conv group's matmul has inner size K (one input channel)
+    and each of its channel runs is one channel long.
 
     Per block: the im2col rows channels last, ``rows[r, k, c]`` (per offset group and tap, a
     vector loop over the group's channels), then ``res[r, c*mult + m] = sum_k rows[r, k, c] *
@@ -489,7 +490,7 @@ def _backward_rows_depthwise(rows, go_rows, w_taps, grad_rows, gw_parts, t, need
     ``grad_rows[0, j, k*Cin + c] = sum_m go_rows[0, j, c*mult + m] * w_taps[k, m, c]`` and the
     block's part of the weight gradient, ``gw_parts[blk, k, m, c] = sum_j rows[0, j, k*Cin + c]
     * go_rows[0, j, c*mult + m]`` (j in order): vector loops over the channels, where the
-    general kernel made a matmul of one row per conv group.
+    general kernel made matmuls of one input channel per conv group.
     """
     K, mult, Cin = w_taps.shape
     nblocks = _grad_blocks(t)
@@ -885,13 +886,14 @@ def deform_conv2d_forward(x, offset, weight, bias, mask, stride, padding, dilati
     G = offset.shape[1] // (2 * K)
     T = tile_columns(x.dtype, Cin, Cout, K, N * P)
     ws = _workspace(x.dtype, Cin, Cout, G, K, T, False, False, groups, threads.count())
-    w_rows = _weight_rows(weight, groups)
     of = out.reshape(N, P, Cout) if channels_last else out.reshape(N, Cout, P)
     has_mask, has_bias = mask is not None, bias is not None
     bias_vec = bias if has_bias else np.zeros(1, x.dtype)
-    runs, first = _group_runs(Cin, G, groups)
     depthwise = groups > 1 and cpg_w == 1
-    if depthwise:  # the same buffers, channels last
+    if not depthwise:
+        runs, first = _group_runs(Cin, G, groups)
+        w_rows = _weight_rows(weight, groups)
+    else:  # the same buffers, channels last
         slots = ws.rows.shape[0]
         rows_dw = ws.rows.reshape(slots, ROW_BLOCK, K, Cin)
         res_dw = ws.res.reshape(slots, ROW_BLOCK, Cout)
