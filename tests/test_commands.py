@@ -59,6 +59,21 @@ def test_bench_conv_runs_on_a_tiny_shape():
     assert "| N2 4->4 6x6 v2 forward" in r.stdout
 
 
+def test_bench_conv_depthwise_checks_against_torchvision_and_conv2d():
+    """--groups Cin: a depthwise case, checked in float64 at its small version (kept depthwise:
+    4 groups of one channel) against torchvision where installed and against a grouped conv2d
+    with zero offsets; a --groups that does not divide the channels is refused."""
+    r = _run(["-m", "deformops.bench", "conv", "--shape", "2,16,32,6,6,v2", "--groups", "16",
+              "--repeat", "1", "--min-time", "0.01"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "| N2 16->32 6x6 groups 16 v2 forward" in r.stdout
+    assert "N2 4->4 6x6 groups 4 v2 (for N2 16->32 6x6 groups 16 v2)" in r.stdout
+    assert "FAIL" not in r.stdout
+    bad = _run(["-m", "deformops.bench", "conv", "--shape", "2,16,32,6,6,v2", "--groups", "3"])
+    assert bad.returncode != 0
+    assert "--groups 3 must divide the 16 input and 32 output channels" in bad.stderr
+
+
 def test_bench_jit_reports_cold_and_cached_first_calls():
     """Both child processes run (cold cache, then the cache they filled) and every sampling
     kernel of the dtype gets a row [oracle: the kernel list of DESIGN §2]. ``--sampling-only``

@@ -7,7 +7,9 @@ offset group, bias on, float32:
 - N=8, 64 -> 64 channels, 56x56, v2 (with mask);
 - N=2, 256 -> 256 channels, 32x32, v2.
 
-Input uniform in [0, 1); weight standard normal / sqrt(Cin*9); bias standard normal / 10;
+``--groups G`` makes every case a grouped convolution (G = Cin: a depthwise one).
+
+Input uniform in [0, 1); weight standard normal / sqrt(Cin/G*9); bias standard normal / 10;
 offsets (dy, dx) uniform in [-2, 2] pixels, so that taps near the border fall partly or wholly
 outside the image and exercise the zero-padding rule; mask uniform in [0, 1]; output gradient
 standard normal.
@@ -106,6 +108,11 @@ def add_arguments(parser) -> None:
     g.add_argument("--seed", type=_timing.seed_int, default=0,
                    help="seed of the random data (default: 0)")
     g.add_argument(
+        "--groups", type=_timing.positive_int, default=1, metavar="G",
+        help="conv groups of every case, a divisor of its input and output channels; G = CIN is "
+        "a depthwise convolution (default: 1)",
+    )
+    g.add_argument(
         "--min-time", type=_timing.seconds, default=MIN_TIME, metavar="SECONDS",
         help="time each callable for at least --repeat calls and this many seconds "
         f"(default: {MIN_TIME:g})",
@@ -143,13 +150,24 @@ def _set_dtype_default(parser, default: str) -> None:
 # data and helpers
 
 
-def _label(shape) -> str:
+def _label(shape, groups=1) -> str:
     N, Cin, Cout, H, W, has_mask = shape
-    return f"N{N} {Cin}->{Cout} {H}x{W} {'v2' if has_mask else 'v1'}"
+    conv = f" groups {groups}" if groups > 1 else ""
+    return f"N{N} {Cin}->{Cout} {H}x{W}{conv} {'v2' if has_mask else 'v1'}"
 
 
-def make_data(N, Cin, Cout, H, W, has_mask, seed=0):
-    """float64 (x, offset, weight, bias, mask or None, grad_out) of one case."""
+def _check_groups(shapes, groups) -> None:
+    """SystemExit (as ``bench sample --groups``) where ``groups`` does not divide a case's input
+    and output channels."""
+    for N, Cin, Cout, H, W, has_mask in shapes:
+        if Cin % groups or Cout % groups:
+            raise SystemExit(f"--groups {groups} must divide the {Cin} input and {Cout} output "
+                             "channels of every case")
+
+
+def make_data(N, Cin, Cout, H, W, has_mask, seed=0, groups=1):
+    """float64 (x, offset, weight, bias, mask or None, grad_out) of one case (weight (Cout,
+    Cin/groups, 3, 3))."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -158,7 +176,7 @@ def make_data(N, Cin, Cout, H, W, has_mask, seed=0):
     Wo = (W + 2 * PADDING - DILATION * (KSIZE - 1) - 1) // STRIDE + 1
     x = rng.random((N, Cin, H, W))
     offset = rng.uniform(-OFFSET_RANGE, OFFSET_RANGE, size=(N, 2 * K, Ho, Wo))
-    weight = rng.standard_normal((Cout, Cin, KSIZE, KSIZE)) / np.sqrt(Cin * K)
+    weight = rng.standard_normal((Cout, Cin // groups, KSIZE, KSIZE)) / np.sqrt(Cin // groups * K)
     bias = rng.standard_normal(Cout) / 10
     mask = rng.random((N, K, Ho, Wo)) if has_mask else None
     grad_out = rng.standard_normal((N, Cout, Ho, Wo))
@@ -245,7 +263,8 @@ def _conv2d_fns(torch, x, weight, bias, grad_out):
     xt, wt, bt = (torch.from_numpy(a) for a in (x, weight, bias))
     leaves = [a.detach().clone().requires_grad_() for a in (xt, wt, bt)]
     go = torch.from_numpy(grad_out)
-    kw = dict(stride=STRIDE, padding=PADDING, dilation=DILATION)
+    kw = dict(stride=STRIDE, padding=PADDING, dilation=DILATION,
+              groups=x.shape[1] // weight.shape[1])
 
     def fwd():
         with torch.no_grad():
@@ -450,16 +469,22 @@ def _memory_row(report, case, peer, dtype, fn, torch_based):
 # checks
 
 
-def _check_case(report, dops, torch, tvops, shape, seed, first_calls):
+def _check_case(report, dops, torch, tvops, shape, seed, first_calls, groups=1):
     """float64 checks at a small version of ``shape``: deformops vs torchvision (forward and
-    every gradient) and, with zero offsets and no mask, vs conv2d."""
+    every gradient) and, with zero offsets and no mask, vs conv2d. The small version keeps a
+    depthwise convolution depthwise (its groups: the greatest common divisor of ``groups``
+    and its channel counts)."""
+    import math
+
     import numpy as np
 
     N, Cin, Cout, H, W, has_mask = shape
     small = (CHECK_N, max(CHECK_MIN_C, Cin // CHECK_DIV), max(CHECK_MIN_C, Cout // CHECK_DIV),
              H, W, has_mask)
-    label = f"{_label(small)} (for {_label(shape)})"
-    x, offset, weight, bias, mask, grad_out = make_data(*small, seed=seed + 1)
+    small_groups = math.gcd(groups, small[1], small[2])
+    label = f"{_label(small, small_groups)} (for {_label(shape, groups)})"
+    x, offset, weight, bias, mask, grad_out = make_data(*small, seed=seed + 1,
+                                                        groups=small_groups)
     d_fwd, d_both = _deformops_fns(dops, x, offset, weight, bias, mask, grad_out)
 
     t0 = time.perf_counter_ns()
@@ -516,12 +541,15 @@ def run(args) -> _timing.Report:
 
     repeat = args.repeat or REPEAT
     shapes = tuple(args.shape) if args.shape else DEFAULT_SHAPES
+    groups = args.groups
+    _check_groups(shapes, groups)
 
     report = ConvReport(
         command="conv",
         config={
-            "cases": "; ".join(_label(s) for s in shapes),
+            "cases": "; ".join(_label(s, groups) for s in shapes),
             "kernel": f"{KSIZE}x{KSIZE}",
+            "groups": groups,
             "stride": STRIDE,
             "padding": PADDING,
             "dilation": DILATION,
@@ -563,7 +591,7 @@ def run(args) -> _timing.Report:
     first_calls: dict[str, float] = {}
     _timing.progress("checking deformops in float64 at small shapes ...")
     for shape in shapes:
-        _check_case(report, dops, torch, tvops, shape, args.seed, first_calls)
+        _check_case(report, dops, torch, tvops, shape, args.seed, first_calls, groups)
     if tvops is None:
         print("check: deformops vs torchvision: skipped (no torchvision)", flush=True)
 
@@ -574,7 +602,7 @@ def run(args) -> _timing.Report:
         for dtype in args.dtypes:
             for shape in shapes:
                 _bench_case(report, prog, dops, torch, tvops, shape, dtype, repeat,
-                            args.min_time, args.seed)
+                            args.min_time, args.seed, groups)
     finally:
         prog.close()
 
@@ -582,11 +610,13 @@ def run(args) -> _timing.Report:
     return report
 
 
-def _bench_case(report, prog, dops, torch, tvops, shape, dtype, repeat, min_time, seed):
+def _bench_case(report, prog, dops, torch, tvops, shape, dtype, repeat, min_time, seed,
+                groups=1):
     """Check (vs torchvision, at this shape and dtype), time, ratios and memory of one case."""
-    label = _label(shape)
+    label = _label(shape, groups)
     prog.stage(f"[{dtype}] {label}")
-    x, offset, weight, bias, mask, grad_out = _cast(make_data(*shape, seed=seed), dtype)
+    x, offset, weight, bias, mask, grad_out = _cast(make_data(*shape, seed=seed, groups=groups),
+                                                    dtype)
 
     d_fwd, d_both = _deformops_fns(dops, x, offset, weight, bias, mask, grad_out)
     t0 = time.perf_counter_ns()
